@@ -1,0 +1,167 @@
+"""The run's config: a typed schema for its top level, and the pre-flight checks.
+
+Hydra already rejects an unknown key or group given on the command line at compose time;
+the schema below does the same for top-level keys written in YAML (experiments included),
+and `check_config` checks every `_target_` node's keys against its constructor, plus the
+hardware, precision and batch combination, before anything is built. All problems are
+reported together, each with its fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lmlab.data.corpora import CLASSIFICATION_CORPORA
+from lmlab.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys of a run; the groups below them are checked by `check_config`."""
+
+    task_name: str = "train"  # names the run in logs and loggers
+    seed: int = 42  # seeds Python, NumPy, torch and the data order
+    ckpt_path: Optional[str] = None  # resume training from this checkpoint
+    monitor: str = "val/acc"  # metric that picks the best checkpoint
+    monitor_mode: str = "max"  # max or min
+    dry_run: bool = False  # check and print the config, then stop
+    tags: Any = None  # free-form labels for loggers
+    model: Any = None
+    data: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+    paths: Any = None
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raises a `ConfigError` listing every problem found in `cfg`, or returns."""
+    problems = list(_target_problems(cfg, ""))
+    problems += _hardware_problems(cfg.trainer)
+    problems += _batch_problems(cfg)
+    problems += _data_problems(cfg.data)
+    if cfg.monitor_mode not in ("max", "min"):
+        problems.append(f"monitor_mode must be max or min, not {cfg.monitor_mode!r}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _target_problems(node: Any, where: str):
+    """Unknown constructor arguments and unimportable targets, anywhere in the tree."""
+    if isinstance(node, ListConfig):
+        for i, child in enumerate(node):
+            yield from _target_problems(child, f"{where}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node:
+        yield from _unknown_arguments(node, where)
+    for key in node:
+        if not str(key).startswith("_"):
+            yield from _target_problems(node._get_node(key), f"{where}.{key}".lstrip("."))
+
+
+def _unknown_arguments(node: DictConfig, where: str):
+    try:
+        target = _import(node._target_)
+    except (ImportError, AttributeError) as err:
+        yield f"{where}._target_: cannot import {node._target_!r} ({err})"
+        return
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    for key in node:
+        if not str(key).startswith("_") and key not in parameters:
+            close = difflib.get_close_matches(str(key), list(parameters), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else \
+                f"; it takes {', '.join(list(parameters)[:12])}"
+            yield f"{where}.{key}: {node._target_} has no argument {key!r}{hint}"
+
+
+def _import(path: str):
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        parent, _, cls = module.rpartition(".")  # a method such as pkg.Class.method
+        return getattr(getattr(importlib.import_module(parent), cls), name)
+
+
+def _accelerator(trainer: DictConfig) -> str:
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if accelerator == "cuda" else accelerator
+
+
+def world_size(trainer: DictConfig) -> int:
+    """Processes the trainer will start; `auto` devices count as 1 on CPU, all GPUs on GPU."""
+    devices = trainer.get("devices", "auto")
+    if devices in ("auto", -1, "-1"):
+        count = torch.cuda.device_count() if _accelerator(trainer) == "gpu" else 1
+    elif isinstance(devices, (list, ListConfig)):
+        count = len(devices)
+    elif "," in str(devices):  # "0,1": a list of device indices
+        count = len([d for d in str(devices).split(",") if d.strip()])
+    else:
+        count = int(devices)
+    return max(count, 1) * int(trainer.get("num_nodes", 1))
+
+
+def _hardware_problems(trainer: DictConfig) -> list[str]:
+    accelerator, precision = _accelerator(trainer), str(trainer.get("precision", "32-true"))
+    problems = []
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        problems.append("a GPU was requested (trainer.accelerator) but CUDA is not available; "
+                        "use strategy=cpu, or run on a machine with a GPU")
+    devices = trainer.get("devices", "auto")
+    if accelerator == "gpu" and torch.cuda.is_available() and str(devices).isdigit() \
+            and int(devices) > torch.cuda.device_count():
+        problems.append(f"trainer.devices={devices} but this machine has "
+                        f"{torch.cuda.device_count()} GPU(s); lower trainer.devices")
+    if accelerator == "cpu" and precision.startswith("16"):
+        problems.append(f"precision={precision} is not supported on CPU (Lightning silently "
+                        "turns 16-mixed into bf16, and 16-true diverges); use precision=bf16-mixed "
+                        "or precision=32-true")
+    return problems
+
+
+def _batch_problems(cfg: DictConfig) -> list[str]:
+    batch, world = cfg.data.get("batch_size"), world_size(cfg.trainer)
+    if isinstance(batch, int) and batch % world:
+        return [f"data.batch_size={batch} is the global batch and must divide evenly among "
+                f"{world} processes; use a multiple of {world}"]
+    return []
+
+
+def _data_problems(data: DictConfig) -> list[str]:
+    corpus = data.get("corpus")
+    if corpus not in CLASSIFICATION_CORPORA:
+        return []
+    data_dir = Path(data.data_dir)
+    missing = [f for f in CLASSIFICATION_CORPORA[corpus].files.values()
+               if not (data_dir / f).is_file()]
+    if not missing:
+        return []
+    return [f"corpus {corpus!r} not found under data directory {str(data_dir)!r} (missing "
+            f"{missing[0]}); point LMLAB_DATA_DIR or paths.data_dir at the folder holding it"]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

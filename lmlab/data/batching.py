@@ -1,0 +1,72 @@
+"""Length bucketing and padding, shared by every task's DataModule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Sampler
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar length (the seed's BucketIterator), sharded across ranks.
+
+    Training order: shuffle the examples, sort them by length within pools of
+    `pool_batches` batches, cut the pools into batches and shuffle the batches. Evaluation
+    order (`shuffle=False`): sort everything by length. Each epoch reseeds from
+    `seed + epoch`, so runs repeat exactly. With several ranks, rank r takes batches
+    r, r + world, ...; the list is padded by repeating batches so every rank gets the same
+    number of steps.
+
+    Args:
+        lengths: length of each example.
+        batch_size: examples per batch on one device.
+        shuffle: training order if true, sorted order otherwise.
+        seed: base seed of the shuffles.
+        num_replicas: world size.
+        rank: this process's rank.
+        pool_batches: how many batches are sorted together.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0, pool_batches: int = 50):
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.num_replicas, self.rank, self.pool_batches = num_replicas, rank, pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = torch.argsort(self.lengths, stable=True)
+            return list(order.split(self.batch_size))
+        order = torch.randperm(n, generator=generator)
+        batches = []
+        for pool in order.split(self.batch_size * self.pool_batches):
+            pool = pool[torch.argsort(self.lengths[pool], stable=True)]
+            batches += list(pool.split(self.batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        if self.shuffle:
+            self.epoch += 1  # Lightning does not call set_epoch on batch samplers
+        total = len(self) * self.num_replicas
+        batches = (batches * (total // max(len(batches), 1) + 1))[:total]
+        for batch in batches[self.rank::self.num_replicas]:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        batches = -(-len(self.lengths) // self.batch_size)
+        return -(-batches // self.num_replicas)
+
+
+def pad_batch(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads 1-D token tensors into a (B, T) batch; returns it with the (B,) lengths."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    return pad_sequence(sequences, batch_first=True, padding_value=pad_id), lengths

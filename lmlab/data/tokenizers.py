@@ -1,0 +1,149 @@
+"""The tokenizer layer shared by every task: word, byte-level BPE and character level.
+
+All three are Hugging Face `tokenizers` pipelines behind one small class, so they train on
+an iterator of strings, encode in batches in Rust, and save to / load from one
+`tokenizer.json` that travels with the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+SPECIALS = [PAD, UNK, BOS, EOS]  # ids 0..3 in every vocabulary
+
+
+class Tokenizer:
+    """A trained tokenizer: text to ids and back.
+
+    Args:
+        hf: the underlying Hugging Face tokenizer, already trained.
+    """
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        self.pad_id = hf.token_to_id(PAD)
+        self.unk_id = hf.token_to_id(UNK)
+        self.bos_id = hf.token_to_id(BOS)
+        self.eos_id = hf.token_to_id(EOS)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    @property
+    def vocab(self) -> list[str]:
+        """Tokens ordered by id."""
+        by_id = sorted(self.hf.get_vocab().items(), key=lambda item: item[1])
+        return [token for token, _ in by_id]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.hf.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids))
+
+    def save(self, path: str | Path) -> None:
+        self.hf.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        return cls(HFTokenizer.from_file(str(path)))
+
+
+class TokenizerSpec:
+    """An untrained tokenizer: what the config describes, until `fit` sees the corpus."""
+
+    def build(self) -> tuple[HFTokenizer, trainers.Trainer]:
+        raise NotImplementedError
+
+    def fit(self, texts: Iterable[str]) -> Tokenizer:
+        hf, trainer = self.build()
+        hf.train_from_iterator(texts, trainer)
+        return Tokenizer(hf)
+
+
+def _normalizer(lowercase: bool) -> normalizers.Normalizer:
+    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+    return normalizers.Sequence(steps)
+
+
+class WordTokenizer(TokenizerSpec):
+    """Word-level vocabulary: words and punctuation marks, the most frequent kept.
+
+    Args:
+        max_size: most words kept, not counting the special tokens (the seed used 25,000).
+        min_freq: fewest occurrences for a word to enter the vocabulary.
+        lowercase: fold case before counting and encoding.
+    """
+
+    def __init__(self, max_size: int = 25_000, min_freq: int = 1, lowercase: bool = True):
+        self.max_size, self.min_freq, self.lowercase = max_size, min_freq, lowercase
+
+    def build(self):
+        hf = HFTokenizer(models.WordLevel(unk_token=UNK))
+        hf.normalizer = _normalizer(self.lowercase)
+        hf.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=self.max_size + len(SPECIALS),
+            min_frequency=self.min_freq,
+            special_tokens=SPECIALS,
+        )
+        return hf, trainer
+
+
+class CharTokenizer(TokenizerSpec):
+    """Character level: every character seen in training is a token.
+
+    Args:
+        lowercase: fold case first.
+        min_freq: rarer characters map to `<unk>`.
+    """
+
+    def __init__(self, lowercase: bool = False, min_freq: int = 1):
+        self.lowercase, self.min_freq = lowercase, min_freq
+
+    def build(self):
+        hf = HFTokenizer(models.WordLevel(unk_token=UNK))
+        if self.lowercase:
+            hf.normalizer = normalizers.Lowercase()
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=1_000_000, min_frequency=self.min_freq, special_tokens=SPECIALS
+        )
+        return hf, trainer
+
+
+class ByteBPETokenizer(TokenizerSpec):
+    """Byte-level BPE (GPT-2 style): never produces `<unk>`, any text round-trips.
+
+    Args:
+        vocab_size: size of the final vocabulary, special tokens and 256 bytes included.
+        min_freq: fewest occurrences for a merge.
+        lowercase: fold case first.
+    """
+
+    def __init__(self, vocab_size: int = 8_000, min_freq: int = 2, lowercase: bool = False):
+        self.vocab_size, self.min_freq, self.lowercase = vocab_size, min_freq, lowercase
+
+    def build(self):
+        hf = HFTokenizer(models.BPE())
+        if self.lowercase:
+            hf.normalizer = normalizers.Lowercase()
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.vocab_size,
+            min_frequency=self.min_freq,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        return hf, trainer

@@ -1,0 +1,24 @@
+"""Errors a user can fix: the entry points print them as one message, never a traceback."""
+
+from __future__ import annotations
+
+
+class LmlabError(Exception):
+    """A problem in the user's config, data or environment, with the fix in its message."""
+
+
+class ConfigError(LmlabError):
+    """One or more config problems, all reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"the config has {len(problems)} problem(s):\n{lines}")
+
+
+class DataError(LmlabError):
+    """A missing or malformed data file; names the file and, where known, the line."""
+
+    def __init__(self, path, message: str, line: int | None = None, fix: str = ""):
+        where = f"{path}:{line}" if line is not None else f"{path}"
+        super().__init__(f"{where}: {message}" + (f"\n  fix: {fix}" if fix else ""))

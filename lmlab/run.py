@@ -1,0 +1,97 @@
+"""Entry point: compose -> validate -> seed -> data -> task -> trainer -> fit -> test.
+
+    python -m lmlab.run                                   # LSTM on the embedded corpus
+    python -m lmlab.run experiment=sst2_lstm              # a named experiment
+    python -m lmlab.run model=lstm strategy=ddp trainer.devices=4
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lmlab.config import check_config, register_schema, to_yaml
+from lmlab.errors import LmlabError
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_schema()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Runs one experiment and returns its test metrics (plus the best monitored value)."""
+    check_config(cfg)
+    if cfg.dry_run:
+        Console().print(to_yaml(cfg), markup=False)
+        return {}
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    rank_zero_only(data.save)(output_dir)
+    task = instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
+    trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=_loggers(cfg))
+    trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
+    if trainer.interrupted:
+        raise LmlabError(f"training was interrupted; resume with ckpt_path="
+                         f"{output_dir / 'checkpoints' / 'last.ckpt'}")
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    metrics = trainer.test(task, datamodule=data, ckpt_path=best or None)[0]
+    if best:
+        metrics[f"best {cfg.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
+    rank_zero_only(report)(metrics, output_dir, best)
+    return metrics
+
+
+def _callbacks(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def _loggers(cfg: DictConfig) -> list | bool:
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return loggers or False
+
+
+def report(metrics: dict[str, float], output_dir: Path, best: str) -> None:
+    """Prints the final metrics and where the run's files are."""
+    table = Table(title="test metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(metrics.items()):
+        table.add_row(name, f"{value:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"run files:  {output_dir}")
+    if best:
+        console.print(f"best model: {best}")
+
+
+def fail(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except LmlabError as err:
+        fail(str(err))
+    except MisconfigurationException as err:
+        fail(f"Lightning refused this configuration: {err}")
+    return metrics.get(f"best {cfg.monitor}")  # the objective of hyperparameter sweeps
+
+
+if __name__ == "__main__":
+    main()

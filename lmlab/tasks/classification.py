@@ -1,0 +1,93 @@
+"""Text classification task: cross-entropy over any number of classes, accuracy and macro-F1."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from lmlab.data.vectors import load_vectors
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationTask(L.LightningModule):
+    """Trains any net that maps a batch's `tokens` and `lengths` to class logits.
+
+    Args:
+        net: the model, e.g. `lmlab.models.rnn.RNNClassifier`.
+        num_classes: number of classes (from the DataModule).
+        optimizer: a partial optimizer, called with the parameters.
+        scheduler: a partial LR scheduler, called with the optimizer, stepped every step.
+        pretrained_vectors: GloVe/word2vec text file to initialise `net.embedding` from.
+        vocab: tokens by id (from the DataModule); needed with `pretrained_vectors`.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, optimizer: Callable,
+                 scheduler: Callable | None = None, pretrained_vectors: str | None = None,
+                 vocab: list[str] | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "vocab"])
+        self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
+        if pretrained_vectors:
+            self.vector_coverage = load_pretrained(net.embedding, pretrained_vectors, vocab)
+        metrics = MetricCollection({
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+        })
+        # "train" would clash with nn.Module.train in a ModuleDict: hence split_metrics names.
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens, lengths)
+
+    def step(self, batch: dict, split: str) -> torch.Tensor:
+        logits = self(batch["tokens"], batch["lengths"])
+        loss = F.cross_entropy(logits, batch["labels"])
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(logits, batch["labels"])
+        self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=len(logits),
+                 on_epoch=True, on_step=split == "train")
+        self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=split == "val")
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler is None:
+            return optimizer
+        schedule = {"scheduler": self.scheduler(optimizer=optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def load_pretrained(embedding: nn.Embedding, path: str, vocab: list[str] | None) -> float:
+    """Copies pretrained vectors into the embedding rows of the words they cover.
+
+    Returns:
+        The share of the vocabulary found in the vector file.
+    """
+    if vocab is None:
+        raise ValueError("pretrained_vectors needs the vocabulary (vocab=tokenizer.vocab)")
+    vectors, found = load_vectors(path, vocab, embedding.embedding_dim)
+    with torch.no_grad():
+        embedding.weight[found] = vectors[found]
+    coverage = found.float().mean().item()
+    log.info("pretrained vectors %s cover %d of %d vocabulary entries (%.1f%%)",
+             path, int(found.sum()), len(vocab), 100 * coverage)
+    return coverage
