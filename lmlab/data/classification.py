@@ -40,7 +40,7 @@ class ClassificationDataModule(L.LightningDataModule):
         max_length: longer texts are cut to this many tokens.
         num_workers: DataLoader worker processes.
         seed: seed of the carved splits and of the batch order.
-        tokenizer_path: load this saved tokenizer instead of training one.
+        load_from: a run folder: use its saved tokenizer and label set instead of building them.
     """
 
     def __init__(self, tokenizer: TokenizerSpec, corpus: str | None = EMBEDDED,
@@ -48,9 +48,9 @@ class ClassificationDataModule(L.LightningDataModule):
                  text_field: str | list[str] = "text", label_field: str = "label",
                  data_dir: str = "data", batch_size: int = 64, val_fraction: float = 0.1,
                  test_fraction: float = 0.1, max_length: int = 256, num_workers: int = 0,
-                 seed: int = 0, tokenizer_path: str | None = None):
+                 seed: int = 0, load_from: str | None = None):
         super().__init__()
-        self.tokenizer_spec, self.tokenizer_path = tokenizer, tokenizer_path
+        self.tokenizer_spec, self.load_from = tokenizer, load_from
         self.corpus, self.files, self.format = corpus, dict(files or {}), format
         self.text_field, self.label_field = text_field, label_field
         self.data_dir = Path(data_dir)
@@ -73,12 +73,13 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.datasets:
             return
         raw = self._read_splits()
-        self.labels = self._label_set(raw["train"])
         texts = {split: [text for text, _, _ in examples] for split, examples in raw.items()}
-        if self.tokenizer_path:
-            self.tokenizer = Tokenizer.load(self.tokenizer_path)
+        if self.load_from:
+            self._load(Path(self.load_from))
         else:
+            self.labels = self._label_set(raw["train"])
             self.tokenizer = self.tokenizer_spec.fit(texts["train"])
+        self._label_index = {label: i for i, label in enumerate(self.labels)}
         for split, examples in raw.items():
             ids = self.tokenizer.encode_batch(texts[split])
             labels = [self._label_id(label, split, line) for _, label, line in examples]
@@ -100,6 +101,11 @@ class ClassificationDataModule(L.LightningDataModule):
         self.tokenizer.save(folder / "tokenizer.json")
         (folder / "labels.json").write_text(json.dumps(
             {"labels": self.labels, "names": self.label_names}, indent=1))
+
+    def _load(self, folder: Path) -> None:
+        self.tokenizer = Tokenizer.load(folder / "tokenizer.json")
+        saved = json.loads((folder / "labels.json").read_text())
+        self.labels, self.label_names = saved["labels"], saved["names"]
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -137,10 +143,11 @@ class ClassificationDataModule(L.LightningDataModule):
     def _carve(self, raw: dict[str, list]) -> dict[str, list]:
         """Fills a missing val or test split with a seeded share of train."""
         generator = torch.Generator().manual_seed(self.seed)
-        train = [raw["train"][i] for i in torch.randperm(len(raw["train"]), generator=generator)]
+        total = len(raw["train"])
+        train = [raw["train"][i] for i in torch.randperm(total, generator=generator)]
         for split, fraction in (("test", self.test_fraction), ("val", self.val_fraction)):
             if split not in raw:
-                count = max(1, int(len(train) * fraction))
+                count = max(1, int(total * fraction))
                 raw[split], train = train[:count], train[count:]
         raw["train"] = train
         return raw
@@ -150,7 +157,6 @@ class ClassificationDataModule(L.LightningDataModule):
         if len(labels) < 2:
             raise LmlabError(f"the training split has {len(labels)} distinct label(s); "
                              "classification needs at least 2 (check data.label_field)")
-        self._label_index = {label: i for i, label in enumerate(labels)}
         return labels
 
     def _label_id(self, label: str, split: str, line: int) -> int:

@@ -33,7 +33,7 @@ class ClassificationTask(L.LightningModule):
                  scheduler: Callable | None = None, pretrained_vectors: str | None = None,
                  vocab: list[str] | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "vocab"])
+        self.save_hyperparameters(ignore=["net", "vocab", "optimizer", "scheduler"])
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
         if pretrained_vectors:
             self.vector_coverage = load_pretrained(net.embedding, pretrained_vectors, vocab)

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real corpora folder, config composition, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from lmlab.run import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("LMLAB_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+needs_data = pytest.mark.skipif(not (DATA_DIR / "README.md").is_file(),
+                                reason=f"the public corpora folder {DATA_DIR} is not present")
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Composes the run config with overrides, as `python -m lmlab.run` would."""
+
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.data_dir = str(DATA_DIR)
+        return cfg
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300, module: str = "lmlab.run",
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs an lmlab entry point in a fresh process and returns the finished process."""
+    full_env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "WANDB_MODE": "offline",
+                "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,60 @@
+import pytest
+
+from lmlab.data.tokenizers import SPECIALS, ByteBPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
+
+TEXTS = ["The cat sat on the mat.", "A dog ate the cat's dinner!", "Ünïcode wörks too\ttabs",
+         "the the the cat cat dog"] * 5
+
+
+@pytest.mark.parametrize("spec", [WordTokenizer(), CharTokenizer(), ByteBPETokenizer(300)])
+def test_specials_come_first(spec):
+    tok = spec.fit(TEXTS)
+    assert tok.vocab[:4] == SPECIALS
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("spec", [CharTokenizer(), ByteBPETokenizer(300)])
+def test_char_and_bpe_round_trip_exactly(spec):
+    tok = spec.fit(TEXTS)
+    for text in TEXTS[:3]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_bpe_round_trips_unseen_text_without_unk():
+    tok = ByteBPETokenizer(300).fit(TEXTS)
+    text = "Never seen: ✓ 日本語 ½"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.unk_id not in tok.encode(text)
+
+
+def test_word_tokenizer_lowercases_splits_punctuation_and_maps_unknowns():
+    tok = WordTokenizer(lowercase=True).fit(TEXTS)
+    ids = tok.encode("THE CAT. zebra!")
+    assert [tok.vocab[i] for i in ids] == ["the", "cat", ".", "<unk>", "!"]
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+
+
+def test_word_tokenizer_respects_max_size_and_min_freq():
+    by_size = WordTokenizer(max_size=3).fit(TEXTS)
+    assert by_size.vocab_size == 3 + len(SPECIALS)
+    assert by_size.vocab[4] == "the"  # the most frequent word
+    by_freq = WordTokenizer(min_freq=11).fit(TEXTS)
+    assert set(by_freq.vocab[4:]) == {"the", "cat"}  # 30 and 20 times; dog only 10
+    assert "mat" not in by_freq.vocab
+
+
+def test_char_tokenizer_keeps_whitespace():
+    tok = CharTokenizer().fit(TEXTS)
+    assert tok.decode(tok.encode("a\tb c")) == "a\tb c"
+    assert len(tok.encode("a\tb c")) == 5
+
+
+@pytest.mark.parametrize("spec", [WordTokenizer(), CharTokenizer(), ByteBPETokenizer(300)])
+def test_save_and_load_give_the_same_ids(spec, tmp_path):
+    tok = spec.fit(TEXTS)
+    tok.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert loaded.vocab == tok.vocab
+    for text in TEXTS[:3] + ["unseen words here"]:
+        assert loaded.encode(text) == tok.encode(text)
+    assert loaded.encode_batch(TEXTS[:3]) == [tok.encode(t) for t in TEXTS[:3]]
