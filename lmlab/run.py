@@ -16,7 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -42,6 +42,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     rank_zero_only(data.save)(output_dir)
     task = instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
     trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=_loggers(cfg))
+    for logger in trainer.loggers:  # so runs can be compared by any config value
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
     if trainer.interrupted:
         raise LmlabError(f"training was interrupted; resume with ckpt_path="
@@ -78,7 +80,7 @@ def report(metrics: dict[str, float], output_dir: Path, best: str) -> None:
 
 
 def fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(2)
 
 

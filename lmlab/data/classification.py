@@ -190,7 +190,8 @@ class ClassificationDataModule(L.LightningDataModule):
                 "labels": torch.tensor([y for _, y in examples])}
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        overfit = bool(self.trainer and self.trainer.overfit_batches)  # the same batches each epoch
+        return self._loader("train", shuffle=not overfit)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

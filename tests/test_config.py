@@ -1,0 +1,108 @@
+"""Every option of every config group composes, passes the checks and instantiates."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from lmlab.config import check_config, world_size
+from lmlab.errors import ConfigError
+from lmlab.run import CONF_DIR, _callbacks, _loggers
+
+GROUPS = ["model", "data", "tokenizer", "strategy", "precision", "trainer", "logger",
+          "callbacks", "paths", "debug", "experiment", "sweep"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted(Path(CONF_DIR, g).glob("*.yaml"))]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+PARAMS = [pytest.param(g, o, id=f"{g}={o}", marks=GPU if o == "gpu" else ()) for g, o in OPTIONS]
+
+
+def test_every_group_has_options():
+    found = {g for g, _ in OPTIONS}
+    assert found == set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", PARAMS)
+def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_cfg(f"{group}={option}")
+    if option == "files":
+        with open_dict(cfg):
+            cfg.data.files.train = "train.csv"
+    check_config(cfg)
+    task = instantiate(cfg.model, _partial_=True, num_classes=3,
+                       net={"vocab_size": 40, "num_classes": 3, "pad_id": 0})(vocab=None)
+    assert task.net.head.out_features == 3
+    assert instantiate(cfg.data).batch_size == cfg.data.batch_size
+    trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=_loggers(cfg))
+    assert trainer.max_epochs == cfg.trainer.max_epochs or cfg.trainer.get("fast_dev_run")
+
+
+def test_overrides_reach_the_objects(make_cfg):
+    cfg = make_cfg("model.net.hidden_size=32", "model.optimizer.lr=0.01", "tokenizer=char",
+                   "precision=bf16-mixed", "strategy=cpu", "data.batch_size=8")
+    task = instantiate(cfg.model, _partial_=True, num_classes=2,
+                       net={"vocab_size": 40, "num_classes": 2, "pad_id": 0})(vocab=None)
+    assert task.net.forward_rnn.hidden_size == 32
+    assert task.configure_optimizers().param_groups[0]["lr"] == 0.01
+    assert type(instantiate(cfg.data).tokenizer_spec).__name__ == "CharTokenizer"
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.precision == "bf16-mixed"
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator"
+
+
+def test_unknown_key_on_the_command_line_fails_at_compose_time(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="hiden_size"):
+        make_cfg("model.net.hiden_size=64")
+
+
+def test_unknown_group_option_lists_the_available_ones(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="(?s)Could not find 'model/lstmm'.*lstm"):
+        make_cfg("model=lstmm")
+
+
+def test_wrong_type_of_top_level_key_fails_at_compose_time(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="seed"):
+        make_cfg("seed=forty-two")
+
+
+def test_added_unknown_argument_is_caught_with_a_suggestion(make_cfg):
+    cfg = make_cfg("+model.net.hiden_size=64", "+trainer.max_epoch=3")
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    message = str(err.value)
+    assert "model.net.hiden_size" in message and "did you mean 'hidden_size'" in message
+    assert "trainer.max_epoch" in message and "did you mean 'max_epochs'" in message
+
+
+def test_all_problems_are_reported_together(make_cfg):
+    cfg = make_cfg("strategy=gpu", "trainer.precision=16-mixed", "data.batch_size=63",
+                   "trainer.devices=2")
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    problems = err.value.problems
+    assert any("CUDA is not available" in p and "strategy=cpu" in p for p in problems)
+    assert any("data.batch_size=63" in p and "multiple of 2" in p for p in problems)
+
+
+def test_half_precision_on_cpu_is_refused_with_the_fix(make_cfg):
+    cfg = make_cfg("strategy=cpu", "trainer.precision=16-mixed")
+    with pytest.raises(ConfigError, match="precision=bf16-mixed"):
+        check_config(cfg)
+
+
+def test_missing_corpus_points_at_the_data_dir_setting(make_cfg, tmp_path):
+    cfg = make_cfg("data=sst2")
+    cfg.paths.data_dir = str(tmp_path)
+    with pytest.raises(ConfigError, match="LMLAB_DATA_DIR"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("devices,nodes,expected", [(1, 1, 1), (4, 1, 4), (2, 2, 4),
+                                                    ("0,1", 1, 2), ([0, 1, 2], 1, 3)])
+def test_world_size(make_cfg, devices, nodes, expected):
+    cfg = make_cfg("strategy=cpu")
+    cfg.trainer.devices, cfg.trainer.num_nodes = devices, nodes
+    assert world_size(cfg.trainer) == expected
