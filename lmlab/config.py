@@ -14,7 +14,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -30,7 +30,7 @@ class RunConfig:
 
     task_name: str = "train"  # names the run in logs and loggers
     seed: int = 42  # seeds Python, NumPy, torch and the data order
-    ckpt_path: Optional[str] = None  # resume training from this checkpoint
+    ckpt_path: str | None = None  # resume training from this checkpoint
     monitor: str = "val/acc"  # metric that picks the best checkpoint
     monitor_mode: str = "max"  # max or min
     dry_run: bool = False  # check and print the config, then stop

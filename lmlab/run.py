@@ -80,7 +80,8 @@ def report(metrics: dict[str, float], output_dir: Path, best: str) -> None:
 
 
 def fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    console = Console(stderr=True, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(2)
 
 

@@ -63,20 +63,19 @@ def test_missing_splits_are_carved_reproducibly(tmp_path):
     b = module({"train": train}, val_fraction=0.25, test_fraction=0.25, seed=3)
     assert [len(a.datasets[s]) for s in ("train", "val", "test")] == [12, 6, 6]
     for split in ("train", "val", "test"):
-        assert [x.tolist() for x, _ in a.datasets[split]] == [x.tolist() for x, _ in b.datasets[split]]
+        tokens = [[x.tolist() for x, _ in dm.datasets[split]] for dm in (a, b)]
+        assert tokens[0] == tokens[1]
 
 
 @pytest.mark.parametrize("name,content,expected", [
     ("bad.txt", "pos a good film\nneg\npos fine\n", r"bad.txt:2: expected `LABEL<space>text`"),
-    ("bad.jsonl", '{"text": "ok", "label": "pos"}\n{"text": "oops", \n', r"bad.jsonl:2: not valid JSON"),
-    ("bad.csv", "label,text\npos,fine\n,empty label\n", r"bad.csv:3: missing or empty field\(s\) \['label'\]"),
-    ("bad.tsv", "text\tlabel\nfine\tpos\n", r"bad.tsv:2: missing or empty field\(s\) \['text', 'label'\]"),
+    ("bad.jsonl", '{"text": "ok", "label": "pos"}\n{"text": "oo', r"bad.jsonl:2: not valid JSON"),
+    ("bad.csv", "label,text\npos,fine\n,no label\n", r"bad.csv:3: missing or empty .*\['label'\]"),
+    ("bad.tsv", "body\tlabel\nfine\tpos\n", r"bad.tsv:2: missing or empty .*\['text'\]"),
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, name, content, expected):
-    # the .tsv case has a header naming text/label but is read with the default `text` column
     path = tmp_path / name
-    path.write_text(content if name != "bad.tsv" else "body\tlabel\nfine\tpos\n")
-    expected = expected.replace(r"\['text', 'label'\]", r"\['text'\]")
+    path.write_text(content)
     with pytest.raises(DataError, match=expected):
         module({"train": str(path)})
 
@@ -149,7 +148,8 @@ def test_evaluation_order_is_sorted_and_complete():
 
 @needs_data
 @pytest.mark.parametrize("corpus,sizes,classes", [
-    ("sst2", (6920, 872, 1821), 2), ("trec", (4907, 545, 500), 6), ("ag_news", (6080, 760, 760), 4)])
+    ("sst2", (6920, 872, 1821), 2), ("trec", (4907, 545, 500), 6),
+    ("ag_news", (6080, 760, 760), 4)])
 def test_named_corpora_load_from_the_data_dir(corpus, sizes, classes):
     dm = ClassificationDataModule(WordTokenizer(), corpus=corpus, data_dir=str(DATA_DIR))
     dm.setup()

@@ -1,6 +1,12 @@
 import pytest
 
-from lmlab.data.tokenizers import SPECIALS, ByteBPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from lmlab.data.tokenizers import (
+    SPECIALS,
+    ByteBPETokenizer,
+    CharTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
 
 TEXTS = ["The cat sat on the mat.", "A dog ate the cat's dinner!", "Ünïcode wörks too\ttabs",
          "the the the cat cat dog"] * 5

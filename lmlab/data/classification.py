@@ -83,7 +83,8 @@ class ClassificationDataModule(L.LightningDataModule):
         for split, examples in raw.items():
             ids = self.tokenizer.encode_batch(texts[split])
             labels = [self._label_id(label, split, line) for _, label, line in examples]
-            self.datasets[split] = [(torch.tensor(x[:self.max_length] or [self.tokenizer.unk_id]), y)
+            unk = [self.tokenizer.unk_id]  # a text that encodes to nothing still has length 1
+            self.datasets[split] = [(torch.tensor(x[:self.max_length] or unk), y)
                                     for x, y in zip(ids, labels)]
 
     def model_args(self) -> dict:
@@ -161,8 +162,9 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _label_id(self, label: str, split: str, line: int) -> int:
         if label not in self._label_index:
-            raise DataError(self.sources.get(split, self.sources["train"]), f"label {label!r} does not occur in the "
-                            f"training split (known: {self.labels})", line,
+            source = self.sources.get(split, self.sources["train"])
+            raise DataError(source, f"label {label!r} does not occur in the training split "
+                            f"(known: {self.labels})", line,
                             fix="fix the label, or add examples of it to the training data")
         return self._label_index[label]
 

@@ -33,7 +33,8 @@ def guess_format(path: Path) -> str:
     """The format from the file name: .csv, .tsv, .jsonl/.json, else `LABEL<space>text`."""
     suffixes = [s for s in path.suffixes if s != ".gz"]
     ext = suffixes[-1] if suffixes else ""
-    return {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(ext, "label_text")
+    by_extension = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+    return by_extension.get(ext, "label_text")
 
 
 def read_examples(path: Path, format: str, text_field: str | list[str], label_field: str
