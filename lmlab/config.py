@@ -9,6 +9,7 @@ reported together, each with its fix.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -31,8 +32,8 @@ class RunConfig:
     task_name: str = "train"  # names the run in logs and loggers
     seed: int = 42  # seeds Python, NumPy, torch and the data order
     ckpt_path: str | None = None  # resume training from this checkpoint
-    monitor: str = "val/acc"  # metric that picks the best checkpoint
-    monitor_mode: str = "max"  # max or min
+    monitor: str | None = None  # metric that picks the best checkpoint; None: the task's
+    monitor_mode: str | None = None  # max or min; None: the task's
     dry_run: bool = False  # check and print the config, then stop
     tags: Any = None  # free-form labels for loggers
     model: Any = None
@@ -53,7 +54,8 @@ def check_config(cfg: DictConfig) -> None:
     problems += _hardware_problems(cfg.trainer)
     problems += _batch_problems(cfg)
     problems += _data_problems(cfg.data)
-    if cfg.monitor_mode not in ("max", "min"):
+    problems += _kind_problems(cfg)
+    if cfg.monitor_mode not in (None, "max", "min"):
         problems.append(f"monitor_mode must be max or min, not {cfg.monitor_mode!r}")
     if problems:
         raise ConfigError(problems)
@@ -85,7 +87,10 @@ def _unknown_arguments(node: DictConfig, where: str):
     except (TypeError, ValueError):
         return
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return
+        config_class = getattr(target, "config_class", None)  # e.g. GPT(**GPTConfig fields)
+        if config_class is None:
+            return
+        parameters = {f.name: f for f in dataclasses.fields(config_class)}
     for key in node:
         if not str(key).startswith("_") and key not in parameters:
             close = difflib.get_close_matches(str(key), list(parameters), n=1)
@@ -161,6 +166,20 @@ def _data_problems(data: DictConfig) -> list[str]:
         return []
     return [f"corpus {corpus!r} not found under data directory {str(data_dir)!r} (missing "
             f"{missing[0]}); point LMLAB_DATA_DIR or paths.data_dir at the folder holding it"]
+
+
+def _kind_problems(cfg: DictConfig) -> list[str]:
+    """A task needs data of its kind: classification data cannot train a language model."""
+    try:
+        task, data = _import(cfg.model._target_), _import(cfg.data._target_)
+    except (ImportError, AttributeError):
+        return []  # reported by _target_problems
+    task_kind, data_kind = getattr(task, "kind", None), getattr(data, "kind", None)
+    if task_kind and data_kind and task_kind != data_kind:
+        return [f"the model ({task.__name__}) needs {task_kind} data, but the data config "
+                f"({data.__name__}) gives {data_kind} data; pick a data= option of kind "
+                f"{task_kind} (see the README's Data section)"]
+    return []
 
 
 def to_yaml(cfg: DictConfig) -> str:

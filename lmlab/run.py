@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmlab.config import check_config, register_schema, to_yaml
+from lmlab.config import check_config, register_schema, to_yaml, world_size
 from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one experiment and returns its test metrics (plus the best monitored value)."""
     check_config(cfg)
     if cfg.dry_run:
-        Console().print(to_yaml(cfg), markup=False)
+        world = world_size(cfg.trainer)
+        Console().print(to_yaml(cfg), markup=False, highlight=False)
+        Console().print(f"config OK: {world} process(es), per-device batch "
+                        f"{cfg.data.batch_size // world}")
         return {}
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -41,6 +44,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data.setup("fit")
     rank_zero_only(data.save)(output_dir)
     task = instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
+    cfg.monitor = cfg.monitor or task.monitor[0]
+    cfg.monitor_mode = cfg.monitor_mode or task.monitor[1]
     trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=_loggers(cfg))
     for logger in trainer.loggers:  # so runs can be compared by any config value
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

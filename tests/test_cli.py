@@ -35,9 +35,9 @@ def test_fast_dev_run_of_the_default(tmp_path):
 
 @needs_data
 @pytest.mark.parametrize("overrides", [
-    ["model=gru", "tokenizer=char", "data=trec", "strategy=cpu", "precision=bf16-mixed",
+    ["model=gru", "data/tokenizer=char", "data=trec", "strategy=cpu", "precision=bf16-mixed",
      "logger=none", "callbacks=none"],
-    ["model=bilstm_max", "tokenizer=bpe", "data=ag_news", "callbacks=early_stopping",
+    ["model=bilstm_max", "data/tokenizer=bpe", "data=ag_news", "callbacks=early_stopping",
      "trainer=default"],
     ["experiment=sst2_lstm"],
 ], ids=["gru-char-trec-bf16", "bilstm-bpe-agnews", "experiment"])
@@ -54,6 +54,13 @@ def test_wandb_offline_run_records_metrics_and_config(tmp_path):
     assert len(records) == 1
     content = records[0].read_bytes()
     assert b"val/acc" in content and b"hidden_size" in content
+
+
+def test_dry_run_checks_and_prints_without_training(tmp_path):
+    result = run(tmp_path, "dry_run=true", "strategy=ddp", "trainer.devices=4")
+    assert "config OK: 4 process(es), per-device batch 16" in result.stdout
+    assert "DDPStrategy" in result.stdout
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_overfit_debug_mode_learns_one_batch(tmp_path):
@@ -128,3 +135,25 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
     assert "test/acc" in resumed.stdout
     final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["epoch"] == epoch + 1
+
+
+def test_language_model_trains_and_generates(tmp_path):
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    run(tmp_path, "model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=500",
+        "trainer.max_steps=20", "data.train_batches=10", "data.val_batches=2", cache)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert "sample at step" in (tmp_path / "run.log").read_text()
+    args = [f"ckpt={tmp_path}", "prompt=def", "max_new_tokens=40", "temperature=0"]
+    first = run_cli(*args, module="lmlab.generate", cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.startswith("def") and len(first.stdout) > 10
+    assert "40 tokens in" in first.stderr
+    uncached = run_cli(*args, "use_cache=false", module="lmlab.generate", cwd=ROOT)
+    assert uncached.stdout == first.stdout  # greedy: the cache changes nothing
+
+
+def test_generate_without_a_checkpoint_explains_itself(tmp_path):
+    result = run_cli(f"ckpt={tmp_path}", module="lmlab.generate", cwd=ROOT)
+    assert result.returncode == 2 and "not an lmlab run folder" in result.stderr
+    result = run_cli("ckpt=x", "tempreature=1", module="lmlab.generate", cwd=ROOT)
+    assert result.returncode == 2 and "tempreature" in result.stderr

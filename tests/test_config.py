@@ -8,15 +8,15 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from lmlab.config import check_config, world_size
+from lmlab.config import _kind_problems, check_config, world_size
 from lmlab.errors import ConfigError
 from lmlab.run import CONF_DIR, _callbacks, _loggers
 
-GROUPS = ["model", "data", "tokenizer", "strategy", "precision", "trainer", "logger",
+GROUPS = ["model", "data", "data/tokenizer", "strategy", "precision", "trainer", "logger",
           "callbacks", "paths", "debug", "experiment", "sweep"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted(Path(CONF_DIR, g).glob("*.yaml"))]
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-PARAMS = [pytest.param(g, o, id=f"{g}={o}", marks=GPU if o == "gpu" else ()) for g, o in OPTIONS]
+PARAMS = [pytest.param(g, o, id=f"{g}={o}", marks=GPU if "gpu" in o else ()) for g, o in OPTIONS]
 
 
 def test_every_group_has_options():
@@ -28,20 +28,34 @@ def test_every_group_has_options():
 def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = make_cfg(f"{group}={option}")
+    if _kind_problems(cfg):  # a language-model option, composed with its LM counterpart
+        cfg = make_cfg(f"{group}={option}", "data=stdlib_source" if group == "model" else
+                       "model=gpt_tiny")
     if option == "files":
         with open_dict(cfg):
             cfg.data.files.train = "train.csv"
+    if option == "text_files":
+        cfg.data.files = "books/*.txt"
     check_config(cfg)
-    task = instantiate(cfg.model, _partial_=True, num_classes=3,
-                       net={"vocab_size": 40, "num_classes": 3, "pad_id": 0})(vocab=None)
-    assert task.net.head.out_features == 3
+    task = build_task(cfg)
+    cfg.monitor, cfg.monitor_mode = task.monitor
     assert instantiate(cfg.data).batch_size == cfg.data.batch_size
     trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=_loggers(cfg))
     assert trainer.max_epochs == cfg.trainer.max_epochs or cfg.trainer.get("fast_dev_run")
 
 
+def build_task(cfg):
+    """The task of `cfg`, sized as a 40-token, 3-class DataModule would size it."""
+    if cfg.data._target_.endswith("LMDataModule"):
+        return instantiate(cfg.model, _partial_=True, net={"vocab_size": 40})()
+    task = instantiate(cfg.model, _partial_=True, num_classes=3,
+                       net={"vocab_size": 40, "num_classes": 3, "pad_id": 0})(vocab=None)
+    assert task.net.head.out_features == 3
+    return task
+
+
 def test_overrides_reach_the_objects(make_cfg):
-    cfg = make_cfg("model.net.hidden_size=32", "model.optimizer.lr=0.01", "tokenizer=char",
+    cfg = make_cfg("model.net.hidden_size=32", "model.optimizer.lr=0.01", "data/tokenizer=char",
                    "precision=bf16-mixed", "strategy=cpu", "data.batch_size=8")
     task = instantiate(cfg.model, _partial_=True, num_classes=2,
                        net={"vocab_size": 40, "num_classes": 2, "pad_id": 0})(vocab=None)
@@ -85,6 +99,11 @@ def test_all_problems_are_reported_together(make_cfg):
     problems = err.value.problems
     assert any("CUDA is not available" in p and "strategy=cpu" in p for p in problems)
     assert any("data.batch_size=63" in p and "multiple of 2" in p for p in problems)
+
+
+def test_language_model_on_classification_data_is_refused(make_cfg):
+    with pytest.raises(ConfigError, match="CausalLMTask.*needs lm data"):
+        check_config(make_cfg("model=gpt_tiny", "data=sst2"))
 
 
 def test_half_precision_on_cpu_is_refused_with_the_fix(make_cfg):

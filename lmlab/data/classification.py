@@ -43,6 +43,8 @@ class ClassificationDataModule(L.LightningDataModule):
         load_from: a run folder: use its saved tokenizer and label set instead of building them.
     """
 
+    kind = "classification"
+
     def __init__(self, tokenizer: TokenizerSpec, corpus: str | None = EMBEDDED,
                  files: dict | None = None, format: str = "auto",
                  text_field: str | list[str] = "text", label_field: str = "label",

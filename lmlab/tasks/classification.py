@@ -29,6 +29,9 @@ class ClassificationTask(L.LightningModule):
         vocab: tokens by id (from the DataModule); needed with `pretrained_vectors`.
     """
 
+    kind = "classification"  # the data it needs
+    monitor = ("val/acc", "max")  # what picks the best checkpoint
+
     def __init__(self, net: nn.Module, num_classes: int, optimizer: Callable,
                  scheduler: Callable | None = None, pretrained_vectors: str | None = None,
                  vocab: list[str] | None = None):
@@ -54,8 +57,9 @@ class ClassificationTask(L.LightningModule):
         loss = F.cross_entropy(logits, batch["labels"])
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(logits, batch["labels"])
+        # val/test losses are averaged over ranks once per epoch; train's stays per rank
         self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=len(logits),
-                 on_epoch=True, on_step=split == "train")
+                 on_epoch=True, on_step=split == "train", sync_dist=split != "train")
         self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=split == "val")
         return loss
 

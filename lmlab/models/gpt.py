@@ -1,0 +1,177 @@
+"""A GPT-style decoder: pre-LayerNorm blocks, causal SDPA attention, GELU MLP, tied embeddings.
+
+Plain PyTorch, readable top to bottom. Positions are learned or rotary (RoPE); generation
+uses a key/value cache. The model declares, once, what parallel strategies need from it:
+`block_class` (the FSDP wrap / activation-checkpointing unit) and `tensor_parallel_plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, H, T, D)
+
+
+@dataclass
+class GPTConfig:
+    """Sizes and switches of a GPT; `conf/model/gpt_*.yaml` set them."""
+
+    vocab_size: int = 256  # rows of the token embedding (from the tokenizer)
+    block_size: int = 64  # longest context
+    n_layer: int = 4  # decoder blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # model width
+    dropout: float = 0.0  # on attention weights, residual branches and embeddings
+    bias: bool = True  # biases in linear layers and LayerNorms
+    positions: str = "learned"  # learned | rope
+    rope_base: float = 10_000.0  # RoPE frequency base
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head "
+                             f"({config.n_head})")
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: tuple | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        # Causal within the new tokens; each new token sees the whole cache before it.
+        # A single new token attends to everything: no mask needed.
+        causal = T > 1
+        mask = None
+        if causal and cache is not None:
+            past = k.size(2) - T
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm decoder block."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        attended, new_cache = self.attn(self.ln_1(x), rope, cache)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), new_cache
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model: tokens (B, T) to next-token logits (B, T, V).
+
+    Args: the fields of `GPTConfig`, as keywords.
+    """
+
+    config_class = GPTConfig  # the keyword arguments it takes
+    block_class = Block
+    # Tensor-parallel plan, by module path pattern: column-wise then row-wise per sublayer.
+    tensor_parallel_plan = {
+        "blocks.*.attn.qkv": "colwise", "blocks.*.attn.proj": "rowwise",
+        "blocks.*.mlp.fc": "colwise", "blocks.*.mlp.proj": "rowwise",
+    }
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.config = config = GPTConfig(**kwargs)
+        self.block_size = config.block_size
+        if config.positions not in ("learned", "rope"):
+            raise ValueError(f"positions must be learned or rope, not {config.positions!r}")
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) \
+            if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied input/output embeddings
+        if config.positions == "rope":
+            head_dim = config.n_embd // config.n_head
+            inv_freq = 1.0 / config.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled residual init (GPT-2)
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                return_cache: bool = False):
+        """Logits (B, T, V); with `return_cache`, also the updated key/value cache."""
+        B, T = tokens.shape
+        start = cache[0][0].size(2) if cache else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        x = self.wte(tokens)  # (B, T, C)
+        positions = torch.arange(start, start + T, device=tokens.device)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:
+            rope = rope_tables(positions, self.inv_freq)
+        x = self.drop(x)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, rope, cache[i] if cache else None)
+            new_cache.append(layer_cache)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return (logits, new_cache) if return_cache else logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple:
+    angles = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates channel pairs (x[2i], x[2i+1]) of (B, H, T, D) by position-dependent angles."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)

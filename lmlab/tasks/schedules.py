@@ -1,0 +1,31 @@
+"""Learning-rate schedules, as `_partial_` configs that take the optimizer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  min_lr_ratio: float = 0.1) -> LambdaLR:
+    """Linear warm-up to the base LR, then cosine decay to `min_lr_ratio` x base at
+    `total_steps`, flat after that (nanoGPT's schedule).
+
+    Args:
+        optimizer: the optimizer whose LR is scaled.
+        warmup_steps: steps of linear warm-up from 0.
+        total_steps: step at which the decay ends.
+        min_lr_ratio: final LR as a share of the base LR.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if step >= total_steps:
+            return min_lr_ratio
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_lr_ratio + 0.5 * (1 + math.cos(math.pi * progress)) * (1 - min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.models.gpt import GPT
+from lmlab.models.rnn_lm import RNNLanguageModel
+from lmlab.models.sampling import filter_logits, generate
+from lmlab.tasks.causal_lm import parameter_groups
+from lmlab.tasks.schedules import warmup_cosine
+
+VOCAB = 37
+
+
+def tiny(**kwargs) -> GPT:
+    torch.manual_seed(0)
+    args = dict(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    return GPT(**{**args, **kwargs}).eval()
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_shapes_and_tied_embeddings(positions):
+    model = tiny(positions=positions)
+    assert model(torch.randint(VOCAB, (3, 10))).shape == (3, 10, VOCAB)
+    assert model.lm_head.weight is model.wte.weight
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_future_tokens_do_not_change_past_logits(positions):
+    model = tiny(positions=positions)
+    tokens = torch.randint(VOCAB, (2, 12))
+    changed = tokens.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % VOCAB
+    torch.testing.assert_close(model(tokens)[:, :7], model(changed)[:, :7])
+    assert not torch.allclose(model(tokens)[:, 7:], model(changed)[:, 7:])
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_cached_forward_equals_full_forward(positions):
+    model = tiny(positions=positions)
+    tokens = torch.randint(VOCAB, (2, 12))
+    _, cache = model(tokens[:, :5], return_cache=True)
+    chunk, cache = model(tokens[:, 5:9], cache=cache, return_cache=True)  # several at once
+    last, _ = model(tokens[:, 9:], cache=cache, return_cache=True)
+    torch.testing.assert_close(torch.cat([chunk, last], 1), model(tokens)[:, 5:], atol=1e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", [tiny(), tiny(positions="rope"),
+                                   RNNLanguageModel(VOCAB, 8, 16).eval()],
+                         ids=["gpt", "gpt-rope", "lstm"])
+def test_greedy_generation_with_cache_equals_without(model):
+    prompt = torch.randint(VOCAB, (1, 3), generator=torch.Generator().manual_seed(1))
+    steps = 30  # past the GPT's block of 16: the window slides
+    with_cache = torch.cat(list(generate(model, prompt, steps, temperature=0)), 1)
+    without = torch.cat(list(generate(model, prompt, steps, temperature=0, use_cache=False)), 1)
+    assert with_cache.tolist() == without.tolist()
+
+
+def test_seeded_sampling_repeats():
+    model = tiny()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    runs = [torch.cat(list(generate(model, prompt, 20, temperature=1.0, top_k=10,
+                                    generator=torch.Generator().manual_seed(7))), 1)
+            for _ in range(2)]
+    assert runs[0].tolist() == runs[1].tolist()
+
+
+def test_top_k_keeps_the_k_highest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = filter_logits(logits, top_k=2)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.75))
+    assert kept.tolist() == [[True, False, True, False]]  # 0.5 + 0.3 reaches 0.75
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.5))
+    assert kept.tolist() == [[True, False, False, False]]
+    everything = torch.isfinite(filter_logits(probs.log(), top_p=1.0))
+    assert everything.all()
+
+
+def test_one_batch_overfits():
+    model = tiny().train()
+    tokens = torch.randint(VOCAB, (4, 17), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+    model = tiny()
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed and all(n.endswith(("qkv.weight", "proj.weight", "fc.weight")) for n in decayed)
+    assert {"wte.weight", "wpe.weight", "ln_f.weight"} <= {names[id(p)] for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_cosine_schedule():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    schedule = warmup_cosine(optimizer, warmup_steps=100, total_steps=2000, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(2100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] < 2e-5 and lrs[100] == pytest.approx(1e-3)
+    assert lrs[1050] == pytest.approx(0.55e-3, rel=1e-2)
+    assert lrs[2000] == pytest.approx(1e-4) and lrs[2099] == pytest.approx(1e-4)
+
+
+def test_context_longer_than_the_block_is_refused():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gpt2_small_has_124m_parameters():
+    model = GPT(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    assert round(model.num_parameters() / 1e6) == 124
