@@ -5,7 +5,7 @@ length-bucketed batches at 1 thread; they alternate in one process and the media
 repeats is reported. lmlab's side is `lightning.Trainer` built from `conf/trainer/default.yaml`
 with the default CSV logger and progress bar, so the ratio is the framework's whole overhead.
 
-    python benchmarks/lstm_throughput.py [--corpus sst2] [--batches 100] [--repeats 5]
+    python -m benchmarks.lstm_throughput [--corpus sst2] [--batches 100] [--repeats 5]
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def stream(args: GenerateConfig) -> str:
     rest = tokenizer.decode(new)[len(text):]
     sys.stdout.write(rest)
     text += rest
-    sys.stderr.write(f"\n[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s]\n")
+    rate = len(new) / seconds
+    sys.stderr.write(f"\n[{len(new)} tokens in {seconds:.2f} s, {rate:.1f} tokens/s]\n")
     return args.prompt + text
 
 

@@ -208,18 +208,22 @@ def _natural(label: str):
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
 
 
-def _read_hub(name: str, text_field, label_field) -> dict[str, list]:
-    """Reads a Hugging Face hub dataset (needs `pip install lmlab[hub]` and a network)."""
+def load_hub_dataset(name: str):
+    """A Hugging Face hub dataset, `NAME` or `NAME:SUBSET` (needs `datasets` and a network)."""
     try:
         import datasets
     except ImportError:
         raise LmlabError("hf: corpora need the `datasets` package: pip install -e '.[hub]'") \
             from None
-    path, _, subset = name.partition(":")  # hf:NAME or hf:NAME:SUBSET
+    path, _, subset = name.partition(":")
     try:
-        loaded = datasets.load_dataset(path, subset or None)
+        return datasets.load_dataset(path, subset or None)
     except Exception as err:  # the hub raises many types: connection, missing dataset, ...
         raise LmlabError(f"could not load {name!r} from the Hugging Face hub: {err}") from None
+
+
+def _read_hub(name: str, text_field, label_field) -> dict[str, list]:
+    loaded = load_hub_dataset(name)
     fields = [text_field] if isinstance(text_field, str) else list(text_field)
     names = {"train": "train", "val": "validation", "test": "test"}
     return {split: [(" ".join(str(r[k]) for k in fields), str(r[label_field]), i + 1)

@@ -56,13 +56,14 @@ class RandomOffsets(Sampler[int]):
     """`num_samples` random block offsets per epoch, a separate seeded stream per rank."""
 
     def __init__(self, num_offsets: int, num_samples: int, seed: int, rank: int = 0):
-        self.num_offsets, self.num_samples, self.seed, self.rank = num_offsets, num_samples, seed, rank
-        self.epoch = 0
+        self.num_offsets, self.num_samples = num_offsets, num_samples
+        self.seed, self.rank, self.epoch = seed, rank, 0
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank + self.epoch)
         self.epoch += 1
-        yield from torch.randint(self.num_offsets, (self.num_samples,), generator=generator).tolist()
+        offsets = torch.randint(self.num_offsets, (self.num_samples,), generator=generator)
+        yield from offsets.tolist()
 
     def __len__(self) -> int:
         return self.num_samples
@@ -74,7 +75,8 @@ class LMDataModule(L.LightningDataModule):
     Args:
         tokenizer: the tokenizer to train on the corpus.
         corpus: `stdlib_source` (embedded, no download), `tinyshakespeare` (under `data_dir`),
-            `hf:NAME` (a hub dataset's `text` column), or null to read `files`.
+            `hf:NAME[:SUBSET]` (the `text` column of a hub dataset's train split, for users
+            who are online), or null to read `files`.
         files: a path, a glob or a list of them (plain or gzip-compressed text).
         data_dir: where named corpora live.
         cache_dir: where token files are kept.
@@ -101,7 +103,8 @@ class LMDataModule(L.LightningDataModule):
         self.corpus, self.files = corpus, files
         self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
         self.block_size, self.batch_size = block_size, batch_size
-        self.val_fraction, self.train_batches, self.val_batches = val_fraction, train_batches, val_batches
+        self.val_fraction = val_fraction
+        self.train_batches, self.val_batches = train_batches, val_batches
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, np.ndarray] = {}
@@ -145,6 +148,8 @@ class LMDataModule(L.LightningDataModule):
     # -- the token cache -------------------------------------------------------------------
 
     def _paths(self) -> list[Path]:
+        if self.corpus and self.corpus.startswith("hf:"):
+            return [self._hub_text_file()]
         if self.corpus == EMBEDDED:
             return stdlib_source_files()
         if self.corpus in LM_CORPORA:
@@ -159,6 +164,18 @@ class LMDataModule(L.LightningDataModule):
             raise DataError(patterns or "data.files", "no file matches", fix="set data.files "
                             "to a text file, a glob such as 'texts/*.txt', or a list of them")
         return paths
+
+    def _hub_text_file(self) -> Path:
+        """Writes a hub dataset's `text` column (train split) once into the cache folder."""
+        path = self.cache_dir / "hub" / (self.corpus[3:].replace("/", "_") + ".txt")
+        if not path.is_file():
+            from lmlab.data.classification import load_hub_dataset
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = load_hub_dataset(self.corpus[3:])["train"]["text"]
+            path.with_suffix(".tmp").write_text("\n".join(rows), encoding="utf-8")
+            path.with_suffix(".tmp").replace(path)
+        return path
 
     def _texts(self, paths: list[Path]) -> Iterator[str]:
         """The corpus as pieces of about CHUNK_CHARS, each ending at a line end."""

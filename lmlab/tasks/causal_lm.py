@@ -77,7 +77,12 @@ class CausalLMTask(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
         if self.sample_tokens and self.tokenizer is not None and not self.trainer.sanity_checking:
-            log.info("sample at step %d:\n%s", self.global_step, self.sample())
+            text = self.sample()
+            log.info("sample at step %d:\n%s", self.global_step, text)
+            for logger in self.loggers:  # W&B shows the samples as a table
+                if hasattr(logger, "log_text"):
+                    logger.log_text("samples", columns=["step", "text"],
+                                    data=[[self.global_step, text]])
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
