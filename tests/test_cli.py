@@ -157,3 +157,13 @@ def test_generate_without_a_checkpoint_explains_itself(tmp_path):
     assert result.returncode == 2 and "not an lmlab run folder" in result.stderr
     result = run_cli("ckpt=x", "tempreature=1", module="lmlab.generate", cwd=ROOT)
     assert result.returncode == 2 and "tempreature" in result.stderr
+
+
+def test_pretrained_vectors_through_the_cli_log_their_coverage(tmp_path):
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("".join(f"{w} " + " ".join(["0.1"] * 100) + "\n"
+                               for w in ("the", "return", "a", "event", "loop", "zzzz")))
+    run(tmp_path / "run", "debug=fast_dev_run", f"model.pretrained_vectors={vectors}",
+        "model.net.freeze_embeddings=true")
+    log_text = (tmp_path / "run" / "run.log").read_text()
+    assert "pretrained vectors" in log_text and "cover 5 of" in log_text

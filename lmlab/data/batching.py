@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import lightning as L
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Sampler
@@ -64,6 +65,20 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         batches = -(-len(self.lengths) // self.batch_size)
         return -(-batches // self.num_replicas)
+
+
+class ShardedDataModule(L.LightningDataModule):
+    """A DataModule whose `batch_size` is global and which shards its own batches by rank."""
+
+    batch_size: int
+
+    def world(self) -> tuple[int, int]:
+        """(world size, this rank), once a trainer is attached; (1, 0) before."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+
+    def per_device_batch_size(self) -> int:
+        return max(1, self.batch_size // self.world()[0])
 
 
 def pad_batch(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

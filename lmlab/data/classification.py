@@ -6,11 +6,10 @@ import json
 import os
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lmlab.data.batching import BucketBatchSampler, pad_batch
+from lmlab.data.batching import BucketBatchSampler, ShardedDataModule, pad_batch
 from lmlab.data.corpora import CLASSIFICATION_CORPORA, Corpus, stdlib_docstrings
 from lmlab.data.readers import read_examples
 from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
@@ -21,7 +20,7 @@ EMBEDDED = "stdlib_docs"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(ShardedDataModule):
     """Labelled texts, tokenized once and served in length buckets.
 
     Args:
@@ -172,17 +171,9 @@ class ClassificationDataModule(L.LightningDataModule):
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-
-    def per_device_batch_size(self) -> int:
-        world, _ = self._world()
-        return max(1, self.batch_size // world)
-
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
-        world, rank = self._world()
+        world, rank = self.world()
         sampler = BucketBatchSampler([len(x) for x, _ in data], self.per_device_batch_size(),
                                      shuffle, self.seed, world, rank)
         return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate,

@@ -15,11 +15,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lmlab.data.batching import ShardedDataModule
 from lmlab.data.corpora import STDLIB_PACKAGES, stdlib_root
 from lmlab.data.readers import open_text
 from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
@@ -69,7 +69,7 @@ class RandomOffsets(Sampler[int]):
         return self.num_samples
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(ShardedDataModule):
     """Token blocks for causal language modelling.
 
     Args:
@@ -215,25 +215,18 @@ class LMDataModule(L.LightningDataModule):
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-
-    def per_device_batch_size(self) -> int:
-        return max(1, self.batch_size // self._world()[0])
-
     def train_dataloader(self) -> DataLoader:
         blocks = Blocks(self.splits["train"], self.block_size)
         per_device = self.per_device_batch_size()
         sampler = RandomOffsets(len(blocks), self.train_batches * per_device, self.seed,
-                                self._world()[1])
+                                self.world()[1])
         return DataLoader(blocks, batch_size=per_device, sampler=sampler,
                           num_workers=self.num_workers, drop_last=True)
 
     def _sweep(self, split: str) -> DataLoader:
         """Non-overlapping blocks from the start of the split, sharded across ranks."""
         blocks = Blocks(self.splits[split], self.block_size)
-        world, rank = self._world()
+        world, rank = self.world()
         per_device = self.per_device_batch_size()
         offsets = list(range(0, len(blocks), self.block_size))
         if self.val_batches:

@@ -6,18 +6,18 @@ import logging
 import math
 from collections.abc import Callable
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
 from lmlab.models.sampling import generate
+from lmlab.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 
-class CausalLMTask(L.LightningModule):
+class CausalLMTask(Task):
     """Trains any net that maps tokens (B, T) to next-token logits (B, T, V).
 
     Args:
@@ -32,14 +32,12 @@ class CausalLMTask(L.LightningModule):
     """
 
     kind = "lm"  # the data it needs
-    monitor = ("val/loss", "min")  # what picks the best checkpoint
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  weight_decay: float = 0.1, chars_per_token: float = 1.0,
                  sample_tokens: int = 200, tokenizer=None):
-        super().__init__()
+        super().__init__(net, optimizer, scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "tokenizer"])
-        self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
         self.weight_decay, self.chars_per_token = weight_decay, chars_per_token
         self.sample_tokens, self.tokenizer = sample_tokens, tokenizer
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # token-weighted means
@@ -55,15 +53,6 @@ class CausalLMTask(L.LightningModule):
         else:
             getattr(self, f"{split}_loss").update(loss, batch["targets"].numel())
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.step(batch, "test")
 
     def _log_epoch(self, split: str) -> None:
         """Loss, perplexity and bits per character over the whole split (all ranks)."""
@@ -95,12 +84,8 @@ class CausalLMTask(L.LightningModule):
                             generator=generator))
         return prompt + self.tokenizer.decode(torch.cat(new, dim=1)[0].tolist())
 
-    def configure_optimizers(self):
-        optimizer = self.optimizer(params=parameter_groups(self.net, self.weight_decay))
-        if self.scheduler is None:
-            return optimizer
-        schedule = {"scheduler": self.scheduler(optimizer=optimizer), "interval": "step"}
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+    def optimizer_params(self) -> list[dict]:
+        return parameter_groups(self.net, self.weight_decay)
 
 
 def parameter_groups(net: nn.Module, weight_decay: float) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,11 +12,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lmlab.data.vectors import load_vectors
+from lmlab.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 
-class ClassificationTask(L.LightningModule):
+class ClassificationTask(Task):
     """Trains any net that maps a batch's `tokens` and `lengths` to class logits.
 
     Args:
@@ -35,9 +35,8 @@ class ClassificationTask(L.LightningModule):
     def __init__(self, net: nn.Module, num_classes: int, optimizer: Callable,
                  scheduler: Callable | None = None, pretrained_vectors: str | None = None,
                  vocab: list[str] | None = None):
-        super().__init__()
+        super().__init__(net, optimizer, scheduler)
         self.save_hyperparameters(ignore=["net", "vocab", "optimizer", "scheduler"])
-        self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
         if pretrained_vectors:
             self.vector_coverage = load_pretrained(net.embedding, pretrained_vectors, vocab)
         metrics = MetricCollection({
@@ -63,21 +62,6 @@ class ClassificationTask(L.LightningModule):
         self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=split == "val")
         return loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.step(batch, "test")
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer(params=[p for p in self.parameters() if p.requires_grad])
-        if self.scheduler is None:
-            return optimizer
-        schedule = {"scheduler": self.scheduler(optimizer=optimizer), "interval": "step"}
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 def load_pretrained(embedding: nn.Embedding, path: str, vocab: list[str] | None) -> float:
