@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import LmlabError
-from lmlab.run import fail, report
+from lmlab.run import build_task, fail, report
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
@@ -39,11 +39,11 @@ def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
     return paths[-1]
 
 
-def build_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:
+def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:
     """The task of `cfg`, sized by `data`, with the weights of `checkpoint`."""
     if "pretrained_vectors" in cfg.model:
         cfg.model.pretrained_vectors = None  # the checkpoint holds the trained vectors
-    task = instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
+    task = build_task(cfg, data)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     task.load_state_dict(state["state_dict"])
     return task
@@ -56,7 +56,7 @@ def evaluate(run_dir: str | Path, ckpt: str = "best", overrides: list[str] = ())
     data = instantiate(cfg.data, load_from=str(run_dir))
     data.setup("test")
     checkpoint = find_checkpoint(run_dir, ckpt)
-    task = build_task(cfg, data, checkpoint)
+    task = load_task(cfg, data, checkpoint)
     trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1,
                         precision=cfg.trainer.get("precision", "32-true"), logger=False,
                         enable_checkpointing=False)

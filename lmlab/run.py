@@ -33,32 +33,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Runs one experiment and returns its test metrics (plus the best monitored value)."""
     check_config(cfg)
     if cfg.dry_run:
-        world = world_size(cfg.trainer)
-        Console().print(to_yaml(cfg), markup=False, highlight=False)
-        Console().print(f"config OK: {world} process(es), per-device batch "
-                        f"{cfg.data.batch_size // world}")
-        return {}
+        return dry_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     data = instantiate(cfg.data)
     data.setup("fit")
     rank_zero_only(data.save)(output_dir)
-    task = instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
+    task = build_task(cfg, data)
     cfg.monitor = cfg.monitor or task.monitor[0]
     cfg.monitor_mode = cfg.monitor_mode or task.monitor[1]
     trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=_loggers(cfg))
     for logger in trainer.loggers:  # so runs can be compared by any config value
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
-    if trainer.interrupted:
-        raise LmlabError(f"training was interrupted; resume with ckpt_path="
-                         f"{output_dir / 'checkpoints' / 'last.ckpt'}")
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     metrics = trainer.test(task, datamodule=data, ckpt_path=best or None)[0]
     if best:
         metrics[f"best {cfg.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
     rank_zero_only(report)(metrics, output_dir, best)
     return metrics
+
+
+def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModule:
+    """The task of `cfg`, with the sizes and objects that come from the data."""
+    return instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
+
+
+def dry_run(cfg: DictConfig) -> dict:
+    """Prints the checked, resolved config and the process layout; trains nothing."""
+    world = world_size(cfg.trainer)
+    Console().print(to_yaml(cfg), markup=False, highlight=False)
+    Console().print(f"config OK: {world} process(es), per-device batch "
+                    f"{cfg.data.batch_size // world}")
+    return {}
 
 
 def _callbacks(cfg: DictConfig) -> list:

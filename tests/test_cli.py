@@ -113,21 +113,38 @@ def test_sweep_runs_every_job(tmp_path):
     assert all((tmp_path / j / "tokenizer.json").is_file() for j in jobs)
 
 
-def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
+def start_and_stop(tmp_path, stop: signal.Signals) -> subprocess.Popen:
+    """Starts a long run, waits for its first checkpoint, trains on a little, sends `stop`."""
     env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR)}
     args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={tmp_path}", "strategy=cpu",
             "trainer.max_epochs=50", "logger=none"]
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     last = tmp_path / "checkpoints" / "last.ckpt"
     try:
         deadline = time.time() + 180
         while not last.is_file() and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
-        time.sleep(1.0)  # let it train on, so the kill lands mid-epoch or mid-save
+        time.sleep(1.0)  # let it train on, so the signal lands mid-epoch or mid-save
+        os.killpg(process.pid, stop)
+        process.wait(timeout=60)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process
+
+
+def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
+    process = start_and_stop(tmp_path, signal.SIGINT)
+    saved = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert process.returncode != 0
+    assert f"resume with ckpt_path={saved}" in process.stderr.read()
+    assert torch.load(saved, map_location="cpu", weights_only=True)["global_step"] > 0
+
+
+def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
+    start_and_stop(tmp_path, signal.SIGKILL)
+    last = tmp_path / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
     epoch = state["epoch"]
     resumed = run(tmp_path / "resumed", "strategy=cpu", f"trainer.max_epochs={epoch + 2}",
