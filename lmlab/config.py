@@ -21,7 +21,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmlab.data.corpora import CLASSIFICATION_CORPORA
+from lmlab.data.corpora import CLASSIFICATION_CORPORA, LM_CORPORA
 from lmlab.errors import ConfigError
 
 
@@ -156,12 +156,14 @@ def _batch_problems(cfg: DictConfig) -> list[str]:
 
 
 def _data_problems(data: DictConfig) -> list[str]:
+    """A named corpus that is not under the data directory."""
+    files = {**{name: list(c.files.values()) for name, c in CLASSIFICATION_CORPORA.items()},
+             **{name: [path] for name, path in LM_CORPORA.items()}}
     corpus = data.get("corpus")
-    if corpus not in CLASSIFICATION_CORPORA:
+    if corpus not in files:
         return []
     data_dir = Path(data.data_dir)
-    missing = [f for f in CLASSIFICATION_CORPORA[corpus].files.values()
-               if not (data_dir / f).is_file()]
+    missing = [f for f in files[corpus] if not (data_dir / f).is_file()]
     if not missing:
         return []
     return [f"corpus {corpus!r} not found under data directory {str(data_dir)!r} (missing "

@@ -112,8 +112,9 @@ def test_half_precision_on_cpu_is_refused_with_the_fix(make_cfg):
         check_config(cfg)
 
 
-def test_missing_corpus_points_at_the_data_dir_setting(make_cfg, tmp_path):
-    cfg = make_cfg("data=sst2")
+@pytest.mark.parametrize("overrides", [["data=sst2"], ["data=tinyshakespeare", "model=gpt_tiny"]])
+def test_missing_corpus_points_at_the_data_dir_setting(make_cfg, tmp_path, overrides):
+    cfg = make_cfg(*overrides)
     cfg.paths.data_dir = str(tmp_path)
     with pytest.raises(ConfigError, match="LMLAB_DATA_DIR"):
         check_config(cfg)

@@ -46,6 +46,8 @@ CLASSIFICATION_CORPORA = {
     ),
 }
 
+LM_CORPORA = {"tinyshakespeare": "lm/tinyshakespeare.txt"}  # name -> path under data_dir
+
 STDLIB_PACKAGES = ("asyncio", "email", "importlib", "logging", "multiprocessing", "tkinter",
                    "unittest", "xml")
 SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}

@@ -20,14 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmlab.data.batching import ShardedDataModule
-from lmlab.data.corpora import STDLIB_PACKAGES, stdlib_root
+from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, stdlib_root
 from lmlab.data.readers import open_text
 from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
 from lmlab.errors import DataError, LmlabError
 
 log = logging.getLogger(__name__)
 EMBEDDED = "stdlib_source"
-LM_CORPORA = {"tinyshakespeare": "lm/tinyshakespeare.txt"}
 CHUNK_CHARS = 1 << 20  # text is tokenized in pieces of about 1 MB, cut at line ends
 
 
