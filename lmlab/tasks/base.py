@@ -37,6 +37,18 @@ class Task(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.step(batch, "test")
 
+    def log_epoch(self, split: str) -> None:
+        """Logs what is measured over a whole epoch of `split`; called as each one ends."""
+
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch("test")
+
     def optimizer_params(self) -> list:
         return [p for p in self.net.parameters() if p.requires_grad]
 

@@ -54,27 +54,27 @@ class CausalLMTask(Task):
             getattr(self, f"{split}_loss").update(loss, batch["targets"].numel())
         return loss
 
-    def _log_epoch(self, split: str) -> None:
+    def log_epoch(self, split: str) -> None:
         """Loss, perplexity and bits per character over the whole split (all ranks)."""
+        if split == "train":
+            return  # train/loss is logged per step
         mean = getattr(self, f"{split}_loss")
         loss = mean.compute()
         mean.reset()
         bpc = loss / math.log(2) / self.chars_per_token
         self.log_dict({f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss),
                        f"{split}/bpc": bpc}, prog_bar=split == "val")
+        if split == "val" and self.sample_tokens and self.tokenizer is not None \
+                and not self.trainer.sanity_checking:
+            self.log_sample()
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-        if self.sample_tokens and self.tokenizer is not None and not self.trainer.sanity_checking:
-            text = self.sample()
-            log.info("sample at step %d:\n%s", self.global_step, text)
-            for logger in self.loggers:  # W&B shows the samples as a table
-                if hasattr(logger, "log_text"):
-                    logger.log_text("samples", columns=["step", "text"],
-                                    data=[[self.global_step, text]])
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+    def log_sample(self) -> None:
+        text = self.sample()
+        log.info("sample at step %d:\n%s", self.global_step, text)
+        for logger in self.loggers:  # W&B shows the samples as a table
+            if hasattr(logger, "log_text"):
+                logger.log_text("samples", columns=["step", "text"],
+                                data=[[self.global_step, text]])
 
     def sample(self, prompt: str = "\n", temperature: float = 0.8, top_k: int = 200) -> str:
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]

@@ -54,13 +54,18 @@ class ClassificationTask(Task):
     def step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["tokens"], batch["lengths"])
         loss = F.cross_entropy(logits, batch["labels"])
-        metrics = getattr(self, f"{split}_metrics")
-        metrics.update(logits, batch["labels"])
+        getattr(self, f"{split}_metrics").update(logits, batch["labels"])
         # val/test losses are averaged over ranks once per epoch; train's stays per rank
         self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=len(logits),
                  on_epoch=True, on_step=split == "train", sync_dist=split != "train")
-        self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=split == "val")
         return loss
+
+    def log_epoch(self, split: str) -> None:
+        # Computed once an epoch (over all ranks), not logged per step: logging metric
+        # objects every step cost ~2 ms a step in Lightning's result handling.
+        metrics = getattr(self, f"{split}_metrics")
+        self.log_dict(metrics.compute(), prog_bar=split == "val")
+        metrics.reset()
 
 
 
