@@ -158,8 +158,8 @@ def main() -> None:
           f"{SIZE['block_size']} tokens, {corpus}; {args.steps} steps x {args.repeats} repeats")
     for name, seconds in medians.items():
         runs = ", ".join(f"{t * 1e3:.1f}" for t in times[name])
-        mfu = flops / seconds / peak if name in ("plain", "lmlab") else float("nan")
-        print(f"{name:10s} median {seconds * 1e3:7.2f} ms/step   MFU {mfu:6.1%}   runs: {runs}")
+        mfu = f"{flops / seconds / peak:6.1%}" if name in ("plain", "lmlab") else "     -"
+        print(f"{name:10s} median {seconds * 1e3:7.2f} ms/step   MFU {mfu}   runs: {runs}")
     print(f"ratio lmlab / plain (throughput): {medians['plain'] / medians['lmlab']:.3f}")
     if "hf gpt2" in medians:
         print(f"ratio lmlab GPT / HF GPT2 (throughput, same size, plain loop): "
