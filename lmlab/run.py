@@ -46,10 +46,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:  # so runs can be compared by any config value
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint else ""
     metrics = trainer.test(task, datamodule=data, ckpt_path=best or None)[0]
-    if best:
-        metrics[f"best {cfg.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
+    if checkpoint and checkpoint.best_model_score is not None:
+        metrics[f"best {cfg.monitor}"] = float(checkpoint.best_model_score)
     rank_zero_only(report)(metrics, output_dir, best)
     return metrics
 

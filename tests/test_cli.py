@@ -74,7 +74,7 @@ def test_training_writes_checkpoints_and_evaluation_reproduces_the_test_metrics(
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file() and list(checkpoints.glob("best-*.ckpt"))
     rows = metrics_rows(tmp_path)
-    assert {"val/acc", "val/f1", "train/loss_step", "test/acc"} <= set(rows[0])
+    assert {"val/acc", "val/f1", "val/loss", "train/loss", "train/acc", "test/acc"} <= set(rows[0])
     test_acc = next(float(r["test/acc"]) for r in rows if r.get("test/acc"))
     evaluated = run_cli(str(tmp_path), module="lmlab.evaluate", cwd=ROOT)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -50,12 +50,16 @@ def test_blocks_are_shifted_by_one():
     assert len(blocks) == 92
 
 
-def test_random_offsets_are_seeded_per_epoch_and_rank():
-    sampler = RandomOffsets(1000, 50, seed=3)
+def test_random_offsets_are_seeded_per_epoch_and_shared_out_among_ranks():
+    sampler = RandomOffsets(1000, num_batches=5, batch_size=4, seed=3)
     first, second = list(sampler), list(sampler)
-    assert first != second and len(first) == 50
-    assert list(RandomOffsets(1000, 50, seed=3)) == first
-    assert list(RandomOffsets(1000, 50, seed=3, rank=1)) != first
+    assert first != second and len(first) == len(sampler) == 20
+    assert list(RandomOffsets(1000, 5, 4, seed=3)) == first
+    ranks = [list(RandomOffsets(1000, 5, 4, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [10, 10]
+    for step in range(5):  # each global batch is split between the two ranks
+        share = ranks[0][2 * step:2 * step + 2] + ranks[1][2 * step:2 * step + 2]
+        assert sorted(share) == sorted(first[4 * step:4 * step + 4])
 
 
 def test_validation_sweeps_non_overlapping_blocks_in_order(tmp_path):

@@ -11,18 +11,19 @@ from torch.utils.data import Sampler
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar length (the seed's BucketIterator), sharded across ranks.
+    """Batches of similar length (the seed's BucketIterator), split across ranks.
 
     Training order: shuffle the examples, sort them by length within pools of
     `pool_batches` batches, cut the pools into batches and shuffle the batches. Evaluation
     order (`shuffle=False`): sort everything by length. Each epoch reseeds from
-    `seed + epoch`, so runs repeat exactly. With several ranks, rank r takes batches
-    r, r + world, ...; the list is padded by repeating batches so every rank gets the same
-    number of steps.
+    `seed + epoch`, so runs repeat exactly. The global batches are the same whatever the
+    world size: rank r takes examples r, r + world, ... of each, so a step of N processes
+    sees the same examples as a step of one (a global batch smaller than the world is
+    topped up with the first examples).
 
     Args:
         lengths: length of each example.
-        batch_size: examples per batch on one device.
+        batch_size: examples per global batch (all ranks together).
         shuffle: training order if true, sorted order otherwise.
         seed: base seed of the shuffles.
         num_replicas: world size.
@@ -57,14 +58,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches = self._batches()
         if self.shuffle:
             self.epoch += 1  # Lightning does not call set_epoch on batch samplers
-        total = len(self) * self.num_replicas
-        batches = (batches * (total // max(len(batches), 1) + 1))[:total]
-        for batch in batches[self.rank::self.num_replicas]:
-            yield batch.tolist()
+        for batch in batches:
+            if len(batch) < self.num_replicas:
+                batch = torch.cat([batch, batches[0]])[:self.num_replicas]
+            yield batch[self.rank::self.num_replicas].tolist()
 
     def __len__(self) -> int:
-        batches = -(-len(self.lengths) // self.batch_size)
-        return -(-batches // self.num_replicas)
+        return -(-len(self.lengths) // self.batch_size)
 
 
 class ShardedDataModule(L.LightningDataModule):

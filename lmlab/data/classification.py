@@ -174,8 +174,8 @@ class ClassificationDataModule(ShardedDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self.datasets[split]
         world, rank = self.world()
-        sampler = BucketBatchSampler([len(x) for x, _ in data], self.per_device_batch_size(),
-                                     shuffle, self.seed, world, rank)
+        sampler = BucketBatchSampler([len(x) for x, _ in data], self.batch_size, shuffle,
+                                     self.seed, world, rank)
         return DataLoader(data, batch_sampler=sampler, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

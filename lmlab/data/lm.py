@@ -52,20 +52,27 @@ class Blocks(Dataset):
 
 
 class RandomOffsets(Sampler[int]):
-    """`num_samples` random block offsets per epoch, a separate seeded stream per rank."""
+    """Random block offsets: `num_batches` global batches of `batch_size` a epoch.
 
-    def __init__(self, num_offsets: int, num_samples: int, seed: int, rank: int = 0):
-        self.num_offsets, self.num_samples = num_offsets, num_samples
-        self.seed, self.rank, self.epoch = seed, rank, 0
+    The global batches are drawn from `seed + epoch` alone, the same on every rank; each rank
+    yields its share of each (examples rank, rank + world, ...), so N processes train on the
+    same blocks as one.
+    """
+
+    def __init__(self, num_offsets: int, num_batches: int, batch_size: int, seed: int,
+                 num_replicas: int = 1, rank: int = 0):
+        self.num_offsets, self.num_batches, self.batch_size = num_offsets, num_batches, batch_size
+        self.seed, self.num_replicas, self.rank, self.epoch = seed, num_replicas, rank, 0
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
-        offsets = torch.randint(self.num_offsets, (self.num_samples,), generator=generator)
-        yield from offsets.tolist()
+        size = (self.num_batches, self.batch_size)
+        offsets = torch.randint(self.num_offsets, size, generator=generator)
+        yield from offsets[:, self.rank::self.num_replicas].flatten().tolist()
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_batches * len(range(self.rank, self.batch_size, self.num_replicas))
 
 
 class LMDataModule(ShardedDataModule):
@@ -216,10 +223,10 @@ class LMDataModule(ShardedDataModule):
 
     def train_dataloader(self) -> DataLoader:
         blocks = Blocks(self.splits["train"], self.block_size)
-        per_device = self.per_device_batch_size()
-        sampler = RandomOffsets(len(blocks), self.train_batches * per_device, self.seed,
-                                self.world()[1])
-        return DataLoader(blocks, batch_size=per_device, sampler=sampler,
+        world, rank = self.world()
+        sampler = RandomOffsets(len(blocks), self.train_batches, self.batch_size, self.seed,
+                                world, rank)
+        return DataLoader(blocks, batch_size=self.per_device_batch_size(), sampler=sampler,
                           num_workers=self.num_workers, drop_last=True)
 
     def _sweep(self, split: str) -> DataLoader:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 
 class Task(L.LightningModule):
@@ -24,6 +25,23 @@ class Task(L.LightningModule):
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None):
         super().__init__()
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
+        # Evaluation losses are weighted means over every example of every rank, synced by
+        # torchmetrics (keys avoid "train"/"test", which nn.Module attributes shadow).
+        self.eval_losses = nn.ModuleDict({"val_loss": MeanMetric(), "test_loss": MeanMetric()})
+
+    def log_loss(self, split: str, loss: torch.Tensor, weight: int) -> None:
+        """Logs the training loss per step; accumulates evaluation losses for `epoch_loss`."""
+        if split == "train":
+            self.log("train/loss", loss, prog_bar=True)
+        else:
+            self.eval_losses[f"{split}_loss"].update(loss, weight)
+
+    def epoch_loss(self, split: str) -> torch.Tensor:
+        """The mean evaluation loss of the epoch that ends, over all ranks."""
+        mean = self.eval_losses[f"{split}_loss"]
+        loss = mean.compute()
+        mean.reset()
+        return loss
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         raise NotImplementedError

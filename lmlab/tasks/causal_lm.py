@@ -9,7 +9,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
 
 from lmlab.models.sampling import generate
 from lmlab.tasks.base import Task
@@ -40,7 +39,6 @@ class CausalLMTask(Task):
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "tokenizer"])
         self.weight_decay, self.chars_per_token = weight_decay, chars_per_token
         self.sample_tokens, self.tokenizer = sample_tokens, tokenizer
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # token-weighted means
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)
@@ -48,19 +46,14 @@ class CausalLMTask(Task):
     def step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["tokens"])  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
-        if split == "train":
-            self.log("train/loss", loss, prog_bar=True)
-        else:
-            getattr(self, f"{split}_loss").update(loss, batch["targets"].numel())
+        self.log_loss(split, loss, batch["targets"].numel())
         return loss
 
     def log_epoch(self, split: str) -> None:
         """Loss, perplexity and bits per character over the whole split (all ranks)."""
         if split == "train":
             return  # train/loss is logged per step
-        mean = getattr(self, f"{split}_loss")
-        loss = mean.compute()
-        mean.reset()
+        loss = self.epoch_loss(split)
         bpc = loss / math.log(2) / self.chars_per_token
         self.log_dict({f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss),
                        f"{split}/bpc": bpc}, prog_bar=split == "val")

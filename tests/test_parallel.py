@@ -1,0 +1,63 @@
+"""Multi-process training on CPU (gloo): the same global batches give the same model.
+
+Each run is a subprocess in its own session with a hard timeout, killed by process group,
+since DDP inside the pytest process would re-run the test session.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA_DIR, ROOT
+
+COMMON = ["trainer.max_steps=15", "trainer.max_epochs=-1", "callbacks=none",
+          "model.net.dropout=0.0", "trainer.limit_val_batches=0", "data.batch_size=64"]
+
+
+def run_isolated(run_dir, *overrides, timeout=300):
+    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={run_dir}", *overrides]
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"run timed out after {timeout} s:\n{output[-3000:]}")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def final_test_metrics(run_dir) -> dict[str, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("test/loss")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("test/")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_two_processes_train_the_same_model_as_one(tmp_path, strategy):
+    run_isolated(tmp_path / "one", "strategy=cpu", *COMMON)
+    output = run_isolated(tmp_path / "two", f"strategy={strategy}", "trainer.devices=2",
+                          "trainer.accelerator=cpu", *COMMON)
+    assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
+    one, two = final_test_metrics(tmp_path / "one"), final_test_metrics(tmp_path / "two")
+    assert one["test/loss"] == pytest.approx(two["test/loss"], rel=1e-3)
+    assert one["test/acc"] == pytest.approx(two["test/acc"], abs=1 / 189)  # one example at most
+
+
+@pytest.mark.slow
+def test_the_design_card_command_runs_four_processes(tmp_path):
+    output = run_isolated(tmp_path, "model=lstm", "strategy=ddp", "trainer.devices=4",
+                          "debug=fast_dev_run")
+    assert "distributed_backend=gloo" in output
+    assert "Starting with 4 processes" in output or "MEMBER: 4/4" in output
+    assert "test/acc" in output
