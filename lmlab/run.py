@@ -7,12 +7,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
@@ -35,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.dry_run:
         return dry_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
     output_dir = Path(cfg.paths.output_dir)
     data = instantiate(cfg.data)
     data.setup("fit")
@@ -52,7 +58,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if checkpoint and checkpoint.best_model_score is not None:
         metrics[f"best {cfg.monitor}"] = float(checkpoint.best_model_score)
     rank_zero_only(report)(metrics, output_dir, best)
+    objective = metrics.get(f"best {cfg.monitor}")
+    rank_zero_only(write_json)(output_dir / "metrics.json",
+                               {"metrics": metrics, "objective": objective})
     return metrics
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """A short hash of the resolved config: every rank of a run must log the same one."""
+    return hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:12]
+
+
+def write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=1))
 
 
 def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModule:
@@ -98,9 +116,31 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def needs_own_process(cfg: DictConfig) -> bool:
+    """A multi-process job of a sweep: Lightning relaunches ranks with the sweep's own
+    command line, so each rank would run the whole sweep again (Hydra and Lightning bug)."""
+    return HydraConfig.get().mode == RunMode.MULTIRUN and world_size(cfg.trainer) > 1
+
+
+def run_in_own_process(cfg: DictConfig) -> float | None:
+    """Runs this sweep job as a single run of its own, with exactly this job's overrides and
+    output folder; its ranks are then relaunched from that command. Returns its objective."""
+    job = HydraConfig.get()
+    output_dir = Path(job.runtime.output_dir)
+    command = [sys.executable, "-m", "lmlab.run", *job.overrides.task, "hydra.mode=RUN",
+               f"hydra.run.dir={output_dir}", "hydra.output_subdir=null"]
+    done = subprocess.run(command, cwd=hydra.utils.get_original_cwd())
+    if done.returncode:
+        raise LmlabError(f"sweep job {job.job.num} failed (exit {done.returncode}); its log "
+                         f"is {output_dir / 'run.log'}")
+    return json.loads((output_dir / "metrics.json").read_text())["objective"]
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
+        if needs_own_process(cfg):
+            return run_in_own_process(cfg)
         metrics = train(cfg)
     except LmlabError as err:
         fail(str(err))

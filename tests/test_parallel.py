@@ -61,3 +61,33 @@ def test_the_design_card_command_runs_four_processes(tmp_path):
     assert "distributed_backend=gloo" in output
     assert "Starting with 4 processes" in output or "MEMBER: 4/4" in output
     assert "test/acc" in output
+
+
+def rank_fingerprints(job_dir) -> dict[int, str]:
+    """The config fingerprint each rank logged: rank 0 in run.log, rank r in its own log."""
+    found = {}
+    for log in job_dir.glob("*.log"):
+        for line in log.read_text().splitlines():
+            if " on rank " in line and "- config " in line:
+                digest, rank = line.split("- config ")[1].split(" on rank ")
+                found[int(rank)] = digest
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [
+    ["hydra.mode=MULTIRUN", "model.optimizer.lr=1e-3,3e-3", "debug=fast_dev_run"],
+    ["sweep=lstm_optuna", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
+     "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "logger=none"],
+], ids=["basic", "optuna"])
+def test_sweep_with_ddp_runs_each_job_once_with_one_config_on_every_rank(tmp_path, sweep):
+    run_isolated(tmp_path / "unused", f"hydra.sweep.dir={tmp_path / 'sweep'}", *sweep,
+                 "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", timeout=400)
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]  # no job run twice, no stray folders
+    fingerprints = [rank_fingerprints(j) for j in jobs]
+    for ranks in fingerprints:
+        assert set(ranks) == {0, 1} and ranks[0] == ranks[1]  # both ranks, one config
+    assert fingerprints[0][0] != fingerprints[1][0]  # the two jobs differ
+    for job in jobs:
+        assert (job / "metrics.json").is_file() and (job / ".hydra" / "config.yaml").is_file()
