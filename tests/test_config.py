@@ -16,7 +16,9 @@ GROUPS = ["model", "data", "data/tokenizer", "strategy", "precision", "trainer",
           "callbacks", "paths", "debug", "experiment", "sweep"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted(Path(CONF_DIR, g).glob("*.yaml"))]
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-PARAMS = [pytest.param(g, o, id=f"{g}={o}", marks=GPU if "gpu" in o else ()) for g, o in OPTIONS]
+CUDA_ONLY = ("gpu", "16-mixed")
+PARAMS = [pytest.param(g, o, id=f"{g}={o}", marks=GPU if any(c in o for c in CUDA_ONLY) else ())
+          for g, o in OPTIONS]
 
 
 def test_every_group_has_options():
