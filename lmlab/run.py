@@ -41,27 +41,40 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return dry_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
+    data, task, trainer = build(cfg)
+    trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
+    metrics, best = test_best(trainer, task, data, cfg.monitor)
     output_dir = Path(cfg.paths.output_dir)
+    rank_zero_only(report)(metrics, output_dir, best)
+    objective = metrics.get(f"best {cfg.monitor}")
+    rank_zero_only(write_json)(output_dir / "metrics.json",
+                               {"metrics": metrics, "objective": objective})
+    return metrics
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """The DataModule (set up and saved with the run), the task it sizes, and the trainer."""
     data = instantiate(cfg.data)
     data.setup("fit")
-    rank_zero_only(data.save)(output_dir)
+    rank_zero_only(data.save)(Path(cfg.paths.output_dir))
     task = build_task(cfg, data)
     cfg.monitor = cfg.monitor or task.monitor[0]
     cfg.monitor_mode = cfg.monitor_mode or task.monitor[1]
     trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=_loggers(cfg))
     for logger in trainer.loggers:  # so runs can be compared by any config value
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
+    return data, task, trainer
+
+
+def test_best(trainer: L.Trainer, task, data, monitor: str) -> tuple[dict[str, float], str]:
+    """Tests the best checkpoint (the final weights if there is none); returns the metrics,
+    with the best monitored value, and the checkpoint's path."""
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint else ""
     metrics = trainer.test(task, datamodule=data, ckpt_path=best or None)[0]
     if checkpoint and checkpoint.best_model_score is not None:
-        metrics[f"best {cfg.monitor}"] = float(checkpoint.best_model_score)
-    rank_zero_only(report)(metrics, output_dir, best)
-    objective = metrics.get(f"best {cfg.monitor}")
-    rank_zero_only(write_json)(output_dir / "metrics.json",
-                               {"metrics": metrics, "objective": objective})
-    return metrics
+        metrics[f"best {monitor}"] = float(checkpoint.best_model_score)
+    return metrics, best
 
 
 def fingerprint(cfg: DictConfig) -> str:
