@@ -55,6 +55,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += _batch_problems(cfg)
     problems += _data_problems(cfg.data)
     problems += _kind_problems(cfg)
+    problems += _mesh_problems(cfg.trainer)
     if cfg.monitor_mode not in (None, "max", "min"):
         problems.append(f"monitor_mode must be max or min, not {cfg.monitor_mode!r}")
     if problems:
@@ -168,6 +169,17 @@ def _data_problems(data: DictConfig) -> list[str]:
         return []
     return [f"corpus {corpus!r} not found under data directory {str(data_dir)!r} (missing "
             f"{missing[0]}); point LMLAB_DATA_DIR or paths.data_dir at the folder holding it"]
+
+
+def _mesh_problems(trainer: DictConfig) -> list[str]:
+    """ModelParallelStrategy needs its mesh sizes to multiply to the number of processes."""
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, DictConfig) or "data_parallel_size" not in strategy:
+        return []
+    if not str(trainer.get("devices")).isdigit():
+        return [f"strategy=fsdp2 needs a number of devices, not {trainer.get('devices')!r}; "
+                "set trainer.devices=N"]
+    return []
 
 
 def _kind_problems(cfg: DictConfig) -> list[str]:

@@ -108,6 +108,11 @@ def test_language_model_on_classification_data_is_refused(make_cfg):
         check_config(make_cfg("model=gpt_tiny", "data=sst2"))
 
 
+def test_fsdp2_needs_a_number_of_devices(make_cfg):
+    with pytest.raises(ConfigError, match="trainer.devices=N"):
+        check_config(make_cfg("strategy=fsdp2", "trainer.devices=auto"))
+
+
 def test_half_precision_on_cpu_is_refused_with_the_fix(make_cfg):
     cfg = make_cfg("strategy=cpu", "trainer.precision=16-mixed")
     with pytest.raises(ConfigError, match="precision=bf16-mixed"):

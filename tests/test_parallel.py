@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, ROOT, run_cli
 
 COMMON = ["trainer.max_steps=15", "trainer.max_epochs=-1", "callbacks=none",
           "model.net.dropout=0.0", "trainer.limit_val_batches=0", "data.batch_size=64"]
@@ -43,7 +43,7 @@ def final_test_metrics(run_dir) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp2"])
 def test_two_processes_train_the_same_model_as_one(tmp_path, strategy):
     run_isolated(tmp_path / "one", "strategy=cpu", *COMMON)
     output = run_isolated(tmp_path / "two", f"strategy={strategy}", "trainer.devices=2",
@@ -52,6 +52,21 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, strategy):
     one, two = final_test_metrics(tmp_path / "one"), final_test_metrics(tmp_path / "two")
     assert one["test/loss"] == pytest.approx(two["test/loss"], rel=1e-3)
     assert one["test/acc"] == pytest.approx(two["test/acc"], abs=1 / 189)  # one example at most
+
+
+@pytest.mark.slow
+def test_fsdp2_language_model_matches_one_process_and_its_checkpoint_loads_on_one(tmp_path):
+    lm = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=500",
+          "trainer.max_steps=15", "trainer.max_epochs=-1", "data.train_batches=15",
+          "data.val_batches=4", "model.sample_tokens=0", f"paths.cache_dir={tmp_path / 'c'}"]
+    run_isolated(tmp_path / "one", "strategy=cpu", *lm)
+    run_isolated(tmp_path / "two", "strategy=fsdp2", "trainer.devices=2",
+                 "trainer.accelerator=cpu", *lm)
+    one, two = final_test_metrics(tmp_path / "one"), final_test_metrics(tmp_path / "two")
+    assert one["test/loss"] == pytest.approx(two["test/loss"], rel=1e-4)
+    evaluated = run_cli(str(tmp_path / "two"), module="lmlab.evaluate", cwd=ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"{two['test/loss']:.4f}" in evaluated.stdout  # the gathered checkpoint, one process
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lmlab.parallel import shard
+
 
 class Task(L.LightningModule):
     """A LightningModule around a plain `net`.
@@ -42,6 +44,10 @@ class Task(L.LightningModule):
         loss = mean.compute()
         mean.reset()
         return loss
+
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:  # set by ModelParallelStrategy (strategy=fsdp2)
+            shard(self.net, self.device_mesh)
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         raise NotImplementedError
