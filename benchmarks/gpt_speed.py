@@ -9,7 +9,7 @@ All at 1 thread, the compared variants alternating in one process, medians of th
    loop (skipped if transformers is not installed: pip install -e ".[bench]");
 4. generation of 256 tokens with and without the KV cache (gpt_baby size, block 256).
 
-    python -m benchmarks.gpt_speed [--steps 50] [--repeats 3]
+    python -m benchmarks.gpt_speed [--steps 100] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def generation_rates(vocab_size: int, new_tokens: int = 256, repeats: int = 3) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -33,8 +33,8 @@ class Task(L.LightningModule):
 
     def log_loss(self, split: str, loss: torch.Tensor, weight: int) -> None:
         """Logs the training loss per step; accumulates evaluation losses for `epoch_loss`."""
-        if split == "train":
-            self.log("train/loss", loss, prog_bar=True)
+        if split == "train":  # batch_size given: Lightning would walk the batch to infer it
+            self.log("train/loss", loss, prog_bar=True, batch_size=weight)
         else:
             self.eval_losses[f"{split}_loss"].update(loss, weight)
 
