@@ -10,7 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmlab.data.batching import BucketBatchSampler, ShardedDataModule, pad_batch
-from lmlab.data.corpora import CLASSIFICATION_CORPORA, Corpus, stdlib_docstrings
+from lmlab.data.corpora import (
+    CLASSIFICATION_CORPORA,
+    Corpus,
+    load_hub_dataset,
+    stdlib_docstrings,
+)
 from lmlab.data.readers import read_examples
 from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
 from lmlab.errors import DataError, LmlabError
@@ -197,20 +202,6 @@ class ClassificationDataModule(ShardedDataModule):
 
 def _natural(label: str):
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
-
-
-def load_hub_dataset(name: str):
-    """A Hugging Face hub dataset, `NAME` or `NAME:SUBSET` (needs `datasets` and a network)."""
-    try:
-        import datasets
-    except ImportError:
-        raise LmlabError("hf: corpora need the `datasets` package: pip install -e '.[hub]'") \
-            from None
-    path, _, subset = name.partition(":")
-    try:
-        return datasets.load_dataset(path, subset or None)
-    except Exception as err:  # the hub raises many types: connection, missing dataset, ...
-        raise LmlabError(f"could not load {name!r} from the Hugging Face hub: {err}") from None
 
 
 def _read_hub(name: str, text_field, label_field) -> dict[str, list]:

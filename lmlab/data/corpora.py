@@ -13,6 +13,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmlab.errors import LmlabError
+
 
 @dataclass(frozen=True)
 class Corpus:
@@ -75,15 +77,20 @@ def stdlib_docstrings(packages=STDLIB_PACKAGES, min_words: int = 5, per_class: i
     """
     examples = []
     for package in packages:
-        texts = sorted(set(_package_docstrings(stdlib_root() / package, min_words)), key=_digest)
+        texts = sorted(set(_package_docstrings(package, min_words)), key=_digest)
         examples += [(text, package) for text in texts[:per_class]]
     return examples
 
 
-def _package_docstrings(folder: Path, min_words: int):
-    for path in sorted(folder.rglob("*.py")):
-        if SKIPPED_DIRS.intersection(path.relative_to(folder).parts):
-            continue
+def stdlib_files(package: str) -> list[Path]:
+    """The Python files of one standard-library package, tests left out, in sorted order."""
+    folder = stdlib_root() / package
+    return [path for path in sorted(folder.rglob("*.py"))
+            if not SKIPPED_DIRS.intersection(path.relative_to(folder).parts)]
+
+
+def _package_docstrings(package: str, min_words: int):
+    for path in stdlib_files(package):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
         except SyntaxError:
@@ -97,3 +104,17 @@ def _package_docstrings(folder: Path, min_words: int):
 
 def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+def load_hub_dataset(name: str):
+    """A Hugging Face hub dataset, `NAME` or `NAME:SUBSET` (needs `datasets` and a network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise LmlabError("hf: corpora need the `datasets` package: pip install -e '.[hub]'") \
+            from None
+    path, _, subset = name.partition(":")
+    try:
+        return datasets.load_dataset(path, subset or None)
+    except Exception as err:  # the hub raises many types: connection, missing dataset, ...
+        raise LmlabError(f"could not load {name!r} from the Hugging Face hub: {err}") from None

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmlab.data.batching import ShardedDataModule
-from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, stdlib_root
+from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, load_hub_dataset, stdlib_files
 from lmlab.data.readers import open_text
 from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
 from lmlab.errors import DataError, LmlabError
@@ -32,9 +32,7 @@ CHUNK_CHARS = 1 << 20  # text is tokenized in pieces of about 1 MB, cut at line 
 
 def stdlib_source_files() -> list[Path]:
     """The embedded LM corpus: the Python source of a fixed set of standard-library packages."""
-    root = stdlib_root()
-    return [p for package in STDLIB_PACKAGES for p in sorted((root / package).rglob("*.py"))
-            if not {"test", "tests", "idle_test"}.intersection(p.relative_to(root).parts)]
+    return [path for package in STDLIB_PACKAGES for path in stdlib_files(package)]
 
 
 class Blocks(Dataset):
@@ -175,8 +173,6 @@ class LMDataModule(ShardedDataModule):
         """Writes a hub dataset's `text` column (train split) once into the cache folder."""
         path = self.cache_dir / "hub" / (self.corpus[3:].replace("/", "_") + ".txt")
         if not path.is_file():
-            from lmlab.data.classification import load_hub_dataset
-
             path.parent.mkdir(parents=True, exist_ok=True)
             rows = load_hub_dataset(self.corpus[3:])["train"]["text"]
             path.with_suffix(".tmp").write_text("\n".join(rows), encoding="utf-8")
