@@ -79,7 +79,7 @@ def _target_problems(node: Any, where: str):
 
 def _unknown_arguments(node: DictConfig, where: str):
     try:
-        target = _import(node._target_)
+        target = import_object(node._target_)
     except (ImportError, AttributeError) as err:
         yield f"{where}._target_: cannot import {node._target_!r} ({err})"
         return
@@ -100,7 +100,7 @@ def _unknown_arguments(node: DictConfig, where: str):
             yield f"{where}.{key}: {node._target_} has no argument {key!r}{hint}"
 
 
-def _import(path: str):
+def import_object(path: str):
     module, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -185,7 +185,7 @@ def _mesh_problems(trainer: DictConfig) -> list[str]:
 def _kind_problems(cfg: DictConfig) -> list[str]:
     """A task needs data of its kind: classification data cannot train a language model."""
     try:
-        task, data = _import(cfg.model._target_), _import(cfg.data._target_)
+        task, data = import_object(cfg.model._target_), import_object(cfg.data._target_)
     except (ImportError, AttributeError):
         return []  # reported by _target_problems
     task_kind, data_kind = getattr(task, "kind", None), getattr(data, "kind", None)

@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
     data, task, trainer = build(cfg)
     trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
-    metrics, best = test_best(trainer, task, data, cfg.monitor)
+    metrics, best = test_best(trainer, cfg, task, data)
     output_dir = Path(cfg.paths.output_dir)
     rank_zero_only(report)(metrics, output_dir, best)
     objective = metrics.get(f"best {cfg.monitor}")
@@ -66,15 +66,19 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return data, task, trainer
 
 
-def test_best(trainer: L.Trainer, task, data, monitor: str) -> tuple[dict[str, float], str]:
-    """Tests the best checkpoint (the final weights if there is none); returns the metrics,
-    with the best monitored value, and the checkpoint's path."""
+def test_best(trainer: L.Trainer, cfg: DictConfig, task, data) -> tuple[dict[str, float], str]:
+    """Tests the best checkpoint (else the last one, else the final weights); returns the
+    metrics, with the best monitored value, and the checkpoint's path. A checkpoint is loaded
+    into a fresh task: a sharded strategy wraps the model again for testing, and FSDP's
+    trained model holds only this rank's shard of each parameter."""
     checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint else ""
-    metrics = trainer.test(task, datamodule=data, ckpt_path=best or None)[0]
+    path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
+    if path:
+        task = build_task(cfg, data)
+    metrics = trainer.test(task, datamodule=data, ckpt_path=path or None)[0]
     if checkpoint and checkpoint.best_model_score is not None:
-        metrics[f"best {monitor}"] = float(checkpoint.best_model_score)
-    return metrics, best
+        metrics[f"best {cfg.monitor}"] = float(checkpoint.best_model_score)
+    return metrics, path or ""
 
 
 def fingerprint(cfg: DictConfig) -> str:

@@ -1,0 +1,142 @@
+"""Strategies that Lightning only builds for GPUs, made to run on CPU too.
+
+Lightning refuses `FSDPStrategy` and `DeepSpeedStrategy` on CPU by a guard, not because
+they cannot work there: with gloo both run unchanged once told the device is the CPU. The
+two factories below return Lightning's own strategy on a GPU, untouched, and on CPU a
+subclass that differs only where the guard is, so that a sharded config can be debugged on
+a laptop before it spends GPU hours. Tested with Lightning 2.6 (see pyproject.toml).
+
+The factories take the model's class path (`${model.net._target_}`) to read what the model
+declares, its `block_class`: the FSDP wrap unit and the activation-checkpointing unit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from torch import nn
+
+from lmlab.config import import_object
+
+CPU = torch.device("cpu")
+
+
+def on_gpu(accelerator: str) -> bool:
+    if accelerator == "auto":
+        return torch.cuda.is_available()
+    return accelerator in ("gpu", "cuda")
+
+
+def block_class(net: str | None) -> type[nn.Module] | None:
+    """The `block_class` the net at import path `net` declares, if any."""
+    if not net:
+        return None
+    return getattr(import_object(net), "block_class", None)
+
+
+def fsdp(accelerator: str = "auto", net: str | None = None, auto_wrap: bool = True,
+         activation_checkpointing: bool = False, **kwargs) -> FSDPStrategy:
+    """Lightning's `FSDPStrategy` (FSDP1), every `block_class` module its own unit.
+
+    Args:
+        accelerator: the trainer's; picks the stock strategy (GPU) or its CPU twin.
+        net: import path of the model's net class, for its declared `block_class`.
+        auto_wrap: make each block an FSDP unit (else the whole model is one).
+        activation_checkpointing: recompute each block's activations in the backward pass.
+        **kwargs: `FSDPStrategy` arguments: sharding_strategy, cpu_offload, ...
+    """
+    block = block_class(net)
+    if block is not None and auto_wrap:
+        kwargs["auto_wrap_policy"] = {block}
+    if block is not None and activation_checkpointing:
+        kwargs["activation_checkpointing_policy"] = {block}
+    return FSDPStrategy(**kwargs) if on_gpu(accelerator) else CPUFSDPStrategy(**kwargs)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """`FSDPStrategy` on gloo: FSDP is told its device is the CPU (Lightning passes none)."""
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            model = FullyShardedDataParallel(model, **self._wrap_kwargs())
+            self.kwargs.pop("auto_wrap_policy", None)  # applied just now
+        return super()._setup_model(model)  # the rest as Lightning does it
+
+    @contextmanager
+    def model_sharded_context(self):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import enable_wrap
+        with enable_wrap(wrapper_cls=FullyShardedDataParallel, **self._wrap_kwargs()):
+            yield
+
+    # Lightning gathers full state dicts with `offload_to_cpu=True`, which crashes when the
+    # parameters already are on the CPU (a segmentation fault in torch 2.13): gather in place.
+    def lightning_module_state_dict(self) -> dict:
+        with _gather_in_place():
+            return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer) -> dict:
+        with _gather_in_place():
+            return super().optimizer_state(optimizer)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        with _gather_in_place():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+
+    def _wrap_kwargs(self) -> dict:
+        return {"cpu_offload": self.cpu_offload, "mixed_precision": self.mixed_precision_config,
+                "sharding_strategy": self.sharding_strategy, "device_id": CPU, **self.kwargs}
+
+
+@contextmanager
+def _gather_in_place():
+    """Lightning's full-state-dict context, without offloading to the CPU."""
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+    def full_state_dict_context(module, world_size, rank0_only=True):
+        return FullyShardedDataParallel.state_dict_type(
+            module, StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+    original = lightning_fsdp._get_full_state_dict_context
+    lightning_fsdp._get_full_state_dict_context = full_state_dict_context
+    try:
+        yield
+    finally:
+        lightning_fsdp._get_full_state_dict_context = original
+
+
+def deepspeed(accelerator: str = "auto", **kwargs) -> DeepSpeedStrategy:
+    """Lightning's `DeepSpeedStrategy` (ZeRO stage 1, 2 or 3, optional CPU offload).
+
+    Args:
+        accelerator: the trainer's; picks the stock strategy (GPU) or its CPU twin.
+        **kwargs: `DeepSpeedStrategy` arguments: stage, offload_optimizer, ...
+    """
+    return DeepSpeedStrategy(**kwargs) if on_gpu(accelerator) else CPUDeepSpeedStrategy(**kwargs)
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """`DeepSpeedStrategy` on gloo: without Lightning's CUDA check and device-index check
+    (CPU devices have no index), and with a CPU root device that carries the local rank,
+    which DeepSpeed reads as its device index."""
+
+    def setup_environment(self) -> None:
+        super(DeepSpeedStrategy, self).setup_environment()  # DDP's: skips the CUDA check
+
+    def setup_distributed(self) -> None:
+        from lightning.fabric.utilities.seed import reset_seed
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)
+
