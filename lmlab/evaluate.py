@@ -2,6 +2,7 @@
 
     python -m lmlab.evaluate outputs/2026-01-01/12-00-00                # best checkpoint
     python -m lmlab.evaluate outputs/2026-01-01/12-00-00 ckpt=last data.batch_size=256
+    python -m lmlab.evaluate outputs/2026-01-01/12-00-00 ckpt=weights   # the portable file
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.checkpoints import WEIGHTS, load_weights
 from lmlab.errors import LmlabError
 from lmlab.run import build_task, fail, report
 
@@ -30,12 +31,15 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
 
 
 def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
-    """`best`, `last`, or a path, to a checkpoint file."""
+    """`best`, `last`, `weights` (the run's portable file), or a path, to a checkpoint
+    (a file, or a DeepSpeed folder)."""
     folder = run_dir / "checkpoints"
-    candidates = {"best": sorted(folder.glob("best-*.ckpt")), "last": [folder / "last.ckpt"]}
+    candidates = {"best": sorted(folder.glob("best-*.ckpt")), "last": [folder / "last.ckpt"],
+                  "weights": [run_dir / WEIGHTS]}
     paths = candidates.get(ckpt, [Path(ckpt)])
-    if not paths or not paths[-1].is_file():
-        raise LmlabError(f"no {ckpt} checkpoint in {folder}; pass ckpt=best, ckpt=last or a path")
+    if not paths or not paths[-1].exists():
+        raise LmlabError(f"no {ckpt} checkpoint in {run_dir}; pass ckpt=best, ckpt=last, "
+                         "ckpt=weights or a path")
     return paths[-1]
 
 
@@ -43,10 +47,7 @@ def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) ->
     """The task of `cfg`, sized by `data`, with the weights of `checkpoint`."""
     if "pretrained_vectors" in cfg.model:
         cfg.model.pretrained_vectors = None  # the checkpoint holds the trained vectors
-    task = build_task(cfg, data)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    task.load_state_dict(state["state_dict"])
-    return task
+    return load_weights(build_task(cfg, data), checkpoint)
 
 
 def evaluate(run_dir: str | Path, ckpt: str = "best", overrides: list[str] = ()) -> dict:

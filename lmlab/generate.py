@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
+from lmlab.checkpoints import read_state_dict
 from lmlab.evaluate import find_checkpoint, load_run_config
 from lmlab.models.sampling import generate
 from lmlab.run import fail
@@ -43,12 +44,12 @@ class GenerateConfig:
 def load_model(ckpt: str, device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
     """The net and tokenizer of a run, from its folder or one of its checkpoint files."""
     path = Path(ckpt)
-    run_dir = path if path.is_dir() else path.parent.parent
+    run_dir = next((p for p in (path, *path.parents) if (p / ".hydra").is_dir()), path)
     cfg = load_run_config(run_dir)
-    checkpoint = find_checkpoint(run_dir, "best" if path.is_dir() else str(path))
+    checkpoint = find_checkpoint(run_dir, "best" if path == run_dir else str(path))
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
     net = instantiate(cfg.model.net, vocab_size=tokenizer.vocab_size)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_state_dict(checkpoint)
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()
                          if k.startswith("net.")})
     return net.to(device).eval(), tokenizer

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lmlab.checkpoints import export_weights, final_checkpoint, load_weights
 from lmlab.config import check_config, register_schema, to_yaml, world_size
 from lmlab.errors import LmlabError
 
@@ -43,7 +44,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
     data, task, trainer = build(cfg)
     trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
-    metrics, best = test_best(trainer, cfg, task, data)
+    metrics, best = test_best(trainer, cfg, data)
     output_dir = Path(cfg.paths.output_dir)
     rank_zero_only(report)(metrics, output_dir, best)
     objective = metrics.get(f"best {cfg.monitor}")
@@ -66,19 +67,20 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return data, task, trainer
 
 
-def test_best(trainer: L.Trainer, cfg: DictConfig, task, data) -> tuple[dict[str, float], str]:
-    """Tests the best checkpoint (else the last one, else the final weights); returns the
-    metrics, with the best monitored value, and the checkpoint's path. A checkpoint is loaded
-    into a fresh task: a sharded strategy wraps the model again for testing, and FSDP's
-    trained model holds only this rank's shard of each parameter."""
-    checkpoint = trainer.checkpoint_callback
-    path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
-    if path:
-        task = build_task(cfg, data)
-    metrics = trainer.test(task, datamodule=data, ckpt_path=path or None)[0]
-    if checkpoint and checkpoint.best_model_score is not None:
-        metrics[f"best {cfg.monitor}"] = float(checkpoint.best_model_score)
-    return metrics, path or ""
+def test_best(trainer: L.Trainer, cfg: DictConfig, data) -> tuple[dict[str, float], str]:
+    """Exports the run's portable weights (from the best checkpoint, else the last, else the
+    final weights) and tests them in a fresh task; returns the metrics, with the best
+    monitored value, and the checkpoint's path. A fresh task, because sharded strategies
+    wrap the model again for testing, and a trained FSDP model holds only its rank's shard."""
+    output_dir = Path(cfg.paths.output_dir)
+    checkpoint = final_checkpoint(trainer, output_dir)
+    weights = export_weights(trainer, checkpoint, output_dir, to_yaml(cfg))
+    task = load_weights(build_task(cfg, data), weights)
+    metrics = trainer.test(task, datamodule=data)[0]
+    callback = trainer.checkpoint_callback
+    if callback and callback.best_model_score is not None:
+        metrics[f"best {cfg.monitor}"] = float(callback.best_model_score)
+    return metrics, str(checkpoint)
 
 
 def fingerprint(cfg: DictConfig) -> str:

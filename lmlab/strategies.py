@@ -112,14 +112,21 @@ def _gather_in_place():
         lightning_fsdp._get_full_state_dict_context = original
 
 
-def deepspeed(accelerator: str = "auto", **kwargs) -> DeepSpeedStrategy:
+def deepspeed(accelerator: str = "auto", any_optimizer: bool = False,
+              **kwargs) -> DeepSpeedStrategy:
     """Lightning's `DeepSpeedStrategy` (ZeRO stage 1, 2 or 3, optional CPU offload).
 
     Args:
         accelerator: the trainer's; picks the stock strategy (GPU) or its CPU twin.
+        any_optimizer: let ZeRO-Offload step the model's own optimizer (e.g. torch's AdamW)
+            instead of requiring DeepSpeed's compiled CPU Adam.
         **kwargs: `DeepSpeedStrategy` arguments: stage, offload_optimizer, ...
     """
-    return DeepSpeedStrategy(**kwargs) if on_gpu(accelerator) else CPUDeepSpeedStrategy(**kwargs)
+    strategy = DeepSpeedStrategy(**kwargs) if on_gpu(accelerator) \
+        else CPUDeepSpeedStrategy(**kwargs)
+    if any_optimizer:
+        strategy.config["zero_force_ds_cpu_optimizer"] = False
+    return strategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
