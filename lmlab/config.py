@@ -45,7 +45,10 @@ class RunConfig:
 
 
 def register_schema() -> None:
+    """The top-level schema, and the `div` resolver (data-parallel size = devices / TP)."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("div"):
+        OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -55,7 +58,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += _batch_problems(cfg)
     problems += _data_problems(cfg.data)
     problems += _kind_problems(cfg)
-    problems += _mesh_problems(cfg.trainer)
+    problems += _mesh_problems(cfg)
     if cfg.monitor_mode not in (None, "max", "min"):
         problems.append(f"monitor_mode must be max or min, not {cfg.monitor_mode!r}")
     if problems:
@@ -171,23 +174,43 @@ def _data_problems(data: DictConfig) -> list[str]:
             f"{missing[0]}); point LMLAB_DATA_DIR or paths.data_dir at the folder holding it"]
 
 
-def _mesh_problems(trainer: DictConfig) -> list[str]:
-    """ModelParallelStrategy needs its mesh sizes to multiply to the number of processes."""
-    strategy = trainer.get("strategy")
-    if not isinstance(strategy, DictConfig) or "data_parallel_size" not in strategy:
+def _mesh_problems(cfg: DictConfig) -> list[str]:
+    """ModelParallelStrategy (fsdp2, tp) needs a number of devices that its mesh divides;
+    tensor parallelism also needs a model with a plan, whose heads split evenly."""
+    strategy, devices = cfg.trainer.get("strategy"), str(cfg.trainer.get("devices"))
+    if not isinstance(strategy, DictConfig) or "tensor_parallel_size" not in strategy:
         return []
-    if not str(trainer.get("devices")).isdigit():
-        return [f"strategy=fsdp2 needs a number of devices, not {trainer.get('devices')!r}; "
+    if not devices.isdigit():
+        return [f"this strategy needs a number of devices, not {devices!r}; "
                 "set trainer.devices=N"]
-    return []
+    tp = int(strategy.tensor_parallel_size)
+    if tp == 1:
+        return []
+    problems = []
+    if int(devices) % tp:
+        problems.append(f"trainer.devices={devices} is not a multiple of "
+                        f"strategy.tensor_parallel_size={tp}; use {tp}, {2 * tp}, ... devices")
+    net = cfg.model.get("net") or {}
+    if not getattr(_importable(net.get("_target_")), "tensor_parallel_plan", None):
+        problems.append(f"strategy=tp needs a model that declares a tensor_parallel_plan, and "
+                        f"{net.get('_target_')} has none; use strategy=fsdp2 or ddp for it")
+    heads = net.get("n_head")
+    if isinstance(heads, int) and heads % tp:
+        problems.append(f"model.net.n_head={heads} does not split among "
+                        f"strategy.tensor_parallel_size={tp} ranks; use a divisor of {heads}")
+    return problems
+
+
+def _importable(path: str | None):
+    try:
+        return import_object(path) if path else None
+    except (ImportError, AttributeError):
+        return None  # reported by _target_problems
 
 
 def _kind_problems(cfg: DictConfig) -> list[str]:
     """A task needs data of its kind: classification data cannot train a language model."""
-    try:
-        task, data = import_object(cfg.model._target_), import_object(cfg.data._target_)
-    except (ImportError, AttributeError):
-        return []  # reported by _target_problems
+    task, data = _importable(cfg.model._target_), _importable(cfg.data._target_)
     task_kind, data_kind = getattr(task, "kind", None), getattr(data, "kind", None)
     if task_kind and data_kind and task_kind != data_kind:
         return [f"the model ({task.__name__}) needs {task_kind} data, but the data config "

@@ -1,22 +1,34 @@
 """What sharded strategies do to a net, from what the net declares (never from its code).
 
-`ModelParallelStrategy` hands the task a device mesh; the task calls `shard` in
-`configure_model`. Each module of the net's `block_class` becomes its own FSDP2 unit, then
-the whole net does.
+`ModelParallelStrategy` (strategy=fsdp2 or tp) hands the task a device mesh; the task
+calls `shard` in `configure_model`. First the net's `tensor_parallel_plan` splits its layers
+over the mesh's tensor-parallel dimension, then each module of its `block_class`, and
+finally the whole net, become FSDP2 units over the data-parallel dimension.
 """
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                               parallelize_module)
+
+log = logging.getLogger(__name__)
+STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 
 
 def shard(net: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Shards `net`'s parameters over the mesh's data-parallel dimension (FSDP2); a net
-    that is already sharded (Lightning configures the model again for test) is left as is."""
+    """Shards `net` over `mesh` (tensor parallel, then FSDP2); a net that is already
+    sharded (Lightning configures the model again for test) is left as is."""
     if isinstance(net, FSDPModule):
         return net
+    tp_mesh = mesh["tensor_parallel"]
+    if tp_mesh.size() > 1:
+        plan = {pattern: STYLES[style]() for pattern, style in net.tensor_parallel_plan.items()}
+        parallelize_module(net, tp_mesh, plan)
     dp_mesh = mesh["data_parallel"]
     block_class = getattr(net, "block_class", None)
     if block_class is not None:
@@ -24,4 +36,6 @@ def shard(net: nn.Module, mesh: DeviceMesh) -> nn.Module:
             if isinstance(module, block_class):
                 fully_shard(module, mesh=dp_mesh)
     fully_shard(net, mesh=dp_mesh)
+    log.info("sharded %s: tensor parallel over %d ranks, FSDP2 over %d",
+             type(net).__name__, tp_mesh.size(), dp_mesh.size())
     return net

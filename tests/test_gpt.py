@@ -99,7 +99,7 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     decay, no_decay = parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert decayed and all(n.endswith(("qkv.weight", "proj.weight", "fc.weight")) for n in decayed)
+    assert decayed and all(n.endswith(("q.weight", "k.weight", "v.weight", "proj.weight", "fc.weight")) for n in decayed)
     assert {"wte.weight", "wpe.weight", "ln_f.weight"} <= {names[id(p)] for p in no_decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 

@@ -73,9 +73,11 @@ class ShardedDataModule(L.LightningDataModule):
     batch_size: int
 
     def world(self) -> tuple[int, int]:
-        """(world size, this rank), once a trainer is attached; (1, 0) before."""
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        """(data-parallel world size, this process's data-parallel rank), once a trainer is
+        attached; (1, 0) before. Tensor-parallel peers share a rank: they get the same batch."""
+        strategy = self.trainer.strategy if self.trainer else None
+        shards = getattr(strategy, "distributed_sampler_kwargs", None)
+        return (shards["num_replicas"], shards["rank"]) if shards else (1, 0)
 
     def per_device_batch_size(self) -> int:
         return max(1, self.batch_size // self.world()[0])

@@ -38,17 +38,19 @@ class CausalSelfAttention(nn.Module):
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head "
                              f"({config.n_head})")
-        self.n_head, self.dropout = config.n_head, config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.head_dim, self.dropout = config.n_embd // config.n_head, config.dropout
+        # Separate projections, so tensor parallelism can split them by heads.
+        self.q, self.k, self.v = (nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+                                  for _ in range(3))
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self._register_load_state_dict_pre_hook(split_fused_qkv)
 
     def forward(self, x: torch.Tensor, rope: tuple | None, cache: tuple | None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))  # (B, H, T, D)
+        B, T, _ = x.shape  # heads: all of them, or this rank's share under tensor parallelism
+        q, k, v = (layer(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for layer in (self.q, self.k, self.v))  # (B, H, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -63,8 +65,17 @@ class CausalSelfAttention(nn.Module):
             causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * D)
         return self.resid_dropout(self.proj(y)), (k, v)
+
+
+def split_fused_qkv(state_dict: dict, prefix: str, *args) -> None:
+    """Loads checkpoints of the earlier fused `qkv` projection into `q`, `k` and `v`."""
+    for kind in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}qkv.{kind}", None)
+        if fused is not None:
+            for name, part in zip("qkv", fused.chunk(3, dim=0)):
+                state_dict[f"{prefix}{name}.{kind}"] = part
 
 
 class MLP(nn.Module):
@@ -102,9 +113,12 @@ class GPT(nn.Module):
 
     config_class = GPTConfig  # the keyword arguments it takes
     block_class = Block
-    # Tensor-parallel plan, by module path pattern: column-wise then row-wise per sublayer.
+    # Tensor-parallel plan, by module path pattern (Megatron style): the layers that widen
+    # are split by output columns (attention by heads), the layers that narrow by input
+    # rows, so each sublayer needs one all-reduce.
     tensor_parallel_plan = {
-        "blocks.*.attn.qkv": "colwise", "blocks.*.attn.proj": "rowwise",
+        "blocks.*.attn.q": "colwise", "blocks.*.attn.k": "colwise",
+        "blocks.*.attn.v": "colwise", "blocks.*.attn.proj": "rowwise",
         "blocks.*.mlp.fc": "colwise", "blocks.*.mlp.proj": "rowwise",
     }
 
