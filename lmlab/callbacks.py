@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+
+log = logging.getLogger(__name__)
 
 
 class ResumeHint(Callback):
@@ -22,3 +25,15 @@ class ResumeHint(Callback):
         if isinstance(exception, KeyboardInterrupt):
             rank_zero_warn(f"interrupted at step {trainer.global_step}; the state is saved to "
                            f"{self.checkpoint}: resume with ckpt_path={self.checkpoint}")
+
+
+class TensorMemory(Callback):
+    """Logs, per rank, the bytes of all live tensors after the first optimizer step
+    (parameters, gradients and optimizer state, as the strategy shards them, plus the batch).
+    Add it with `+callbacks.memory._target_=lmlab.callbacks.TensorMemory`."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            from lmlab.memory import live_tensor_bytes
+            log.info("live tensor memory on rank %d: %.3f MiB after one step",
+                     trainer.global_rank, live_tensor_bytes() / 2**20)

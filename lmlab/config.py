@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += _data_problems(cfg.data)
     problems += _kind_problems(cfg)
     problems += _mesh_problems(cfg)
+    problems += _strategy_problems(cfg.trainer)
     if cfg.monitor_mode not in (None, "max", "min"):
         problems.append(f"monitor_mode must be max or min, not {cfg.monitor_mode!r}")
     if problems:
@@ -189,7 +191,8 @@ def _mesh_problems(cfg: DictConfig) -> list[str]:
     problems = []
     if int(devices) % tp:
         problems.append(f"trainer.devices={devices} is not a multiple of "
-                        f"strategy.tensor_parallel_size={tp}; use {tp}, {2 * tp}, ... devices")
+                        f"trainer.strategy.tensor_parallel_size={tp}; "
+                        f"use {tp}, {2 * tp}, ... devices")
     net = cfg.model.get("net") or {}
     if not getattr(_importable(net.get("_target_")), "tensor_parallel_plan", None):
         problems.append(f"strategy=tp needs a model that declares a tensor_parallel_plan, and "
@@ -197,7 +200,23 @@ def _mesh_problems(cfg: DictConfig) -> list[str]:
     heads = net.get("n_head")
     if isinstance(heads, int) and heads % tp:
         problems.append(f"model.net.n_head={heads} does not split among "
-                        f"strategy.tensor_parallel_size={tp} ranks; use a divisor of {heads}")
+                        f"trainer.strategy.tensor_parallel_size={tp} ranks; "
+                        f"use a divisor of {heads}")
+    return problems
+
+
+def _strategy_problems(trainer: DictConfig) -> list[str]:
+    """What the chosen strategy needs installed, or cannot do on this accelerator."""
+    strategy = trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else ""
+    problems = []
+    if target.endswith(".deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append("DeepSpeed is not installed; install it with "
+                        "pip install -e \".[deepspeed]\" (or pick strategy=fsdp or fsdp2)")
+    if target.endswith(".fsdp") and strategy.get("cpu_offload") and \
+            _accelerator(trainer) == "cpu":
+        problems.append("trainer.strategy.cpu_offload=true needs a GPU (FSDP pins the offloaded "
+                        "memory); drop it on CPU, where everything already is in CPU memory")
     return problems
 
 

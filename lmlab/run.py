@@ -29,6 +29,7 @@ from rich.table import Table
 from lmlab.checkpoints import export_weights, final_checkpoint, load_weights
 from lmlab.config import check_config, register_schema, to_yaml, world_size
 from lmlab.errors import LmlabError
+from lmlab.memory import estimate, local_batch
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -98,12 +99,32 @@ def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModul
 
 
 def dry_run(cfg: DictConfig) -> dict:
-    """Prints the checked, resolved config and the process layout; trains nothing."""
+    """Prints the checked, resolved config, the strategy and precision objects, the process
+    layout and the per-device memory estimate; trains nothing."""
+    console = Console()
+    console.print(to_yaml(cfg), markup=False, highlight=False)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     world = world_size(cfg.trainer)
-    Console().print(to_yaml(cfg), markup=False, highlight=False)
-    Console().print(f"config OK: {world} process(es), per-device batch "
-                    f"{cfg.data.batch_size // world}")
-    return {}
+    tp = int(getattr(trainer.strategy, "_tensor_parallel_size", 1) or 1)
+    dp = world // tp
+    console.print(f"strategy:  {type(trainer.strategy).__name__} on "
+                  f"{type(trainer.accelerator).__name__}\n"
+                  f"precision: {type(trainer.precision_plugin).__name__} "
+                  f"({cfg.trainer.get('precision', '32-true')})\n"
+                  f"processes: {world} ({dp} data-parallel x {tp} tensor-parallel), "
+                  f"per-device batch {cfg.data.batch_size // dp}", highlight=False)
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    task = build_task(cfg, data)
+    batch = local_batch(next(iter(data.train_dataloader())), cfg.data.batch_size // dp)
+    memory = estimate(cfg, task, batch, dp, tp)
+    table = Table(title="memory per device, estimated", min_width=34)
+    table.add_column("part")
+    table.add_column("MiB", justify="right")
+    for part, size in memory.items():
+        table.add_row(part, f"{size / 2**20:.2f}")
+    console.print(table)
+    return {f"memory/{k}": v for k, v in memory.items()}
 
 
 def _callbacks(cfg: DictConfig) -> list:

@@ -1,5 +1,6 @@
 """Every option of every config group composes, passes the checks and instantiates."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", PARAMS)
 def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = make_cfg(f"{group}={option}")
+    extra = ["model=gpt_tiny", "data=stdlib_source", "trainer.devices=2"] if option == "tp" else []
+    cfg = make_cfg(f"{group}={option}", *extra)
     if _kind_problems(cfg):  # a language-model option, composed with its LM counterpart
         cfg = make_cfg(f"{group}={option}", "data=stdlib_source" if group == "model" else
                        "model=gpt_tiny")
@@ -111,6 +113,35 @@ def test_language_model_on_classification_data_is_refused(make_cfg):
 def test_fsdp2_needs_a_number_of_devices(make_cfg):
     with pytest.raises(ConfigError, match="trainer.devices=N"):
         check_config(make_cfg("strategy=fsdp2", "trainer.devices=auto"))
+
+
+def test_tensor_parallel_problems_are_reported_with_their_fixes(make_cfg):
+    with pytest.raises(ConfigError) as err:
+        check_config(make_cfg("strategy=tp", "trainer.devices=3"))  # the LSTM: no plan
+    problems = err.value.problems
+    assert any("not a multiple of trainer.strategy.tensor_parallel_size=2" in p for p in problems)
+    assert any("tensor_parallel_plan" in p and "strategy=fsdp2" in p for p in problems)
+    with pytest.raises(ConfigError, match="n_head=3 does not split"):
+        check_config(make_cfg("strategy=tp", "trainer.devices=2", "model=gpt_tiny",
+                              "data=stdlib_source", "model.net.n_head=3", "model.net.n_embd=96"))
+
+
+def test_tensor_parallel_mesh_is_devices_over_tp(make_cfg):
+    cfg = make_cfg("strategy=tp", "trainer.devices=4", "model=gpt_tiny", "data=stdlib_source")
+    check_config(cfg)
+    strategy = instantiate(cfg.trainer.strategy)
+    assert (strategy._tensor_parallel_size, strategy._data_parallel_size) == (2, 2)
+
+
+def test_missing_deepspeed_and_offload_on_cpu_are_refused(make_cfg, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"DeepSpeed is not installed.*\[deepspeed\]"):
+        check_config(make_cfg("strategy=deepspeed_zero2", "trainer.accelerator=cpu"))
+    with pytest.raises(ConfigError, match="cpu_offload=true needs a GPU"):
+        check_config(make_cfg("strategy=fsdp", "trainer.strategy.cpu_offload=true",
+                              "trainer.accelerator=cpu"))
 
 
 def test_half_precision_on_cpu_is_refused_with_the_fix(make_cfg):

@@ -99,7 +99,8 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     decay, no_decay = parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert decayed and all(n.endswith(("q.weight", "k.weight", "v.weight", "proj.weight", "fc.weight")) for n in decayed)
+    matrices = ("q.weight", "k.weight", "v.weight", "proj.weight", "fc.weight")
+    assert decayed and all(n.endswith(matrices) for n in decayed)
     assert {"wte.weight", "wpe.weight", "ln_f.weight"} <= {names[id(p)] for p in no_decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -125,3 +126,18 @@ def test_context_longer_than_the_block_is_refused():
 def test_gpt2_small_has_124m_parameters():
     model = GPT(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
     assert round(model.num_parameters() / 1e6) == 124
+
+
+def test_checkpoints_of_the_fused_qkv_projection_still_load():
+    model = tiny()
+    state = model.state_dict()
+    for layer in range(len(model.blocks)):
+        prefix = f"blocks.{layer}.attn."
+        for kind in ("weight", "bias"):
+            state[f"{prefix}qkv.{kind}"] = torch.cat([state.pop(f"{prefix}{n}.{kind}")
+                                                     for n in "qkv"])
+    fresh = tiny(positions="learned").eval()
+    torch.nn.init.zeros_(fresh.blocks[0].attn.q.weight)  # differs until loaded
+    fresh.load_state_dict(state)
+    tokens = torch.randint(0, VOCAB, (2, 8))
+    torch.testing.assert_close(fresh(tokens), model(tokens))

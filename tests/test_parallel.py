@@ -16,10 +16,14 @@ from conftest import DATA_DIR, ROOT, run_cli
 
 COMMON = ["trainer.max_steps=15", "trainer.max_epochs=-1", "callbacks=none",
           "model.net.dropout=0.0", "trainer.limit_val_batches=0", "data.batch_size=64"]
+LM = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=500",
+      "trainer.max_steps=15", "trainer.max_epochs=-1", "data.train_batches=15",
+      "data.val_batches=4", "model.sample_tokens=0"]
 
 
 def run_isolated(run_dir, *overrides, timeout=300):
-    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
     args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={run_dir}", *overrides]
     process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -42,31 +46,45 @@ def final_test_metrics(run_dir) -> dict[str, float]:
     return {k: float(v) for k, v in rows[-1].items() if k.startswith("test/")}
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Single-process runs to compare against, made once: {"lstm": dir, "gpt": dir}."""
+    root = tmp_path_factory.mktemp("one")
+    run_isolated(root / "lstm", "strategy=cpu", *COMMON)
+    run_isolated(root / "gpt", "strategy=cpu", *LM, f"paths.cache_dir={root / 'cache'}")
+    return {"lstm": root / "lstm", "gpt": root / "gpt"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp2"])
-def test_two_processes_train_the_same_model_as_one(tmp_path, strategy):
-    run_isolated(tmp_path / "one", "strategy=cpu", *COMMON)
-    output = run_isolated(tmp_path / "two", f"strategy={strategy}", "trainer.devices=2",
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp", "fsdp2", "deepspeed_zero2",
+                                      "deepspeed_zero3"])
+def test_two_processes_train_the_same_model_as_one(tmp_path, one_process, strategy):
+    output = run_isolated(tmp_path, f"strategy={strategy}", "trainer.devices=2",
                           "trainer.accelerator=cpu", *COMMON)
-    assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
-    one, two = final_test_metrics(tmp_path / "one"), final_test_metrics(tmp_path / "two")
+    assert "MEMBER: 2/2" in output  # both processes joined
+    one, two = final_test_metrics(one_process["lstm"]), final_test_metrics(tmp_path)
     assert one["test/loss"] == pytest.approx(two["test/loss"], rel=1e-3)
     assert one["test/acc"] == pytest.approx(two["test/acc"], abs=1 / 189)  # one example at most
 
 
 @pytest.mark.slow
-def test_fsdp2_language_model_matches_one_process_and_its_checkpoint_loads_on_one(tmp_path):
-    lm = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=500",
-          "trainer.max_steps=15", "trainer.max_epochs=-1", "data.train_batches=15",
-          "data.val_batches=4", "model.sample_tokens=0", f"paths.cache_dir={tmp_path / 'c'}"]
-    run_isolated(tmp_path / "one", "strategy=cpu", *lm)
-    run_isolated(tmp_path / "two", "strategy=fsdp2", "trainer.devices=2",
-                 "trainer.accelerator=cpu", *lm)
-    one, two = final_test_metrics(tmp_path / "one"), final_test_metrics(tmp_path / "two")
-    assert one["test/loss"] == pytest.approx(two["test/loss"], rel=1e-4)
-    evaluated = run_cli(str(tmp_path / "two"), module="lmlab.evaluate", cwd=ROOT)
+@pytest.mark.parametrize("strategy,devices,sharded", [
+    ("fsdp2", 2, "tensor parallel over 1 ranks, FSDP2 over 2"),
+    ("tp", 2, "tensor parallel over 2 ranks, FSDP2 over 1"),
+    ("tp", 4, "tensor parallel over 2 ranks, FSDP2 over 2"),
+    ("fsdp", 2, None),
+    ("deepspeed_zero3", 2, None),
+], ids=["fsdp2", "tp", "tp2xdp2", "fsdp", "deepspeed_zero3"])
+def test_sharded_language_model_matches_one_process_and_loads_on_one(
+        tmp_path, one_process, strategy, devices, sharded):
+    output = run_isolated(tmp_path, f"strategy={strategy}", f"trainer.devices={devices}",
+                          "trainer.accelerator=cpu", *LM, f"paths.cache_dir={tmp_path / 'c'}")
+    assert sharded is None or sharded in output
+    one, many = final_test_metrics(one_process["gpt"]), final_test_metrics(tmp_path)
+    assert one["test/loss"] == pytest.approx(many["test/loss"], rel=1e-4)
+    evaluated = run_cli(str(tmp_path), "ckpt=weights", module="lmlab.evaluate", cwd=ROOT)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert f"{two['test/loss']:.4f}" in evaluated.stdout  # the gathered checkpoint, one process
+    assert f"{many['test/loss']:.4f}" in evaluated.stdout  # the portable weights, one process
 
 
 @pytest.mark.slow

@@ -1,0 +1,152 @@
+"""Throughput and memory of each strategy: 2 processes x 1 thread against 1 process x 1 thread.
+
+Every run is `python -m lmlab.run` with the same global batch, dropout off, no validation
+and no checkpoints, in its own process group. `StepTimer` below times the training steps
+after a warm-up on rank 0, and records each rank's peak resident memory (RSS) and the bytes
+of its live tensors after the first optimizer step (parameters, gradients and optimizer
+state as the strategy shards them). The single-process baseline runs before and after the
+strategies of each model; its median is the reference.
+
+    python -m benchmarks.parallel_throughput [--steps 60] [--models lstm gpt]
+
+Scaling efficiency = global throughput with 2 processes / (2 x single-process throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+from lmlab.check_parallel import run_subprocess
+from lmlab.memory import live_tensor_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {
+    "lstm": ["model=lstm", "data.batch_size=64", "model.net.dropout=0.0"],
+    "gpt": ["model=gpt_tiny", "data=stdlib_source", "data.batch_size=32",
+            "model.sample_tokens=0", "model.net.dropout=0.0"],
+}
+STRATEGIES = {"lstm": ["ddp", "fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"],
+              "gpt": ["ddp", "fsdp", "fsdp2", "tp", "deepspeed_zero2", "deepspeed_zero3"]}
+WARMUP = 10
+
+
+class StepTimer(Callback):
+    """Writes `bench-rank{r}.json`: step times after the warm-up, peak RSS, live tensors."""
+
+    def __init__(self, path: str):
+        self.path, self.times, self.tensors = Path(path), [], 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter())
+        if batch_idx == 0:
+            self.tensors = live_tensor_bytes()
+
+    def on_train_end(self, trainer, module):
+        steps = [b - a for a, b in zip(self.times[WARMUP:], self.times[WARMUP + 1:])]
+        report = {"step_s": statistics.median(steps), "tensors": self.tensors,
+                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        (self.path / f"bench-rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def run(model: str, strategy: str, steps: int, folder: Path) -> dict:
+    devices = [] if strategy == "cpu" else ["trainer.devices=2", "trainer.accelerator=cpu"]
+    command = [sys.executable, "-m", "lmlab.run", *MODELS[model], f"strategy={strategy}",
+               *devices, f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
+               "callbacks=none", "logger=none", "trainer.limit_val_batches=0",
+               "trainer.enable_progress_bar=false",
+               "+callbacks.timer._target_=benchmarks.parallel_throughput.StepTimer",
+               f"+callbacks.timer.path={folder}", f"hydra.run.dir={folder}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    status, output = run_subprocess(command, 900, cwd=ROOT, env=env)
+    if status != 0:
+        raise RuntimeError(f"{model} {strategy} failed:\n{output[-3000:]}")
+    ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("bench-rank*.json"))]
+    return {"step_s": ranks[0]["step_s"], "rss": max(r["rss"] for r in ranks),
+            "tensors": max(r["tensors"] for r in ranks)}
+
+
+MEMORY_GPT = ["model=gpt_tiny", "data=stdlib_source", "data.batch_size=8",
+              "model.net.n_embd=384", "model.net.n_layer=6", "model.net.n_head=6",
+              "model.sample_tokens=0", "model.net.dropout=0.0"]
+
+
+def estimated_state(strategy: str) -> float:
+    """Parameters + gradients + optimizer state per device (MiB) from the dry run's table."""
+    command = [sys.executable, "-m", "lmlab.run", *MEMORY_GPT, f"strategy={strategy}",
+               "trainer.devices=2", "trainer.accelerator=cpu", "dry_run=true"]
+    status, output = run_subprocess(command, 300, cwd=ROOT)
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in output.splitlines() if line.count("│") == 3}
+    return sum(float(rows[part]) for part in ("parameters", "gradients", "optimizer"))
+
+
+def memory_rows(root: Path) -> list[str]:
+    """Estimate against measurement for a 10.7M-parameter GPT, 2 processes."""
+    MODELS["gpt-medium"] = MEMORY_GPT
+    rows = []
+    for strategy in ("ddp", "fsdp2", "deepspeed_zero3"):
+        measured = run("gpt-medium", strategy, WARMUP + 3, root / f"memory-{strategy}")
+        rows.append((strategy, estimated_state(strategy), measured["tensors"] / 2**20))
+    ddp_estimate, ddp_measured = rows[0][1:]
+    return [f"| {s} | {e:.1f} | {e / ddp_estimate:.2f} | {m:.1f} | {m / ddp_measured:.2f} |"
+            for s, e, m in rows]
+
+
+def batch_size(model: str) -> int:
+    return int(next(o for o in MODELS[model] if o.startswith("data.batch_size")).split("=")[1])
+
+
+def measure(model: str, steps: int, root: Path) -> list[dict]:
+    """Rows for one model: the baseline, then each strategy, with ratios to the baseline."""
+    baselines = [run(model, "cpu", steps, root / f"{model}-cpu-{i}") for i in range(2)]
+    results = {s: run(model, s, steps, root / f"{model}-{s}") for s in STRATEGIES[model]}
+    baselines.append(run(model, "cpu", steps, root / f"{model}-cpu-2"))
+    one = {key: statistics.median(b[key] for b in baselines) for key in baselines[0]}
+    rows = [{"model": model, "strategy": "cpu (1 x 1)", **one, "efficiency": 1.0}]
+    for strategy, result in results.items():
+        rows.append({"model": model, "strategy": f"{strategy} (2 x 1)", **result,
+                     "efficiency": one["step_s"] / result["step_s"] / 2})
+    for row in rows:
+        row["throughput"] = batch_size(model) / row["step_s"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--memory", action="store_true",
+                        help="only the memory table: estimate against measurement")
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{platform.system()} {platform.release()}; 1 thread per process")
+    if args.memory:
+        print("| strategy | estimated state (MiB) | x ddp | measured live tensors (MiB) | x ddp |")
+        print("|---|---|---|---|---|")
+        with tempfile.TemporaryDirectory() as root:
+            print("\n".join(memory_rows(Path(root))))
+        return
+    print("| model | strategy | examples/s (global) | scaling efficiency | peak RSS per rank "
+          "(MiB) | live tensors per rank after one step (MiB) |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as root:
+        for model in args.models:
+            for row in measure(model, args.steps, Path(root)):
+                print(f"| {row['model']} | {row['strategy']} | {row['throughput']:.0f} | "
+                      f"{row['efficiency']:.0%} | {row['rss'] / 2**20:.0f} | "
+                      f"{row['tensors'] / 2**20:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

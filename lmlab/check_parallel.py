@@ -1,0 +1,137 @@
+"""Strategy equivalence: the same seeded steps give the same losses under every strategy.
+
+    python -m lmlab.check_parallel strategies=[cpu,ddp,fsdp,fsdp2,deepspeed_zero2]
+    python -m lmlab.check_parallel model=gpt_tiny data=stdlib_source \\
+        strategies=[cpu,ddp,fsdp2,tp,deepspeed_zero3] steps=20 tolerance=1e-4
+
+Each strategy trains `steps` steps as `python -m lmlab.run` in a process group of its own
+(with `devices` processes, except `cpu` and `gpu`), from the same seed, with dropout off,
+on the same global batches in the same order: lmlab's DataModules split each global batch
+among the ranks. The global training loss of every step is printed side by side, and the
+check fails (exit 1) if any strategy's differs from the first one's by more than
+`tolerance`, relative. Any other `key=value` is passed to every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lmlab.errors import LmlabError
+from lmlab.run import fail
+
+SINGLE = ("cpu", "gpu", "auto")
+RUN = ["trainer.max_epochs=-1", "callbacks=none", "logger=csv", "trainer.log_every_n_steps=1",
+       "trainer.limit_val_batches=0", "++model.net.dropout=0.0", "trainer.num_sanity_val_steps=0"]
+
+
+def run_subprocess(command: list[str], timeout: float, **kwargs) -> tuple[int, str]:
+    """Runs `command` in a session of its own; on timeout kills its whole process group.
+    Returns the exit status (None on timeout) and the combined output."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True, **kwargs)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return None, output
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, output
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """The logged global training loss of each step of a run."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def run_strategy(strategy: str, devices: int, steps: int, overrides: list[str],
+                 run_dir: Path, timeout: float) -> list[float]:
+    layout = [] if strategy in SINGLE else [f"trainer.devices={devices}"]
+    command = [sys.executable, "-m", "lmlab.run", f"strategy={strategy}", *layout,
+               f"trainer.max_steps={steps}", *RUN, *overrides, f"hydra.run.dir={run_dir}"]
+    status, output = run_subprocess(command, timeout)
+    if status != 0:
+        raise LmlabError(f"strategy={strategy} failed ({'timed out' if status is None else status})"
+                         f":\n{output[-2000:]}")
+    return train_losses(run_dir)
+
+
+def compare(curves: dict[str, list[float]], tolerance: float) -> list[str]:
+    """Where a strategy's loss curve leaves the first one's by more than `tolerance`."""
+    reference_name, reference = next(iter(curves.items()))
+    problems = []
+    for name, curve in curves.items():
+        if len(curve) != len(reference):
+            problems.append(f"{name}: {len(curve)} steps logged, {reference_name} "
+                            f"{len(reference)}")
+        problems += [f"{name}: step {step} loss {loss:.6f}, {reference_name} {expected:.6f}"
+                     for step, (loss, expected) in enumerate(zip(curve, reference))
+                     if abs(loss - expected) > tolerance * abs(expected)]
+    return problems
+
+
+def show(curves: dict[str, list[float]]) -> None:
+    table = Table(title="training loss per step")
+    table.add_column("step", justify="right")
+    for name in curves:
+        table.add_column(name, justify="right")
+    for step, losses in enumerate(zip(*curves.values())):
+        table.add_row(str(step), *(f"{loss:.6f}" for loss in losses))
+    Console().print(table)
+
+
+def check(strategies: list[str], steps: int = 10, devices: int = 2, tolerance: float = 1e-3,
+          overrides: list[str] = (), timeout: float = 600) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory(prefix="lmlab-check-") as root:
+        curves = {s: run_strategy(s, devices, steps, list(overrides), Path(root) / s, timeout)
+                  for s in strategies}
+    show(curves)
+    problems = compare(curves, tolerance)
+    if problems:
+        raise LmlabError(f"losses differ beyond relative tolerance {tolerance}:\n  "
+                         + "\n  ".join(problems))
+    Console().print(f"all {len(strategies)} strategies agree within {tolerance} over {steps} "
+                    "steps", highlight=False)
+    return curves
+
+
+def parse(argv: list[str]) -> dict:
+    options = {"strategies": "[cpu,ddp]", "steps": "10", "devices": "2", "tolerance": "1e-3",
+               "timeout": "600"}
+    overrides = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in options:
+            options[key] = value
+        else:
+            overrides.append(arg)
+    return {"strategies": options["strategies"].strip("[]").split(","),
+            "steps": int(options["steps"]), "devices": int(options["devices"]),
+            "tolerance": float(options["tolerance"]), "timeout": float(options["timeout"]),
+            "overrides": overrides}
+
+
+def main(argv: list[str]) -> None:
+    try:
+        check(**parse(argv))
+    except LmlabError as err:
+        fail(str(err))
+    except ValueError as err:
+        fail(f"{err}\nusage: python -m lmlab.check_parallel strategies=[cpu,ddp,...] "
+             "[steps=N] [devices=N] [tolerance=X] [key=value ...]")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

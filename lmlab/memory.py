@@ -1,0 +1,114 @@
+"""Per-device memory of a run under its strategy: estimated before launch, measured during.
+
+The estimate (`dry_run=true`) counts the model's parameters, gradients and optimizer
+state at the precision's width, divides what the strategy shards among the data-parallel
+ranks (and the layers of the tensor-parallel plan among the tensor-parallel ones), moves
+what it offloads to CPU memory, and measures activations as the bytes autograd saves for
+backward in one forward pass of a per-device batch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gc
+import warnings
+from collections.abc import Iterable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+PARTS = ("parameters", "gradients", "optimizer")
+
+
+def sharding(trainer: DictConfig) -> tuple[set[str], set[str]]:
+    """(parts sharded among data-parallel ranks, parts offloaded to CPU memory)."""
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, DictConfig):
+        return set(), set()
+    target = str(strategy.get("_target_", ""))
+    if target.endswith("ModelParallelStrategy"):
+        return set(PARTS), set()
+    if target.endswith(".fsdp"):
+        mode = strategy.get("sharding_strategy", "FULL_SHARD")
+        sharded = {"NO_SHARD": set(), "SHARD_GRAD_OP": {"gradients", "optimizer"}}
+        return sharded.get(mode, set(PARTS)), set()
+    if target.endswith(".deepspeed"):
+        sharded = set(PARTS[3 - int(strategy.get("stage", 2)):])
+        offloaded = {part for part, key in [("optimizer", "offload_optimizer"),
+                                            ("parameters", "offload_parameters")]
+                     if strategy.get(key)}
+        return sharded, offloaded
+    return set(), set()
+
+
+def optimizer_states(optimizer: DictConfig) -> int:
+    """Tensors of optimizer state kept per parameter tensor."""
+    name = str(optimizer.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    if "adam" in name:
+        return 2  # first and second moments
+    if name == "sgd":
+        return 1 if optimizer.get("momentum") else 0
+    return 2
+
+
+def parameter_counts(net: nn.Module, tp: int) -> tuple[int, int]:
+    """(all parameters, parameters in layers the tensor-parallel plan splits when tp > 1)."""
+    plan = (getattr(net, "tensor_parallel_plan", None) or {}) if tp > 1 else {}
+    split = sum(p.numel() for name, module in net.named_modules()
+                if any(fnmatch.fnmatch(name, pattern) for pattern in plan)
+                for p in module.parameters(recurse=False))
+    return sum(p.numel() for p in net.parameters()), split
+
+
+def estimate(cfg: DictConfig, task, batch: dict, dp: int, tp: int) -> dict[str, float]:
+    """Bytes per device of each part, plus `activations`, `total` and `cpu_offloaded`."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    width = 2 if precision in ("bf16-true", "16-true") else 4
+    total, split = parameter_counts(task.net, tp)
+    per_rank = (total - split) + split / tp
+    sharded, offloaded = sharding(cfg.trainer)
+    copies = {"parameters": 1, "gradients": 1,
+              "optimizer": optimizer_states(cfg.model.optimizer)}
+    result = dict.fromkeys((*PARTS, "cpu_offloaded"), 0.0)
+    for part in PARTS:
+        size = per_rank * copies[part] * width / (dp if part in sharded else 1)
+        result["cpu_offloaded" if part in offloaded else part] += size
+    result["activations"] = activation_bytes(task, batch) * width / 4
+    result["total"] = sum(result[k] for k in (*PARTS, "activations"))
+    return result
+
+
+def activation_bytes(task, batch: dict) -> int:
+    """Bytes autograd saves for backward in one training forward of `batch` (fp32)."""
+    parameters = {p.untyped_storage().data_ptr() for p in task.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    task.train()
+    with warnings.catch_warnings(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        warnings.simplefilter("ignore")  # self.log outside a trainer
+        task.step(batch, "train")
+    return sum(saved.values())
+
+
+def local_batch(batch: dict, size: int) -> dict:
+    """The first `size` examples of a collated batch."""
+    return {k: v[:size] if isinstance(v, torch.Tensor) and v.dim() else v
+            for k, v in batch.items()}
+
+
+def live_tensor_bytes(extra: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of every distinct tensor storage reachable from Python in this process."""
+    storages = {}
+    for obj in [*gc.get_objects(), *extra]:
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            tensor = obj.to_local() if hasattr(obj, "to_local") else obj
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
