@@ -7,9 +7,10 @@
 Each strategy trains `steps` steps as `python -m lmlab.run` in a process group of its own
 (with `devices` processes, except `cpu` and `gpu`), from the same seed, with dropout off,
 on the same global batches in the same order: lmlab's DataModules split each global batch
-among the ranks. The global training loss of every step is printed side by side, and the
-check fails (exit 1) if any strategy's differs from the first one's by more than
-`tolerance`, relative. Any other `key=value` is passed to every run.
+among the ranks. After every step the validation loss (`val_batches` batches, averaged
+over every rank's examples) is printed side by side, and the check fails (exit 1) if any
+strategy's differs from the first one's by more than `tolerance`, relative. Any other
+`key=value` is passed to every run.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from lmlab.errors import LmlabError
 from lmlab.run import fail
 
 SINGLE = ("cpu", "gpu", "auto")
-RUN = ["trainer.max_epochs=-1", "callbacks=none", "logger=csv", "trainer.log_every_n_steps=1",
-       "trainer.limit_val_batches=0", "++model.net.dropout=0.0", "trainer.num_sanity_val_steps=0"]
+RUN = ["trainer.max_epochs=-1", "callbacks=none", "logger=csv", "trainer.val_check_interval=1",
+       "++trainer.check_val_every_n_epoch=null", "++model.net.dropout=0.0",
+       "++trainer.num_sanity_val_steps=0"]
 
 
 def run_subprocess(command: list[str], timeout: float, **kwargs) -> tuple[int, str]:
@@ -50,10 +52,10 @@ def run_subprocess(command: list[str], timeout: float, **kwargs) -> tuple[int, s
     return process.returncode, output
 
 
-def train_losses(run_dir: Path) -> list[float]:
-    """The logged global training loss of each step of a run."""
+def val_losses(run_dir: Path) -> list[float]:
+    """The validation loss after each step of a run (a mean over every rank's examples)."""
     with open(run_dir / "csv" / "metrics.csv") as f:
-        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+        return [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
 
 
 def run_strategy(strategy: str, devices: int, steps: int, overrides: list[str],
@@ -65,7 +67,7 @@ def run_strategy(strategy: str, devices: int, steps: int, overrides: list[str],
     if status != 0:
         raise LmlabError(f"strategy={strategy} failed ({'timed out' if status is None else status})"
                          f":\n{output[-2000:]}")
-    return train_losses(run_dir)
+    return val_losses(run_dir)
 
 
 def compare(curves: dict[str, list[float]], tolerance: float) -> list[str]:
@@ -83,7 +85,7 @@ def compare(curves: dict[str, list[float]], tolerance: float) -> list[str]:
 
 
 def show(curves: dict[str, list[float]]) -> None:
-    table = Table(title="training loss per step")
+    table = Table(title="validation loss after each training step")
     table.add_column("step", justify="right")
     for name in curves:
         table.add_column(name, justify="right")
@@ -109,7 +111,7 @@ def check(strategies: list[str], steps: int = 10, devices: int = 2, tolerance: f
 
 def parse(argv: list[str]) -> dict:
     options = {"strategies": "[cpu,ddp]", "steps": "10", "devices": "2", "tolerance": "1e-3",
-               "timeout": "600"}
+               "timeout": "600", "val_batches": "4"}
     overrides = []
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -120,7 +122,8 @@ def parse(argv: list[str]) -> dict:
     return {"strategies": options["strategies"].strip("[]").split(","),
             "steps": int(options["steps"]), "devices": int(options["devices"]),
             "tolerance": float(options["tolerance"]), "timeout": float(options["timeout"]),
-            "overrides": overrides}
+            "overrides": [f"trainer.limit_val_batches={int(options['val_batches'])}",
+                          *overrides]}
 
 
 def main(argv: list[str]) -> None:

@@ -6,16 +6,16 @@ since DDP inside the pytest process would re-run the test session.
 
 import csv
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 
 from conftest import DATA_DIR, ROOT, run_cli
+from lmlab.check_parallel import check, compare, run_subprocess
 
 COMMON = ["trainer.max_steps=15", "trainer.max_epochs=-1", "callbacks=none",
           "model.net.dropout=0.0", "trainer.limit_val_batches=0", "data.batch_size=64"]
+CHECK_DATA = ["data.batch_size=64", "trainer.limit_val_batches=2"]
 LM = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=500",
       "trainer.max_steps=15", "trainer.max_epochs=-1", "data.train_batches=15",
       "data.val_batches=4", "model.sample_tokens=0"]
@@ -25,18 +25,9 @@ def run_isolated(run_dir, *overrides, timeout=300):
     env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
     args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={run_dir}", *overrides]
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"run timed out after {timeout} s:\n{output[-3000:]}")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, output[-3000:]
+    status, output = run_subprocess(args, timeout, cwd=ROOT, env=env)
+    assert status is not None, f"run timed out after {timeout} s:\n{output[-3000:]}"
+    assert status == 0, output[-3000:]
     return output
 
 
@@ -124,3 +115,12 @@ def test_sweep_with_ddp_runs_each_job_once_with_one_config_on_every_rank(tmp_pat
     assert fingerprints[0][0] != fingerprints[1][0]  # the two jobs differ
     for job in jobs:
         assert (job / "metrics.json").is_file() and (job / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_check_parallel_prints_agreeing_curves_and_fails_on_a_difference(capsys):
+    curves = check(["cpu", "ddp", "fsdp2"], steps=3, overrides=[*CHECK_DATA])
+    assert len(curves["cpu"]) == 3 and curves["cpu"][0] > curves["cpu"][-1]  # it learns
+    assert "agree within" in capsys.readouterr().out
+    shifted = {**curves, "off": [loss * 1.01 for loss in curves["cpu"]]}
+    assert [p.split(":")[0] for p in compare(shifted, 1e-3)] == ["off"] * 3

@@ -32,10 +32,9 @@ class Task(L.LightningModule):
         self.eval_losses = nn.ModuleDict({"val_loss": MeanMetric(), "test_loss": MeanMetric()})
 
     def log_loss(self, split: str, loss: torch.Tensor, weight: int) -> None:
-        """Logs the training loss per step, averaged over the ranks (so curves compare across
-        strategies); accumulates evaluation losses for `epoch_loss`."""
+        """Logs the training loss per step; accumulates evaluation losses for `epoch_loss`."""
         if split == "train":  # batch_size given: Lightning would walk the batch to infer it
-            self.log("train/loss", loss, prog_bar=True, batch_size=weight, sync_dist=True)
+            self.log("train/loss", loss, prog_bar=True, batch_size=weight)
         else:
             self.eval_losses[f"{split}_loss"].update(loss, weight)
 
