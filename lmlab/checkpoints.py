@@ -5,15 +5,22 @@ shards, FSDP can write sharded folders. Every run therefore also writes `weights
 its folder: the consolidated float32 `state_dict` of its best checkpoint (else its last,
 else its final weights), with the run's resolved config and tokenizer, so that a single
 file is enough to evaluate, sample, fine-tune or resume under another strategy.
+`plan_resume` decides whether a checkpoint resumes exactly or by its weights alone.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from lmlab.config import world_size
+from lmlab.errors import LmlabError
+
+log = logging.getLogger(__name__)
 WEIGHTS = "weights.ckpt"
 
 
@@ -53,3 +60,39 @@ def load_weights(task: L.LightningModule, path: Path) -> L.LightningModule:
     """`task` with the weights of `path` (any checkpoint `read_state_dict` reads)."""
     task.load_state_dict(read_state_dict(path))
     return task
+
+
+def strategy_family(trainer: DictConfig) -> str:
+    """What a checkpoint's training state looks like under `trainer`'s strategy: full
+    replicated optimizer state (single device, DDP), FSDP's, FSDP2's, or DeepSpeed's."""
+    strategy = trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
+    if target.endswith(".deepspeed"):
+        return f"deepspeed stage {strategy.get('stage')} on {world_size(trainer)} processes"
+    return {"fsdp": "fsdp", "ModelParallelStrategy": "fsdp2"}.get(target.rsplit(".", 1)[-1],
+                                                                    "replicated")
+
+
+def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None, Path | None]:
+    """(checkpoint for Lightning to resume exactly, or weights to start from instead).
+
+    A checkpoint resumes exactly under a strategy that keeps training state the same way;
+    otherwise, and for a `weights.ckpt`, only its weights carry over, with a warning."""
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc"):  # Lightning's own names
+        return ckpt_path, None
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise LmlabError(f"ckpt_path={ckpt_path} does not exist; pass a checkpoint file or "
+                         "DeepSpeed checkpoint folder of an earlier run")
+    saved = next((p / ".hydra" / "config.yaml" for p in path.parents
+                  if (p / ".hydra" / "config.yaml").is_file()), None)
+    if path.name != WEIGHTS and saved is not None:
+        before = strategy_family(OmegaConf.load(saved).trainer)
+        if before == strategy_family(trainer):
+            return ckpt_path, None
+        reason = f"it was written under {before} and this run is {strategy_family(trainer)}"
+    else:
+        reason = "it holds weights only" if path.name == WEIGHTS else "its run is unknown"
+    log.warning("resuming from %s: %s, so only its weights carry over; the optimizer state, "
+                "learning-rate schedule and step count start afresh", ckpt_path, reason)
+    return None, path

@@ -88,21 +88,34 @@ def _unknown_arguments(node: DictConfig, where: str):
     except (ImportError, AttributeError) as err:
         yield f"{where}._target_: cannot import {node._target_!r} ({err})"
         return
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):
+    parameters = accepted_arguments(target)
+    if parameters is None:
         return
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        config_class = getattr(target, "config_class", None)  # e.g. GPT(**GPTConfig fields)
-        if config_class is None:
-            return
-        parameters = {f.name: f for f in dataclasses.fields(config_class)}
     for key in node:
         if not str(key).startswith("_") and key not in parameters:
             close = difflib.get_close_matches(str(key), list(parameters), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else \
                 f"; it takes {', '.join(list(parameters)[:12])}"
             yield f"{where}.{key}: {node._target_} has no argument {key!r}{hint}"
+
+
+def accepted_arguments(target) -> list[str] | None:
+    """The keyword arguments `target` takes; None if it takes any. A target that forwards
+    `**kwargs` names where: `config_class` (a dataclass, e.g. GPT's) or `passes_to`
+    (callables, e.g. a strategy factory's strategy class)."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return None
+    names = [n for n, p in parameters.items() if p.kind is not p.VAR_KEYWORD]
+    if len(names) == len(parameters):
+        return names
+    if hasattr(target, "config_class"):
+        return [f.name for f in dataclasses.fields(target.config_class)]
+    if hasattr(target, "passes_to"):  # the named arguments of each, together
+        return names + [n for t in target.passes_to for n, p in
+                        inspect.signature(t).parameters.items() if p.kind is not p.VAR_KEYWORD]
+    return None
 
 
 def import_object(path: str):

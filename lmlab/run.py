@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmlab.checkpoints import export_weights, final_checkpoint, load_weights
+from lmlab.checkpoints import export_weights, final_checkpoint, load_weights, plan_resume
 from lmlab.config import check_config, register_schema, to_yaml, world_size
 from lmlab.errors import LmlabError
 from lmlab.memory import estimate, local_batch
@@ -43,8 +43,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return dry_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
+    resume, weights = plan_resume(cfg.ckpt_path, cfg.trainer)
     data, task, trainer = build(cfg)
-    trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
+    if weights is not None:
+        load_weights(task, weights)
+    trainer.fit(task, datamodule=data, ckpt_path=resume)
     metrics, best = test_best(trainer, cfg, data)
     output_dir = Path(cfg.paths.output_dir)
     rank_zero_only(report)(metrics, output_dir, best)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lmlab.config import import_object
 
@@ -55,11 +56,13 @@ def fsdp(accelerator: str = "auto", net: str | None = None, auto_wrap: bool = Tr
     return FSDPStrategy(**kwargs) if on_gpu(accelerator) else CPUFSDPStrategy(**kwargs)
 
 
+fsdp.passes_to = (FSDPStrategy, FullyShardedDataParallel)  # what **kwargs may hold
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     """`FSDPStrategy` on gloo: FSDP is told its device is the CPU (Lightning passes none)."""
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             model = FullyShardedDataParallel(model, **self._wrap_kwargs())
             self.kwargs.pop("auto_wrap_policy", None)  # applied just now
@@ -67,7 +70,6 @@ class CPUFSDPStrategy(FSDPStrategy):
 
     @contextmanager
     def model_sharded_context(self):
-        from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import enable_wrap
         with enable_wrap(wrapper_cls=FullyShardedDataParallel, **self._wrap_kwargs()):
             yield
@@ -96,7 +98,7 @@ def _gather_in_place():
     """Lightning's full-state-dict context, without offloading to the CPU."""
     import lightning.pytorch.strategies.fsdp as lightning_fsdp
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
-    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+    from torch.distributed.fsdp import StateDictType
 
     def full_state_dict_context(module, world_size, rank0_only=True):
         return FullyShardedDataParallel.state_dict_type(
@@ -127,6 +129,9 @@ def deepspeed(accelerator: str = "auto", any_optimizer: bool = False,
     if any_optimizer:
         strategy.config["zero_force_ds_cpu_optimizer"] = False
     return strategy
+
+
+deepspeed.passes_to = (DeepSpeedStrategy,)  # what **kwargs may hold
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

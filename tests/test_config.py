@@ -95,6 +95,17 @@ def test_added_unknown_argument_is_caught_with_a_suggestion(make_cfg):
     assert "trainer.max_epoch" in message and "did you mean 'max_epochs'" in message
 
 
+@pytest.mark.parametrize("strategy,typo,meant", [
+    ("fsdp", "sharding_stratgy", "sharding_strategy"),
+    ("deepspeed_zero2", "offload_optimiser", "offload_optimizer")])
+def test_typo_in_a_strategy_factory_argument_is_caught(make_cfg, strategy, typo, meant):
+    forwarded = ["+trainer.strategy.limit_all_gathers=true"] if strategy == "fsdp" else []
+    cfg = make_cfg(f"strategy={strategy}", f"+trainer.strategy.{typo}=true", *forwarded)
+    with pytest.raises(ConfigError, match=f"did you mean '{meant}'") as err:
+        check_config(cfg)
+    assert len(err.value.problems) == 1  # FSDP's own arguments pass
+
+
 def test_all_problems_are_reported_together(make_cfg):
     cfg = make_cfg("strategy=gpu", "trainer.precision=16-mixed", "data.batch_size=63",
                    "trainer.devices=2")

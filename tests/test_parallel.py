@@ -79,6 +79,18 @@ def test_sharded_language_model_matches_one_process_and_loads_on_one(
 
 
 @pytest.mark.slow
+def test_resuming_under_another_strategy_carries_the_weights_with_a_warning(tmp_path,
+                                                                           one_process):
+    final = one_process["lstm"] / "checkpoints" / "final.ckpt"  # written by strategy=cpu
+    output = run_isolated(tmp_path, "strategy=fsdp2", "trainer.devices=2",
+                          "trainer.accelerator=cpu", *COMMON, "model.optimizer.lr=0",
+                          f"ckpt_path={final}")
+    assert "only its weights carry over" in output and "optimizer state" in output
+    resumed, source = final_test_metrics(tmp_path), final_test_metrics(one_process["lstm"])
+    assert resumed["test/loss"] == pytest.approx(source["test/loss"], rel=1e-5)  # lr 0: as saved
+
+
+@pytest.mark.slow
 def test_the_design_card_command_runs_four_processes(tmp_path):
     output = run_isolated(tmp_path, "model=lstm", "strategy=ddp", "trainer.devices=4",
                           "debug=fast_dev_run")
