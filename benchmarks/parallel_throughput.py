@@ -32,7 +32,7 @@ from lmlab.memory import live_tensor_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
-    "lstm": ["model=lstm", "data.batch_size=64", "model.net.dropout=0.0"],
+    "lstm": ["model=lstm", "data.batch_size=256", "model.net.dropout=0.0"],
     "gpt": ["model=gpt_tiny", "data=stdlib_source", "data.batch_size=32",
             "model.sample_tokens=0", "model.net.dropout=0.0"],
 }

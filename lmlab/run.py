@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lmlab.checkpoints import export_weights, final_checkpoint, load_weights, plan_resume
-from lmlab.config import check_config, register_schema, to_yaml, world_size
+from lmlab.config import check_config, register_schema, strategy_config, to_yaml, world_size
 from lmlab.errors import LmlabError
 from lmlab.memory import estimate, local_batch
 
@@ -103,12 +103,12 @@ def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModul
 
 def dry_run(cfg: DictConfig) -> dict:
     """Prints the checked, resolved config, the strategy and precision objects, the process
-    layout and the per-device memory estimate; trains nothing."""
+    layout and the per-device memory estimate; trains nothing. Returns the estimate."""
     console = Console()
     console.print(to_yaml(cfg), markup=False, highlight=False)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     world = world_size(cfg.trainer)
-    tp = int(getattr(trainer.strategy, "_tensor_parallel_size", 1) or 1)
+    tp = int(strategy_config(cfg.trainer)[1].get("tensor_parallel_size", 1))
     dp = world // tp
     console.print(f"strategy:  {type(trainer.strategy).__name__} on "
                   f"{type(trainer.accelerator).__name__}\n"
@@ -116,18 +116,22 @@ def dry_run(cfg: DictConfig) -> dict:
                   f"({cfg.trainer.get('precision', '32-true')})\n"
                   f"processes: {world} ({dp} data-parallel x {tp} tensor-parallel), "
                   f"per-device batch {cfg.data.batch_size // dp}", highlight=False)
-    data = instantiate(cfg.data)
-    data.setup("fit")
-    task = build_task(cfg, data)
-    batch = local_batch(next(iter(data.train_dataloader())), cfg.data.batch_size // dp)
-    memory = estimate(cfg, task, batch, dp, tp)
+    memory = estimate_memory(cfg, dp, tp)
     table = Table(title="memory per device, estimated", min_width=34)
     table.add_column("part")
     table.add_column("MiB", justify="right")
     for part, size in memory.items():
         table.add_row(part, f"{size / 2**20:.2f}")
     console.print(table)
-    return {f"memory/{k}": v for k, v in memory.items()}
+    return memory
+
+
+def estimate_memory(cfg: DictConfig, dp: int, tp: int) -> dict[str, float]:
+    """`lmlab.memory.estimate` for the run's task, on one of its per-device batches."""
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    batch = local_batch(next(iter(data.train_dataloader())), cfg.data.batch_size // dp)
+    return estimate(cfg, build_task(cfg, data), batch, dp, tp)
 
 
 def _callbacks(cfg: DictConfig) -> list:

@@ -58,8 +58,14 @@ def test_wandb_offline_run_records_metrics_and_config(tmp_path):
 
 def test_dry_run_checks_and_prints_without_training(tmp_path):
     result = run(tmp_path, "dry_run=true", "strategy=ddp", "trainer.devices=4")
-    assert "config OK: 4 process(es), per-device batch 16" in result.stdout
-    assert "DDPStrategy" in result.stdout
+    assert "processes: 4 (4 data-parallel x 1 tensor-parallel), per-device batch 16" in \
+        result.stdout
+    assert "strategy:  DDPStrategy on CPUAccelerator" in result.stdout
+    memory = {line.split("│")[1].strip(): float(line.split("│")[2])
+              for line in result.stdout.splitlines() if line.count("│") == 3}
+    assert memory["optimizer"] == pytest.approx(2 * memory["parameters"])  # Adam's two moments
+    assert memory["activations"] > 0 and memory["total"] > sum(
+        memory[p] for p in ("parameters", "gradients", "optimizer"))
     assert not (tmp_path / "checkpoints").exists()
 
 
