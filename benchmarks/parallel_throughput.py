@@ -4,10 +4,11 @@ Every run is `python -m lmlab.run` with the same global batch, dropout off, no v
 and no checkpoints, in its own process group. `StepTimer` below times the training steps
 after a warm-up on rank 0, and records each rank's peak resident memory (RSS) and the bytes
 of its live tensors after the first optimizer step (parameters, gradients and optimizer
-state as the strategy shards them). The single-process baseline runs before and after the
-strategies of each model; its median is the reference.
+state as the strategy shards them). Rounds alternate the single-process baseline and every
+strategy, and each figure is the median of its rounds.
 
-    python -m benchmarks.parallel_throughput [--steps 60] [--models lstm gpt]
+    python -m benchmarks.parallel_throughput [--steps 60] [--repeats 3] [--models lstm gpt]
+    python -m benchmarks.parallel_throughput --memory    # estimate against measurement
 
 Scaling efficiency = global throughput with 2 processes / (2 x single-process throughput).
 """
@@ -59,9 +60,10 @@ class StepTimer(Callback):
         (self.path / f"bench-rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-def run(model: str, strategy: str, steps: int, folder: Path) -> dict:
+def run(overrides: list[str], strategy: str, steps: int, folder: Path) -> dict:
+    """One timed run; its median step time, largest peak RSS and live tensors over ranks."""
     devices = [] if strategy == "cpu" else ["trainer.devices=2", "trainer.accelerator=cpu"]
-    command = [sys.executable, "-m", "lmlab.run", *MODELS[model], f"strategy={strategy}",
+    command = [sys.executable, "-m", "lmlab.run", *overrides, f"strategy={strategy}",
                *devices, f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
                "callbacks=none", "logger=none", "trainer.limit_val_batches=0",
                "trainer.enable_progress_bar=false",
@@ -70,7 +72,7 @@ def run(model: str, strategy: str, steps: int, folder: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     status, output = run_subprocess(command, 900, cwd=ROOT, env=env)
     if status != 0:
-        raise RuntimeError(f"{model} {strategy} failed:\n{output[-3000:]}")
+        raise RuntimeError(f"{strategy} {overrides} failed:\n{output[-3000:]}")
     ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("bench-rank*.json"))]
     return {"step_s": ranks[0]["step_s"], "rss": max(r["rss"] for r in ranks),
             "tensors": max(r["tensors"] for r in ranks)}
@@ -99,11 +101,11 @@ def memory_rows(root: Path) -> list[str]:
     for precision in ("32-true", "bf16-mixed"):
         ddp = None
         for strategy in ("ddp", "fsdp2", "deepspeed_zero3"):
-            MODELS["memory"] = [*MEMORY_GPT, f"precision={precision}",
-                                *(BUCKETS if strategy.startswith("deepspeed") else [])]
-            measured = run("memory", strategy, WARMUP + 3, root / f"{strategy}-{precision}")
-            estimate = estimated([*MODELS["memory"], f"strategy={strategy}",
-                                  "trainer.devices=2", "trainer.accelerator=cpu"])
+            overrides = [*MEMORY_GPT, f"precision={precision}",
+                         *(BUCKETS if strategy.startswith("deepspeed") else [])]
+            measured = run(overrides, strategy, WARMUP + 3, root / f"{strategy}-{precision}")
+            estimate = estimated([*overrides, f"strategy={strategy}", "trainer.devices=2",
+                                  "trainer.accelerator=cpu"])
             state = sum(estimate[p] for p in ("parameters", "gradients", "optimizer"))
             tensors = measured["tensors"] / 2**20
             ddp = ddp or (state, tensors)
@@ -116,24 +118,30 @@ def batch_size(model: str) -> int:
     return int(next(o for o in MODELS[model] if o.startswith("data.batch_size")).split("=")[1])
 
 
-def measure(model: str, steps: int, root: Path) -> list[dict]:
-    """Rows for one model: the baseline, then each strategy, with ratios to the baseline."""
-    baselines = [run(model, "cpu", steps, root / f"{model}-cpu-{i}") for i in range(2)]
-    results = {s: run(model, s, steps, root / f"{model}-{s}") for s in STRATEGIES[model]}
-    baselines.append(run(model, "cpu", steps, root / f"{model}-cpu-2"))
-    one = {key: statistics.median(b[key] for b in baselines) for key in baselines[0]}
-    rows = [{"model": model, "strategy": "cpu (1 x 1)", **one, "efficiency": 1.0}]
-    for strategy, result in results.items():
-        rows.append({"model": model, "strategy": f"{strategy} (2 x 1)", **result,
-                     "efficiency": one["step_s"] / result["step_s"] / 2})
-    for row in rows:
-        row["throughput"] = batch_size(model) / row["step_s"]
+def measure(model: str, steps: int, repeats: int, root: Path) -> list[dict]:
+    """Rows for one model: the baseline, then each strategy, with ratios to the baseline.
+    Rounds alternate the baseline and every strategy; each figure is the median of its
+    rounds (peak memory: the largest)."""
+    variants = ["cpu", *STRATEGIES[model]]
+    rounds = [{v: run(MODELS[model], v, steps, root / f"{model}-{v}-{i}") for v in variants}
+              for i in range(repeats)]
+    results = {v: {"step_s": statistics.median(r[v]["step_s"] for r in rounds),
+                   "rss": max(r[v]["rss"] for r in rounds),
+                   "tensors": max(r[v]["tensors"] for r in rounds)} for v in variants}
+    one = results["cpu"]["step_s"]
+    rows = []
+    for variant, result in results.items():
+        layout = "1 x 1" if variant == "cpu" else "2 x 1"
+        rows.append({"model": model, "strategy": f"{variant} ({layout})", **result,
+                     "efficiency": one / result["step_s"] / (1 if variant == "cpu" else 2),
+                     "throughput": batch_size(model) / result["step_s"]})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--memory", action="store_true",
                         help="only the memory table: estimate against measurement")
@@ -152,7 +160,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as root:
         for model in args.models:
-            for row in measure(model, args.steps, Path(root)):
+            for row in measure(model, args.steps, args.repeats, Path(root)):
                 print(f"| {row['model']} | {row['strategy']} | {row['throughput']:.0f} | "
                       f"{row['efficiency']:.0%} | {row['rss'] / 2**20:.0f} | "
                       f"{row['tensors'] / 2**20:.2f} |", flush=True)
