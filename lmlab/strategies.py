@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import lightning.pytorch.strategies.fsdp as lightning_fsdp
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig,
+                                    FullyShardedDataParallel, StateDictType)
+from torch.distributed.fsdp.wrap import enable_wrap
 
 from lmlab.config import import_object
 
@@ -70,7 +74,6 @@ class CPUFSDPStrategy(FSDPStrategy):
 
     @contextmanager
     def model_sharded_context(self):
-        from torch.distributed.fsdp.wrap import enable_wrap
         with enable_wrap(wrapper_cls=FullyShardedDataParallel, **self._wrap_kwargs()):
             yield
 
@@ -96,9 +99,6 @@ class CPUFSDPStrategy(FSDPStrategy):
 @contextmanager
 def _gather_in_place():
     """Lightning's full-state-dict context, without offloading to the CPU."""
-    import lightning.pytorch.strategies.fsdp as lightning_fsdp
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
-    from torch.distributed.fsdp import StateDictType
 
     def full_state_dict_context(module, world_size, rank0_only=True):
         return FullyShardedDataParallel.state_dict_type(
@@ -143,7 +143,6 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         super(DeepSpeedStrategy, self).setup_environment()  # DDP's: skips the CUDA check
 
     def setup_distributed(self) -> None:
-        from lightning.fabric.utilities.seed import reset_seed
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()

@@ -63,7 +63,7 @@ def test_dry_run_checks_and_prints_without_training(tmp_path):
     assert "strategy:  DDPStrategy on CPUAccelerator" in result.stdout
     memory = {line.split("│")[1].strip(): float(line.split("│")[2])
               for line in result.stdout.splitlines() if line.count("│") == 3}
-    assert memory["optimizer"] == pytest.approx(2 * memory["parameters"], abs=0.02)  # Adam: 2
+    assert memory["optimizer"] == pytest.approx(2 * memory["parameters"], abs=0.02)  # two moments
     assert memory["activations"] > 0 and memory["total"] > sum(
         memory[p] for p in ("parameters", "gradients", "optimizer"))
     assert not (tmp_path / "checkpoints").exists()
