@@ -8,7 +8,7 @@ Each strategy trains `steps` steps as `python -m lmlab.run` in a process group o
 (with `devices` processes, except `cpu` and `gpu`), from the same seed, with dropout off,
 on the same global batches in the same order: lmlab's DataModules split each global batch
 among the ranks. After every step the validation loss (`val_batches` batches, averaged
-over every rank's examples) is printed side by side, and the check fails (exit 1) if any
+over every rank's examples) is printed side by side, and the check fails (exit 2) if any
 strategy's differs from the first one's by more than `tolerance`, relative. Any other
 `key=value` is passed to every run.
 """
