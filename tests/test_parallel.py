@@ -47,8 +47,7 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp", "fsdp2", "deepspeed_zero2",
-                                      "deepspeed_zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp", "deepspeed_zero2"])
 def test_two_processes_train_the_same_model_as_one(tmp_path, one_process, strategy):
     output = run_isolated(tmp_path, f"strategy={strategy}", "trainer.devices=2",
                           "trainer.accelerator=cpu", *COMMON)
