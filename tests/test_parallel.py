@@ -71,10 +71,11 @@ def test_sharded_language_model_matches_one_process_and_loads_on_one(
                           "trainer.accelerator=cpu", *LM, f"paths.cache_dir={tmp_path / 'c'}")
     assert sharded is None or sharded in output
     one, many = final_test_metrics(one_process["gpt"]), final_test_metrics(tmp_path)
-    assert one["test/loss"] == pytest.approx(many["test/loss"], rel=1e-4)
-    evaluated = run_cli(str(tmp_path), "ckpt=weights", module="lmlab.evaluate", cwd=ROOT)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert f"{many['test/loss']:.4f}" in evaluated.stdout  # the portable weights, one process
+    assert one["test/loss"] == pytest.approx(many["test/loss"], rel=1e-4)  # from weights.ckpt
+    if strategy.startswith("deepspeed"):  # its per-rank folder, consolidated, on one device
+        evaluated = run_cli(str(tmp_path), "ckpt=best", module="lmlab.evaluate", cwd=ROOT)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert f"{many['test/loss']:.4f}" in evaluated.stdout
 
 
 @pytest.mark.slow
@@ -130,7 +131,7 @@ def test_sweep_with_ddp_runs_each_job_once_with_one_config_on_every_rank(tmp_pat
 
 @pytest.mark.slow
 def test_check_parallel_prints_agreeing_curves_and_fails_on_a_difference(capsys):
-    curves = check(["cpu", "ddp", "fsdp2"], steps=3, overrides=[*CHECK_DATA])
+    curves = check(["cpu", "ddp"], steps=3, overrides=[*CHECK_DATA])
     assert len(set(curves["cpu"])) == 3  # one loss per step, each after a weight update
     assert "agree within" in capsys.readouterr().out
     shifted = {**curves, "off": [loss * 1.01 for loss in curves["cpu"]]}
