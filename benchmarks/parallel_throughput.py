@@ -26,10 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lightning.pytorch import Callback
-
 from lmlab.check_parallel import run_subprocess
-from lmlab.memory import live_tensor_bytes
+from lmlab.callbacks import TensorMemory
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -42,20 +40,20 @@ STRATEGIES = {"lstm": ["ddp", "fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zer
 WARMUP = 10
 
 
-class StepTimer(Callback):
+class StepTimer(TensorMemory):
     """Writes `bench-rank{r}.json`: step times after the warm-up, peak RSS, live tensors."""
 
     def __init__(self, path: str):
-        self.path, self.times, self.tensors = Path(path), [], 0
+        super().__init__()
+        self.path, self.times = Path(path), []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter())
-        if batch_idx == 0:
-            self.tensors = live_tensor_bytes()
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer, module):
         steps = [b - a for a, b in zip(self.times[WARMUP:], self.times[WARMUP + 1:])]
-        report = {"step_s": statistics.median(steps), "tensors": self.tensors,
+        report = {"step_s": statistics.median(steps), "tensors": self.bytes,
                   "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         (self.path / f"bench-rank{trainer.global_rank}.json").write_text(json.dumps(report))
 

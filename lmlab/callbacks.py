@@ -8,6 +8,8 @@ from pathlib import Path
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lmlab.memory import live_tensor_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -32,8 +34,11 @@ class TensorMemory(Callback):
     (parameters, gradients and optimizer state, as the strategy shards them, plus the batch).
     Add it with `+callbacks.memory._target_=lmlab.callbacks.TensorMemory`."""
 
+    def __init__(self):
+        self.bytes = 0
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
-            from lmlab.memory import live_tensor_bytes
+            self.bytes = live_tensor_bytes()
             log.info("live tensor memory on rank %d: %.3f MiB after one step",
-                     trainer.global_rank, live_tensor_bytes() / 2**20)
+                     trainer.global_rank, self.bytes / 2**20)

@@ -63,13 +63,12 @@ def load_weights(task: L.LightningModule, path: Path) -> L.LightningModule:
 
 
 def strategy_family(trainer: DictConfig) -> str:
-    """What a checkpoint's training state looks like under `trainer`'s strategy: full
-    replicated optimizer state (single device, DDP), FSDP's, FSDP2's, or DeepSpeed's."""
-    target, strategy = strategy_config(trainer)
-    if target.endswith(".deepspeed"):
+    """What a checkpoint's training state looks like under `trainer`'s strategy: the kind
+    of strategy, and for DeepSpeed also its stage and world size (its shards are per rank)."""
+    kind, strategy = strategy_config(trainer)
+    if kind == "deepspeed":
         return f"deepspeed stage {strategy.get('stage')} on {world_size(trainer)} processes"
-    return {"fsdp": "fsdp", "ModelParallelStrategy": "fsdp2"}.get(target.rsplit(".", 1)[-1],
-                                                                    "replicated")
+    return kind
 
 
 def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None, Path | None]:

@@ -127,11 +127,15 @@ def import_object(path: str):
         return getattr(getattr(importlib.import_module(parent), cls), name)
 
 
-def _accelerator(trainer: DictConfig) -> str:
-    accelerator = str(trainer.get("accelerator", "auto"))
+def resolve_accelerator(accelerator: str) -> str:
+    """`gpu`, `cpu`, ... for a trainer's accelerator; `auto` is the GPU if there is one."""
     if accelerator == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     return "gpu" if accelerator == "cuda" else accelerator
+
+
+def _accelerator(trainer: DictConfig) -> str:
+    return resolve_accelerator(str(trainer.get("accelerator", "auto")))
 
 
 def world_size(trainer: DictConfig) -> int:
@@ -218,23 +222,28 @@ def _mesh_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+STRATEGY_KINDS = {"fsdp": "fsdp", "ModelParallelStrategy": "model_parallel",
+                  "deepspeed": "deepspeed"}  # by the `_target_`'s last name
+
+
 def strategy_config(trainer: DictConfig) -> tuple[str, DictConfig]:
-    """The strategy's `_target_` ("" for a named one such as "auto") and its arguments."""
+    """How the strategy holds the model: "replicated" (one device, DDP), "fsdp",
+    "model_parallel" (FSDP2, tensor parallel) or "deepspeed"; and its arguments."""
     strategy = trainer.get("strategy")
     if not isinstance(strategy, DictConfig):
-        return "", OmegaConf.create()
-    return str(strategy.get("_target_", "")), strategy
+        return "replicated", OmegaConf.create()
+    name = str(strategy.get("_target_", "")).rsplit(".", 1)[-1]
+    return STRATEGY_KINDS.get(name, "replicated"), strategy
 
 
 def _strategy_problems(trainer: DictConfig) -> list[str]:
     """What the chosen strategy needs installed, or cannot do on this accelerator."""
-    target, strategy = strategy_config(trainer)
+    kind, strategy = strategy_config(trainer)
     problems = []
-    if target.endswith(".deepspeed") and importlib.util.find_spec("deepspeed") is None:
+    if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append("DeepSpeed is not installed; install it with "
                         "pip install -e \".[deepspeed]\" (or pick strategy=fsdp or fsdp2)")
-    if target.endswith(".fsdp") and strategy.get("cpu_offload") and \
-            _accelerator(trainer) == "cpu":
+    if kind == "fsdp" and strategy.get("cpu_offload") and _accelerator(trainer) == "cpu":
         problems.append("trainer.strategy.cpu_offload=true needs a GPU (FSDP pins the offloaded "
                         "memory); drop it on CPU, where everything already is in CPU memory")
     return problems

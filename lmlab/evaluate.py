@@ -14,9 +14,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.checkpoints import WEIGHTS, load_weights
+from lmlab.checkpoints import WEIGHTS
 from lmlab.errors import LmlabError
-from lmlab.run import build_task, fail, report
+from lmlab.run import fail, load_task, report
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
@@ -41,13 +41,6 @@ def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
         raise LmlabError(f"no {ckpt} checkpoint in {run_dir}; pass ckpt=best, ckpt=last, "
                          "ckpt=weights or a path")
     return paths[-1]
-
-
-def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:
-    """The task of `cfg`, sized by `data`, with the weights of `checkpoint`."""
-    if "pretrained_vectors" in cfg.model:
-        cfg.model.pretrained_vectors = None  # the checkpoint holds the trained vectors
-    return load_weights(build_task(cfg, data), checkpoint)
 
 
 def evaluate(run_dir: str | Path, ckpt: str = "best", overrides: list[str] = ()) -> dict:

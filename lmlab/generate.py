@@ -18,9 +18,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lmlab.checkpoints import read_state_dict
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
-from lmlab.checkpoints import read_state_dict
 from lmlab.evaluate import find_checkpoint, load_run_config
 from lmlab.models.sampling import generate
 from lmlab.run import fail

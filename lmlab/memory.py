@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import gc
 import warnings
-from collections.abc import Iterable
 
 import torch
 from omegaconf import DictConfig
@@ -25,14 +24,14 @@ PARTS = ("parameters", "gradients", "optimizer")
 
 def sharding(trainer: DictConfig) -> tuple[set[str], set[str]]:
     """(parts sharded among data-parallel ranks, parts offloaded to CPU memory)."""
-    target, strategy = strategy_config(trainer)
-    if target.endswith("ModelParallelStrategy"):
+    kind, strategy = strategy_config(trainer)
+    if kind == "model_parallel":
         return set(PARTS), set()
-    if target.endswith(".fsdp"):
+    if kind == "fsdp":
         mode = strategy.get("sharding_strategy", "FULL_SHARD")
         sharded = {"NO_SHARD": set(), "SHARD_GRAD_OP": {"gradients", "optimizer"}}
         return sharded.get(mode, set(PARTS)), set()
-    if target.endswith(".deepspeed"):
+    if kind == "deepspeed":
         sharded = set(PARTS[3 - int(strategy.get("stage", 2)):])
         offloaded = {part for part, key in [("optimizer", "offload_optimizer"),
                                             ("parameters", "offload_parameters")]
@@ -65,7 +64,7 @@ def bytes_per_parameter(cfg: DictConfig) -> dict[str, int]:
     float32 master copy of the weights with the optimizer state, even in float32 training."""
     precision = str(cfg.trainer.get("precision", "32-true"))
     states = optimizer_states(cfg.model.optimizer)
-    if strategy_config(cfg.trainer)[0].endswith(".deepspeed"):
+    if strategy_config(cfg.trainer)[0] == "deepspeed":
         width = 2 if precision.startswith(("bf16", "16")) else 4
         return {"parameters": width, "gradients": width, "optimizer": 4 * (states + 1)}
     width = 2 if precision in ("bf16-true", "16-true") else 4
@@ -74,8 +73,8 @@ def bytes_per_parameter(cfg: DictConfig) -> dict[str, int]:
 
 def buffer_bytes(cfg: DictConfig) -> float:
     """Communication buffers allocated up front: ZeRO-3's gradient-reduction bucket."""
-    target, strategy = strategy_config(cfg.trainer)
-    if not target.endswith(".deepspeed") or strategy.get("stage") != 3:
+    kind, strategy = strategy_config(cfg.trainer)
+    if kind != "deepspeed" or strategy.get("stage") != 3:
         return 0.0
     return float(strategy.get("reduce_bucket_size", 200_000_000)) * \
         bytes_per_parameter(cfg)["gradients"]
@@ -123,10 +122,10 @@ def local_batch(batch: dict, size: int) -> dict:
             for k, v in batch.items()}
 
 
-def live_tensor_bytes(extra: Iterable[torch.Tensor] = ()) -> int:
+def live_tensor_bytes() -> int:
     """Bytes of every distinct tensor storage reachable from Python in this process."""
     storages = {}
-    for obj in [*gc.get_objects(), *extra]:
+    for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
             tensor = obj.to_local() if hasattr(obj, "to_local") else obj
             storage = tensor.untyped_storage()

@@ -79,7 +79,7 @@ def test_best(trainer: L.Trainer, cfg: DictConfig, data) -> tuple[dict[str, floa
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = final_checkpoint(trainer, output_dir)
     weights = export_weights(trainer, checkpoint, output_dir, to_yaml(cfg))
-    task = load_weights(build_task(cfg, data), weights)
+    task = load_task(cfg, data, weights)
     metrics = trainer.test(task, datamodule=data)[0]
     callback = trainer.checkpoint_callback
     if callback and callback.best_model_score is not None:
@@ -99,6 +99,14 @@ def write_json(path: Path, content: dict) -> None:
 def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModule:
     """The task of `cfg`, with the sizes and objects that come from the data."""
     return instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
+
+
+def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:
+    """The task of `cfg`, sized by `data`, with the weights of `checkpoint` (pretrained
+    vectors are not read again: the checkpoint holds the trained ones)."""
+    if cfg.model.get("pretrained_vectors"):
+        cfg = OmegaConf.merge(cfg, {"model": {"pretrained_vectors": None}})
+    return load_weights(build_task(cfg, data), checkpoint)
 
 
 def dry_run(cfg: DictConfig) -> dict:

@@ -23,15 +23,13 @@ from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfi
                                     FullyShardedDataParallel, StateDictType)
 from torch.distributed.fsdp.wrap import enable_wrap
 
-from lmlab.config import import_object
+from lmlab.config import import_object, resolve_accelerator
 
 CPU = torch.device("cpu")
 
 
 def on_gpu(accelerator: str) -> bool:
-    if accelerator == "auto":
-        return torch.cuda.is_available()
-    return accelerator in ("gpu", "cuda")
+    return resolve_accelerator(accelerator) == "gpu"
 
 
 def block_class(net: str | None) -> type[nn.Module] | None:
