@@ -31,7 +31,7 @@ from lmlab.data.lm import LMDataModule
 from lmlab.data.tokenizers import CharTokenizer
 from lmlab.models.gpt import GPT
 from lmlab.models.sampling import generate
-from lmlab.run import CONF_DIR
+from lmlab.config import CONF_DIR, register_schema
 from lmlab.tasks.causal_lm import parameter_groups
 from lmlab.tasks.schedules import warmup_cosine
 
@@ -81,6 +81,7 @@ def plain_step_fn(model, batches, hf: bool = False):
 
 
 def lmlab_step(model: GPT, batches, out: str) -> float:
+    register_schema()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=shakespeare_char_cpu", "strategy=cpu",
                                            f"paths.output_dir={out}", "paths.data_dir=.",

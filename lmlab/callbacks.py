@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lmlab.memory import live_tensor_bytes
+from lmlab.parallel.memory import live_tensor_bytes
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.config import strategy_config, world_size
+from lmlab.parallel.specs import describe
 from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,6 @@ def load_weights(task: L.LightningModule, path: Path) -> L.LightningModule:
     return task
 
 
-def strategy_family(trainer: DictConfig) -> str:
-    """What a checkpoint's training state looks like under `trainer`'s strategy: the kind
-    of strategy, and for DeepSpeed also its stage and world size (its shards are per rank)."""
-    kind, strategy = strategy_config(trainer)
-    if kind == "deepspeed":
-        return f"deepspeed stage {strategy.get('stage')} on {world_size(trainer)} processes"
-    return kind
-
-
 def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None, Path | None]:
     """(checkpoint for Lightning to resume exactly, or weights to start from instead).
 
@@ -85,10 +76,11 @@ def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None,
     saved = next((p / ".hydra" / "config.yaml" for p in path.parents
                   if (p / ".hydra" / "config.yaml").is_file()), None)
     if path.name != WEIGHTS and saved is not None:
-        before = strategy_family(OmegaConf.load(saved).trainer)
-        if before == strategy_family(trainer):
+        before = describe(OmegaConf.load(saved).trainer).checkpoint_family
+        now = describe(trainer).checkpoint_family
+        if before == now:
             return ckpt_path, None
-        reason = f"it was written under {before} and this run is {strategy_family(trainer)}"
+        reason = f"it was written under {before} and this run is {now}"
     else:
         reason = "it holds weights only" if path.name == WEIGHTS else "its run is unknown"
     log.warning("resuming from %s: %s, so only its weights carry over; the optimizer state, "

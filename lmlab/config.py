@@ -24,6 +24,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmlab.data.corpora import CLASSIFICATION_CORPORA, LM_CORPORA
 from lmlab.errors import ConfigError
+from lmlab.parallel import specs
+from lmlab.parallel.specs import strategy_problems
 
 
 @dataclass
@@ -45,6 +47,19 @@ class RunConfig:
     paths: Any = None
 
 
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose(overrides: list[str] = ()) -> DictConfig:
+    """The run config with command-line `overrides`, as `python -m lmlab.run` composes it
+    (outside a Hydra app: for tests, benchmarks and notebooks)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
 def register_schema() -> None:
     """The top-level schema, and the `div` resolver (data-parallel size = devices / TP)."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -54,15 +69,15 @@ def register_schema() -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Raises a `ConfigError` listing every problem found in `cfg`, or returns."""
+    missing = _missing_keys(cfg)
+    if missing:  # nothing else can be checked while values are absent
+        raise ConfigError(missing)
     problems = list(_target_problems(cfg, ""))
     problems += _hardware_problems(cfg.trainer)
-    problems += _batch_problems(cfg)
     problems += _data_problems(cfg.data)
     problems += _kind_problems(cfg)
-    problems += _mesh_problems(cfg)
-    problems += _strategy_problems(cfg.trainer)
-    if cfg.monitor_mode not in (None, "max", "min"):
-        problems.append(f"monitor_mode must be max or min, not {cfg.monitor_mode!r}")
+    problems += strategy_problems(cfg)
+    problems += _monitor_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -127,33 +142,37 @@ def import_object(path: str):
         return getattr(getattr(importlib.import_module(parent), cls), name)
 
 
-def resolve_accelerator(accelerator: str) -> str:
-    """`gpu`, `cpu`, ... for a trainer's accelerator; `auto` is the GPU if there is one."""
-    if accelerator == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return "gpu" if accelerator == "cuda" else accelerator
+def _missing_keys(cfg: DictConfig) -> list[str]:
+    """Mandatory values (`???`) that the command line left unset."""
+    return [f"{key} is required and has no value; set it on the command line, e.g. "
+            f"{key}=..." for key in sorted(OmegaConf.missing_keys(cfg))]
 
 
-def _accelerator(trainer: DictConfig) -> str:
-    return resolve_accelerator(str(trainer.get("accelerator", "auto")))
+LOWER_IS_BETTER = ("loss", "ppl", "bpc", "perplexity", "error", "wer", "cer")
+HIGHER_IS_BETTER = ("acc", "f1", "bleu", "rouge", "precision", "recall", "auroc", "mfu")
 
 
-def world_size(trainer: DictConfig) -> int:
-    """Processes the trainer will start; `auto` devices count as 1 on CPU, all GPUs on GPU."""
-    devices = trainer.get("devices", "auto")
-    if devices in ("auto", -1, "-1"):
-        count = torch.cuda.device_count() if _accelerator(trainer) == "gpu" else 1
-    elif isinstance(devices, (list, ListConfig)):
-        count = len(devices)
-    elif "," in str(devices):  # "0,1": a list of device indices
-        count = len([d for d in str(devices).split(",") if d.strip()])
-    else:
-        count = int(devices)
-    return max(count, 1) * int(trainer.get("num_nodes", 1))
+def monitor_mode(metric: str) -> str | None:
+    """`min` or `max` for a metric whose name says which is better; None if it does not."""
+    name = metric.rsplit("/", 1)[-1].lower()
+    if name.startswith(LOWER_IS_BETTER):
+        return "min"
+    if name.startswith(HIGHER_IS_BETTER):
+        return "max"
+    return None
+
+
+def _monitor_problems(cfg: DictConfig) -> list[str]:
+    if cfg.monitor_mode not in (None, "max", "min"):
+        return [f"monitor_mode must be max or min, not {cfg.monitor_mode!r}"]
+    if cfg.monitor and cfg.monitor_mode is None and monitor_mode(cfg.monitor) is None:
+        return [f"monitor={cfg.monitor}: cannot tell whether higher or lower is better; "
+                "set monitor_mode=max or monitor_mode=min"]
+    return []
 
 
 def _hardware_problems(trainer: DictConfig) -> list[str]:
-    accelerator, precision = _accelerator(trainer), str(trainer.get("precision", "32-true"))
+    accelerator, precision = specs.accelerator(trainer), str(trainer.get("precision", "32-true"))
     problems = []
     if accelerator == "gpu" and not torch.cuda.is_available():
         problems.append("a GPU was requested (trainer.accelerator) but CUDA is not available; "
@@ -170,14 +189,6 @@ def _hardware_problems(trainer: DictConfig) -> list[str]:
     return problems
 
 
-def _batch_problems(cfg: DictConfig) -> list[str]:
-    batch, world = cfg.data.get("batch_size"), world_size(cfg.trainer)
-    if isinstance(batch, int) and batch % world:
-        return [f"data.batch_size={batch} is the global batch and must divide evenly among "
-                f"{world} processes; use a multiple of {world}"]
-    return []
-
-
 def _data_problems(data: DictConfig) -> list[str]:
     """A named corpus that is not under the data directory."""
     files = {**{name: list(c.files.values()) for name, c in CLASSIFICATION_CORPORA.items()},
@@ -191,62 +202,6 @@ def _data_problems(data: DictConfig) -> list[str]:
         return []
     return [f"corpus {corpus!r} not found under data directory {str(data_dir)!r} (missing "
             f"{missing[0]}); point LMLAB_DATA_DIR or paths.data_dir at the folder holding it"]
-
-
-def _mesh_problems(cfg: DictConfig) -> list[str]:
-    """ModelParallelStrategy (fsdp2, tp) needs a number of devices that its mesh divides;
-    tensor parallelism also needs a model with a plan, whose heads split evenly."""
-    (_, strategy), devices = strategy_config(cfg.trainer), str(cfg.trainer.get("devices"))
-    if "tensor_parallel_size" not in strategy:
-        return []
-    if not devices.isdigit():
-        return [f"this strategy needs a number of devices, not {devices!r}; "
-                "set trainer.devices=N"]
-    tp = int(strategy.tensor_parallel_size)
-    if tp == 1:
-        return []
-    problems = []
-    if int(devices) % tp:
-        problems.append(f"trainer.devices={devices} is not a multiple of "
-                        f"trainer.strategy.tensor_parallel_size={tp}; "
-                        f"use {tp}, {2 * tp}, ... devices")
-    net = cfg.model.get("net") or {}
-    if not getattr(_importable(net.get("_target_")), "tensor_parallel_plan", None):
-        problems.append(f"strategy=tp needs a model that declares a tensor_parallel_plan, and "
-                        f"{net.get('_target_')} has none; use strategy=fsdp2 or ddp for it")
-    heads = net.get("n_head")
-    if isinstance(heads, int) and heads % tp:
-        problems.append(f"model.net.n_head={heads} does not split among "
-                        f"trainer.strategy.tensor_parallel_size={tp} ranks; "
-                        f"use a divisor of {heads}")
-    return problems
-
-
-STRATEGY_KINDS = {"fsdp": "fsdp", "ModelParallelStrategy": "model_parallel",
-                  "deepspeed": "deepspeed"}  # by the `_target_`'s last name
-
-
-def strategy_config(trainer: DictConfig) -> tuple[str, DictConfig]:
-    """How the strategy holds the model: "replicated" (one device, DDP), "fsdp",
-    "model_parallel" (FSDP2, tensor parallel) or "deepspeed"; and its arguments."""
-    strategy = trainer.get("strategy")
-    if not isinstance(strategy, DictConfig):
-        return "replicated", OmegaConf.create()
-    name = str(strategy.get("_target_", "")).rsplit(".", 1)[-1]
-    return STRATEGY_KINDS.get(name, "replicated"), strategy
-
-
-def _strategy_problems(trainer: DictConfig) -> list[str]:
-    """What the chosen strategy needs installed, or cannot do on this accelerator."""
-    kind, strategy = strategy_config(trainer)
-    problems = []
-    if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        problems.append("DeepSpeed is not installed; install it with "
-                        "pip install -e \".[deepspeed]\" (or pick strategy=fsdp or fsdp2)")
-    if kind == "fsdp" and strategy.get("cpu_offload") and _accelerator(trainer) == "cpu":
-        problems.append("trainer.strategy.cpu_offload=true needs a GPU (FSDP pins the offloaded "
-                        "memory); drop it on CPU, where everything already is in CPU memory")
-    return problems
 
 
 def _importable(path: str | None):

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from lmlab.run import CONF_DIR
+from lmlab.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LMLAB_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
@@ -24,8 +23,7 @@ def make_cfg(tmp_path):
     """Composes the run config with overrides, as `python -m lmlab.run` would."""
 
     def make(*overrides: str):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides))
+        cfg = compose(overrides)
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.paths.data_dir = str(DATA_DIR)

@@ -9,9 +9,10 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from lmlab.config import _kind_problems, check_config, world_size
+from lmlab.build import callbacks, loggers
+from lmlab.config import CONF_DIR, _kind_problems, check_config
 from lmlab.errors import ConfigError
-from lmlab.run import CONF_DIR, _callbacks, _loggers
+from lmlab.parallel.specs import world_size
 
 GROUPS = ["model", "data", "data/tokenizer", "strategy", "precision", "trainer", "logger",
           "callbacks", "paths", "debug", "experiment", "sweep"]
@@ -44,7 +45,7 @@ def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
     task = build_task(cfg)
     cfg.monitor, cfg.monitor_mode = task.monitor
     assert instantiate(cfg.data).batch_size == cfg.data.batch_size
-    trainer = instantiate(cfg.trainer, callbacks=_callbacks(cfg), logger=_loggers(cfg))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks(cfg), logger=loggers(cfg))
     assert trainer.max_epochs == cfg.trainer.max_epochs or cfg.trainer.get("fast_dev_run")
 
 

@@ -3,7 +3,7 @@
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from lmlab.models.gpt import Block
-from lmlab.strategies import CPUDeepSpeedStrategy, CPUFSDPStrategy, deepspeed, fsdp
+from lmlab.parallel.strategies import CPUDeepSpeedStrategy, CPUFSDPStrategy, deepspeed, fsdp
 
 
 def wrapped_classes(policy) -> set:

@@ -2,7 +2,7 @@
 
 Plain PyTorch, readable top to bottom. Positions are learned or rotary (RoPE); generation
 uses a key/value cache. The model declares, once, what parallel strategies need from it:
-`block_class` (the FSDP wrap / activation-checkpointing unit) and `tensor_parallel_plan`.
+`block_classes` (the FSDP wrap / activation-checkpointing unit) and `tensor_parallel_plan`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class GPT(nn.Module):
     """
 
     config_class = GPTConfig  # the keyword arguments it takes
-    block_class = Block
+    block_classes = (Block,)
     # Tensor-parallel plan, by module path pattern (Megatron style): the layers that widen
     # are split by output columns (attention by heads), the layers that narrow by input
     # rows, so each sublayer needs one all-reduce.

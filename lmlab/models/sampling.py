@@ -41,8 +41,8 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, stop_id: int | None = None
-             ) -> Iterator[torch.Tensor]:
+             generator: torch.Generator | None = None, stop_id: int | None = None,
+             block_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yields (B, 1) new tokens one at a time, so callers can stream them.
 
     With `use_cache`, each step feeds only the newest token and reuses the keys and values
@@ -50,8 +50,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     block and the cache is rebuilt.
 
     Args:
-        model: a `GPT` or `RNNLanguageModel`: its forward takes `cache` and `return_cache`,
-            and it has a `block_size` (None for no limit).
+        model: a `GPT` or `RNNLanguageModel`, or any callable like their forward, which
+            takes `cache` and `return_cache`.
         prompt: (B, T) token ids, T >= 1.
         max_new_tokens: how many tokens to produce.
         temperature: 0 for greedy decoding; higher is more random.
@@ -59,8 +59,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
         use_cache: reuse keys/values between steps.
         generator: seeds the sampling.
         stop_id: stop after producing this token (batch size 1).
+        block_size: the longest context; by default `model.block_size` (None: no limit).
     """
-    block = model.block_size or max_new_tokens + prompt.size(1)  # None: no context limit
+    block_size = block_size or getattr(model, "block_size", None)
+    block = block_size or max_new_tokens + prompt.size(1)
     tokens, cache = prompt, None
     for _ in range(max_new_tokens):
         if use_cache and cache is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import lightning as L
@@ -9,7 +10,20 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lmlab.parallel import shard
+from lmlab.parallel.sharding import shard
+
+
+def example_weights(batch: dict, size: int, device: torch.device) -> torch.Tensor:
+    """(B,) weights of a batch's examples: 1 for real ones, 0 for the copies that pad a
+    split so that every rank gets as many batches as the others (DataModules add them)."""
+    weight = batch.get("weight")
+    return torch.ones(size, device=device) if weight is None else weight.to(device)
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` (B, ...) over the real examples; padding copies count nothing."""
+    weight = weight.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
+    return (values * weight).sum() / weight.sum().clamp(min=1)
 
 
 class Task(L.LightningModule):
@@ -18,7 +32,8 @@ class Task(L.LightningModule):
     Args:
         net: the model.
         optimizer: a partial optimizer, called with `optimizer_params()`.
-        scheduler: a partial LR scheduler, called with the optimizer, stepped every step.
+        scheduler: a partial LR scheduler, called with the optimizer, stepped every step. A
+            `total_steps` it leaves unset is the run's length in optimizer steps.
     """
 
     kind = ""  # the kind of data it needs; DataModules carry the same attribute
@@ -31,12 +46,16 @@ class Task(L.LightningModule):
         # torchmetrics (keys avoid "train"/"test", which nn.Module attributes shadow).
         self.eval_losses = nn.ModuleDict({"val_loss": MeanMetric(), "test_loss": MeanMetric()})
 
-    def log_loss(self, split: str, loss: torch.Tensor, weight: int) -> None:
-        """Logs the training loss per step; accumulates evaluation losses for `epoch_loss`."""
+    def log_loss(self, split: str, losses: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The mean of per-example `losses` (B, ...) over real examples; logs it per step in
+        training, and accumulates it for `epoch_loss` in evaluation."""
+        loss = weighted_mean(losses, weight)
         if split == "train":  # batch_size given: Lightning would walk the batch to infer it
-            self.log("train/loss", loss, prog_bar=True, batch_size=weight)
+            self.log("train/loss", loss, prog_bar=True, batch_size=losses.numel())
         else:
-            self.eval_losses[f"{split}_loss"].update(loss, weight)
+            expanded = weight.view(-1, *[1] * (losses.dim() - 1)).expand_as(losses)
+            self.eval_losses[f"{split}_loss"].update(losses.detach(), expanded)
+        return loss
 
     def epoch_loss(self, split: str) -> torch.Tensor:
         """The mean evaluation loss of the epoch that ends, over all ranks."""
@@ -48,6 +67,14 @@ class Task(L.LightningModule):
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # set by ModelParallelStrategy (strategy=fsdp2)
             shard(self.net, self.device_mesh)
+
+    def through_strategy(self, method: str, *args, **kwargs):
+        """Calls `self.<method>` through the strategy's wrapper, as Lightning calls the steps,
+        so that what the wrapper shards (FSDP's flattened parameters) is gathered first."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is None or strategy.model is None or strategy.model is self:
+            return getattr(self, method)(*args, **kwargs)
+        return strategy._forward_redirection(strategy.model, self, method, *args, **kwargs)
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         raise NotImplementedError
@@ -77,8 +104,20 @@ class Task(L.LightningModule):
         return [p for p in self.net.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(params=self.optimizer_params())
+        # Positional: optimizers name their first argument differently (DeepSpeedCPUAdam's
+        # is model_params).
+        optimizer = self.optimizer(self.optimizer_params())
         if self.scheduler is None:
             return optimizer
-        schedule = {"scheduler": self.scheduler(optimizer=optimizer), "interval": "step"}
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        scheduler = self.scheduler(optimizer=optimizer, **self.schedule_length())
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def schedule_length(self) -> dict:
+        """`total_steps` for a scheduler that takes it and was not given it: the run's
+        optimizer steps, as the trainer counts them."""
+        takes = "total_steps" in inspect.signature(self.scheduler).parameters
+        given = getattr(self.scheduler, "keywords", {}).get("total_steps")
+        if not takes or given is not None:
+            return {}
+        return {"total_steps": int(self.trainer.estimated_stepping_batches)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.sampling import generate
-from lmlab.tasks.base import Task
+from lmlab.tasks.base import Task, example_weights
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,8 @@ class CausalLMTask(Task):
         optimizer: a partial optimizer, called with parameter groups.
         scheduler: a partial LR scheduler, called with the optimizer, stepped every step.
         weight_decay: applied to weight matrices only, never to norms, biases or embeddings.
-        chars_per_token: characters of text per token (from the DataModule), for bits per
-            character.
+        chars_per_token: characters of text per token of each split (from the DataModule),
+            for bits per character; one number for all splits is accepted too.
         sample_tokens: length of the sample printed after each validation (0: none).
         tokenizer: decodes the sample (from the DataModule).
     """
@@ -33,9 +34,12 @@ class CausalLMTask(Task):
     kind = "lm"  # the data it needs
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 weight_decay: float = 0.1, chars_per_token: float = 1.0,
+                 weight_decay: float = 0.1, chars_per_token: float | dict = 1.0,
                  sample_tokens: int = 200, tokenizer=None):
         super().__init__(net, optimizer, scheduler)
+        if not isinstance(chars_per_token, (int, float)):
+            # plain floats, not a DictConfig: checkpoints then load with weights_only=True
+            chars_per_token = {split: float(v) for split, v in chars_per_token.items()}
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "tokenizer"])
         self.weight_decay, self.chars_per_token = weight_decay, chars_per_token
         self.sample_tokens, self.tokenizer = sample_tokens, tokenizer
@@ -43,23 +47,31 @@ class CausalLMTask(Task):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)
 
+    def decode(self, tokens: torch.Tensor, cache=None, return_cache: bool = False):
+        """One decoding step of the net (its key/value cache in and out)."""
+        return self.net(tokens, cache=cache, return_cache=return_cache)
+
     def step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["tokens"])  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
-        self.log_loss(split, loss, batch["targets"].numel())
-        return loss
+        losses = F.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none")
+        return self.log_loss(split, losses, example_weights(batch, len(logits), logits.device))
 
     def log_epoch(self, split: str) -> None:
         """Loss, perplexity and bits per character over the whole split (all ranks)."""
         if split == "train":
             return  # train/loss is logged per step
         loss = self.epoch_loss(split)
-        bpc = loss / math.log(2) / self.chars_per_token
+        bpc = loss / math.log(2) / self.split_chars_per_token(split)
         self.log_dict({f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss),
                        f"{split}/bpc": bpc}, prog_bar=split == "val")
         if split == "val" and self.sample_tokens and self.tokenizer is not None \
                 and not self.trainer.sanity_checking:
             self.log_sample()
+
+    def split_chars_per_token(self, split: str) -> float:
+        if isinstance(self.chars_per_token, (int, float)):
+            return float(self.chars_per_token)
+        return float(self.chars_per_token[split])
 
     def log_sample(self) -> None:
         text = self.sample()
@@ -70,11 +82,14 @@ class CausalLMTask(Task):
                                 data=[[self.global_step, text]])
 
     def sample(self, prompt: str = "\n", temperature: float = 0.8, top_k: int = 200) -> str:
+        """Continues `prompt` on every rank in step (sharded strategies gather parameters
+        collectively), each decoding step through the strategy's wrapper."""
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
         tokens = torch.tensor([ids], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(0)
-        new = list(generate(self.net, tokens, self.sample_tokens, temperature, top_k,
-                            generator=generator))
+        step = functools.partial(self.through_strategy, "decode")
+        new = list(generate(step, tokens, self.sample_tokens, temperature, top_k,
+                            generator=generator, block_size=self.net.block_size))
         return prompt + self.tokenizer.decode(torch.cat(new, dim=1)[0].tolist())
 
     def optimizer_params(self) -> list[dict]:

@@ -12,7 +12,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lmlab.data.vectors import load_vectors
-from lmlab.tasks.base import Task
+from lmlab.tasks.base import Task, example_weights
+
+IGNORE = -100  # the label of padding copies: metrics skip it
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ class ClassificationTask(Task):
         if pretrained_vectors:
             self.vector_coverage = load_pretrained(net.embedding, pretrained_vectors, vocab)
         metrics = MetricCollection({
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE),
+            "f1": MulticlassF1Score(num_classes, average="macro", ignore_index=IGNORE),
         })
         # "train" would clash with nn.Module.train in a ModuleDict: hence split_metrics names.
         self.train_metrics = metrics.clone(prefix="train/")
@@ -53,10 +55,11 @@ class ClassificationTask(Task):
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["tokens"], batch["lengths"])
-        loss = F.cross_entropy(logits, batch["labels"])
-        getattr(self, f"{split}_metrics").update(logits, batch["labels"])
-        self.log_loss(split, loss, len(logits))
-        return loss
+        weight = example_weights(batch, len(logits), logits.device)
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
+        labels = batch["labels"].masked_fill(weight == 0, IGNORE)
+        getattr(self, f"{split}_metrics").update(logits, labels)
+        return self.log_loss(split, losses, weight)
 
     def log_epoch(self, split: str) -> None:
         # Computed once an epoch (over all ranks), not logged per step: logging metric
@@ -67,7 +70,6 @@ class ClassificationTask(Task):
         if split != "train":
             values[f"{split}/loss"] = self.epoch_loss(split)
         self.log_dict(values, prog_bar=split == "val")
-
 
 
 def load_pretrained(embedding: nn.Embedding, path: str, vocab: list[str] | None) -> float:

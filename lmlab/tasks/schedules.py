@@ -16,9 +16,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     Args:
         optimizer: the optimizer whose LR is scaled.
         warmup_steps: steps of linear warm-up from 0.
-        total_steps: step at which the decay ends.
+        total_steps: step at which the decay ends; tasks fill in the run's length when it
+            is None.
         min_lr_ratio: final LR as a share of the base LR.
     """
+
+    if total_steps is None:
+        raise ValueError("warmup_cosine needs total_steps (tasks pass the run's length)")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

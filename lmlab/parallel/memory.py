@@ -17,27 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lmlab.config import strategy_config
-
-PARTS = ("parameters", "gradients", "optimizer")
-
-
-def sharding(trainer: DictConfig) -> tuple[set[str], set[str]]:
-    """(parts sharded among data-parallel ranks, parts offloaded to CPU memory)."""
-    kind, strategy = strategy_config(trainer)
-    if kind == "model_parallel":
-        return set(PARTS), set()
-    if kind == "fsdp":
-        mode = strategy.get("sharding_strategy", "FULL_SHARD")
-        sharded = {"NO_SHARD": set(), "SHARD_GRAD_OP": {"gradients", "optimizer"}}
-        return sharded.get(mode, set(PARTS)), set()
-    if kind == "deepspeed":
-        sharded = set(PARTS[3 - int(strategy.get("stage", 2)):])
-        offloaded = {part for part, key in [("optimizer", "offload_optimizer"),
-                                            ("parameters", "offload_parameters")]
-                     if strategy.get(key)}
-        return sharded, offloaded
-    return set(), set()
+from lmlab.parallel.specs import PARTS, describe
 
 
 def optimizer_states(optimizer: DictConfig) -> int:
@@ -64,36 +44,28 @@ def bytes_per_parameter(cfg: DictConfig) -> dict[str, int]:
     float32 master copy of the weights with the optimizer state, even in float32 training."""
     precision = str(cfg.trainer.get("precision", "32-true"))
     states = optimizer_states(cfg.model.optimizer)
-    if strategy_config(cfg.trainer)[0] == "deepspeed":
+    if describe(cfg.trainer).master_weights:
         width = 2 if precision.startswith(("bf16", "16")) else 4
         return {"parameters": width, "gradients": width, "optimizer": 4 * (states + 1)}
     width = 2 if precision in ("bf16-true", "16-true") else 4
     return {"parameters": width, "gradients": width, "optimizer": width * states}
 
 
-def buffer_bytes(cfg: DictConfig) -> float:
-    """Communication buffers allocated up front: ZeRO-3's gradient-reduction bucket."""
-    kind, strategy = strategy_config(cfg.trainer)
-    if kind != "deepspeed" or strategy.get("stage") != 3:
-        return 0.0
-    return float(strategy.get("reduce_bucket_size", 200_000_000)) * \
-        bytes_per_parameter(cfg)["gradients"]
-
-
-def estimate(cfg: DictConfig, task, batch: dict, dp: int, tp: int) -> dict[str, float]:
+def estimate(cfg: DictConfig, task, batch: dict) -> dict[str, float]:
     """Bytes per device of each part, plus `activations`, `buffers`, `total` and
-    `cpu_offloaded` (in CPU memory instead)."""
+    `cpu_offloaded` (in CPU memory instead), for a per-device `batch`."""
+    spec = describe(cfg.trainer)
+    dp, tp = spec.data_parallel, spec.tensor_parallel
     total, split = parameter_counts(task.net, tp)
     per_rank = (total - split) + split / tp
-    sharded, offloaded = sharding(cfg.trainer)
     widths = bytes_per_parameter(cfg)
     result = dict.fromkeys((*PARTS, "cpu_offloaded"), 0.0)
     for part in PARTS:
-        size = per_rank * widths[part] / (dp if part in sharded else 1)
-        result["cpu_offloaded" if part in offloaded else part] += size
+        size = per_rank * widths[part] / (dp if part in spec.sharded else 1)
+        result["cpu_offloaded" if part in spec.offloaded else part] += size
     precision = str(cfg.trainer.get("precision", "32-true"))
     result["activations"] = activation_bytes(task, batch) / (2 if "bf16" in precision else 1)
-    result["buffers"] = buffer_bytes(cfg)
+    result["buffers"] = float(spec.bucket_elements * widths["gradients"])
     result["total"] = sum(result[k] for k in (*PARTS, "activations", "buffers"))
     return result
 

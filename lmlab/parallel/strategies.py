@@ -6,8 +6,8 @@ two factories below return Lightning's own strategy on a GPU, untouched, and on 
 subclass that differs only where the guard is, so that a sharded config can be debugged on
 a laptop before it spends GPU hours. Tested with Lightning 2.6 (see pyproject.toml).
 
-The factories take the model's class path (`${model.net._target_}`) to read what the model
-declares, its `block_class`: the FSDP wrap unit and the activation-checkpointing unit.
+The FSDP factory takes the model's class path (`${model.net._target_}`) to read what the
+model declares, its `block_classes`: the FSDP wrap units and activation-checkpointing units.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig,
                                     FullyShardedDataParallel, StateDictType)
 from torch.distributed.fsdp.wrap import enable_wrap
 
-from lmlab.config import import_object, resolve_accelerator
+from lmlab.parallel.sharding import block_classes
+from lmlab.parallel.specs import HYBRID, resolve_accelerator
 
 CPU = torch.device("cpu")
 
@@ -32,29 +34,27 @@ def on_gpu(accelerator: str) -> bool:
     return resolve_accelerator(accelerator) == "gpu"
 
 
-def block_class(net: str | None) -> type[nn.Module] | None:
-    """The `block_class` the net at import path `net` declares, if any."""
-    if not net:
-        return None
-    return getattr(import_object(net), "block_class", None)
-
-
 def fsdp(accelerator: str = "auto", net: str | None = None, auto_wrap: bool = True,
-         activation_checkpointing: bool = False, **kwargs) -> FSDPStrategy:
-    """Lightning's `FSDPStrategy` (FSDP1), every `block_class` module its own unit.
+         activation_checkpointing: bool = False, num_nodes: int = 1, devices: int | str = 1,
+         **kwargs) -> FSDPStrategy:
+    """Lightning's `FSDPStrategy` (FSDP1), every declared block its own unit.
 
     Args:
         accelerator: the trainer's; picks the stock strategy (GPU) or its CPU twin.
-        net: import path of the model's net class, for its declared `block_class`.
+        net: import path of the model's net class, for its declared `block_classes`.
         auto_wrap: make each block an FSDP unit (else the whole model is one).
         activation_checkpointing: recompute each block's activations in the backward pass.
+        num_nodes, devices: the trainer's; the hybrid modes shard within a node and replicate
+            across nodes, on a (num_nodes, devices) mesh unless `device_mesh` is given.
         **kwargs: `FSDPStrategy` arguments: sharding_strategy, cpu_offload, ...
     """
-    block = block_class(net)
-    if block is not None and auto_wrap:
-        kwargs["auto_wrap_policy"] = {block}
-    if block is not None and activation_checkpointing:
-        kwargs["activation_checkpointing_policy"] = {block}
+    blocks = set(block_classes(net))
+    if blocks and auto_wrap:
+        kwargs["auto_wrap_policy"] = blocks
+    if blocks and activation_checkpointing:
+        kwargs["activation_checkpointing_policy"] = blocks
+    if kwargs.get("sharding_strategy") in HYBRID and kwargs.get("device_mesh") is None:
+        kwargs["device_mesh"] = (int(num_nodes), int(devices))
     return FSDPStrategy(**kwargs) if on_gpu(accelerator) else CPUFSDPStrategy(**kwargs)
 
 
@@ -62,7 +62,16 @@ fsdp.passes_to = (FSDPStrategy, FullyShardedDataParallel)  # what **kwargs may h
 
 
 class CPUFSDPStrategy(FSDPStrategy):
-    """`FSDPStrategy` on gloo: FSDP is told its device is the CPU (Lightning passes none)."""
+    """`FSDPStrategy` on gloo: FSDP is told its device is the CPU (Lightning passes none),
+    and a mesh given as a shape is made on the CPU (Lightning makes it on CUDA)."""
+
+    def setup_environment(self) -> None:
+        shape = self.kwargs.pop("device_mesh", None)
+        super().setup_environment()
+        if isinstance(shape, tuple):
+            shape = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        if shape is not None:
+            self.kwargs["device_mesh"] = shape
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):

@@ -1,15 +1,21 @@
 """What sharded strategies do to a net, from what the net declares (never from its code).
 
+A net declares `block_classes`: the modules that are each an FSDP unit and an
+activation-checkpointing unit (a decoder's block; an encoder block and a decoder block).
+FSDP1 (`strategies.fsdp`) reads them from the net's class before the model exists, FSDP2
+from the net itself, both through `block_classes` below.
+
 `ModelParallelStrategy` (strategy=fsdp2 or tp) hands the task a device mesh; the task
 calls `shard` in `configure_model`. First the net's `tensor_parallel_plan` splits its layers
-over the mesh's tensor-parallel dimension, then each module of its `block_class`, and
-finally the whole net, become FSDP2 units over the data-parallel dimension.
+over the mesh's tensor-parallel dimension, then each block, and finally the whole net,
+become FSDP2 units over the data-parallel dimension.
 """
 
 from __future__ import annotations
 
 import logging
 
+from hydra.utils import get_object
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -18,6 +24,13 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
 
 log = logging.getLogger(__name__)
 STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def block_classes(net: nn.Module | type | str | None) -> tuple[type[nn.Module], ...]:
+    """The block classes a net declares: from a net, its class, or its import path."""
+    if isinstance(net, str):
+        net = get_object(net)
+    return tuple(getattr(net, "block_classes", ()) or ())
 
 
 def shard(net: nn.Module, mesh: DeviceMesh) -> nn.Module:
@@ -30,11 +43,10 @@ def shard(net: nn.Module, mesh: DeviceMesh) -> nn.Module:
         plan = {pattern: STYLES[style]() for pattern, style in net.tensor_parallel_plan.items()}
         parallelize_module(net, tp_mesh, plan)
     dp_mesh = mesh["data_parallel"]
-    block_class = getattr(net, "block_class", None)
-    if block_class is not None:
-        for module in net.modules():
-            if isinstance(module, block_class):
-                fully_shard(module, mesh=dp_mesh)
+    blocks = block_classes(net)
+    for module in net.modules():
+        if blocks and isinstance(module, blocks):
+            fully_shard(module, mesh=dp_mesh)
     fully_shard(net, mesh=dp_mesh)
     log.info("sharded %s: tensor parallel over %d ranks, FSDP2 over %d",
              type(net).__name__, tp_mesh.size(), dp_mesh.size())

@@ -1,0 +1,100 @@
+"""From a checked config to the objects of a run: DataModule, task and Trainer.
+
+Shared by every entry point (`run`, `evaluate`, the dry run), so that a config key means
+the same thing wherever it is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.checkpoints import load_weights
+from lmlab.config import monitor_mode
+from lmlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """The DataModule (set up and saved with the run), the task it sizes, and the trainer."""
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    check_schedule(cfg, len(data.train_dataloader()))
+    rank_zero_only(data.save)(Path(cfg.paths.output_dir))
+    task = build_task(cfg, data)
+    choose_monitor(cfg, task.monitor)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks(cfg), logger=loggers(cfg))
+    for logger in trainer.loggers:  # so runs can be compared by any config value
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return data, task, trainer
+
+
+def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModule:
+    """The task of `cfg`, with the sizes and objects that come from the data."""
+    return instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
+
+
+def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:
+    """The task of `cfg`, sized by `data`, with the weights of `checkpoint` (pretrained
+    vectors are not read again: the checkpoint holds the trained ones)."""
+    if cfg.model.get("pretrained_vectors"):
+        cfg = OmegaConf.merge(cfg, {"model": {"pretrained_vectors": None}})
+    return load_weights(build_task(cfg, data), checkpoint)
+
+
+def choose_monitor(cfg: DictConfig, task_monitor: tuple[str, str]) -> None:
+    """Fills in `monitor` (the task's own by default) and its mode, which follows the
+    metric: a loss is minimised whatever the task's own metric is."""
+    metric, mode = task_monitor
+    cfg.monitor = cfg.monitor or metric
+    if not cfg.monitor_mode:
+        cfg.monitor_mode = mode if cfg.monitor == metric else monitor_mode(cfg.monitor)
+
+
+def planned_steps(trainer: DictConfig, batches_per_epoch: int) -> int | None:
+    """Optimizer steps the trainer will take, as Lightning counts them; None when the run
+    has no set length (debug modes, no limit on epochs or steps)."""
+    if trainer.get("fast_dev_run") or trainer.get("overfit_batches"):
+        return None
+    limit = trainer.get("limit_train_batches", 1.0)
+    per_epoch = int(batches_per_epoch * limit) if isinstance(limit, float) \
+        else min(int(limit), batches_per_epoch)
+    per_epoch = math.ceil(per_epoch / int(trainer.get("accumulate_grad_batches", 1)))
+    epochs, max_steps = trainer.get("max_epochs"), int(trainer.get("max_steps", -1))
+    steps = per_epoch * epochs if epochs not in (None, -1) else None
+    if max_steps > 0:
+        steps = max_steps if steps is None else min(steps, max_steps)
+    return steps
+
+
+def check_schedule(cfg: DictConfig, batches_per_epoch: int) -> None:
+    """A learning-rate schedule whose set length is not the run's is refused before
+    training (its decay would end early, or never); a warm-up as long as the run is told."""
+    scheduler = cfg.model.get("scheduler") or {}
+    steps = planned_steps(cfg.trainer, batches_per_epoch)
+    total, warmup = scheduler.get("total_steps"), scheduler.get("warmup_steps")
+    problems = []
+    if steps is not None and total is not None and total != steps:
+        problems.append(f"model.scheduler.total_steps={total} but this run takes {steps} "
+                        "optimizer steps; set model.scheduler.total_steps=null to follow the "
+                        f"run, or {steps}")
+    if problems:
+        raise ConfigError(problems)
+    if steps is not None and warmup is not None and warmup >= steps:  # fine for a smoke run
+        log.warning("model.scheduler.warmup_steps=%d is not shorter than the run (%d steps): "
+                    "the learning rate never reaches its peak", warmup, steps)
+
+
+def callbacks(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def loggers(cfg: DictConfig) -> list | bool:
+    found = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return found or False

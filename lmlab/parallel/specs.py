@@ -1,0 +1,175 @@
+"""One description per strategy: what it shards and offloads, how its checkpoints hold the
+training state, its process mesh, and what it needs before launch.
+
+Every other module (the pre-flight checks, the memory estimate, resume planning, the dry
+run) asks `describe(cfg.trainer)` instead of reading the strategy's `_target_` itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+PARTS = ("parameters", "gradients", "optimizer")
+KINDS = {"fsdp": "fsdp", "ModelParallelStrategy": "model_parallel",
+         "deepspeed": "deepspeed"}  # by the last name of the strategy's `_target_`
+HYBRID = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")  # FSDP modes that replicate across nodes
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What a strategy does with the model's state, on how many processes.
+
+    Attributes:
+        kind: `replicated` (one device, DDP), `fsdp`, `model_parallel` (FSDP2 and tensor
+            parallel) or `deepspeed`.
+        world: processes in all (devices x nodes).
+        tensor_parallel: processes that split each layer; the rest is data parallelism.
+        sharded: parts of the training state divided among the data-parallel ranks.
+        offloaded: parts kept in CPU memory instead of on the device.
+        master_weights: keeps a float32 copy of the weights with the optimizer state.
+        bucket_elements: elements of gradient-reduction buffer allocated up front.
+        arguments: the strategy's config node (empty for a named strategy such as `auto`).
+    """
+
+    kind: str
+    world: int
+    tensor_parallel: int
+    sharded: frozenset[str]
+    offloaded: frozenset[str]
+    master_weights: bool
+    bucket_elements: int
+    arguments: DictConfig
+
+    @property
+    def data_parallel(self) -> int:
+        return max(1, self.world // self.tensor_parallel)
+
+    @property
+    def checkpoint_family(self) -> str:
+        """Checkpoints resume exactly only within one family: DeepSpeed's per-rank shards
+        also depend on the stage and the number of processes."""
+        if self.kind == "deepspeed":
+            return f"deepspeed stage {self.arguments.get('stage')} on {self.world} processes"
+        return self.kind
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """`gpu`, `cpu`, ... for a trainer's accelerator; `auto` is the GPU if there is one."""
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if accelerator == "cuda" else accelerator
+
+
+def accelerator(trainer: DictConfig) -> str:
+    return resolve_accelerator(str(trainer.get("accelerator", "auto")))
+
+
+def world_size(trainer: DictConfig) -> int:
+    """Processes the trainer will start; `auto` devices count as 1 on CPU, all GPUs on GPU."""
+    devices = trainer.get("devices", "auto")
+    if devices in ("auto", -1, "-1"):
+        count = torch.cuda.device_count() if accelerator(trainer) == "gpu" else 1
+    elif isinstance(devices, (list, ListConfig)):
+        count = len(devices)
+    elif "," in str(devices):  # "0,1": a list of device indices
+        count = len([d for d in str(devices).split(",") if d.strip()])
+    else:
+        count = int(devices)
+    return max(count, 1) * int(trainer.get("num_nodes", 1))
+
+
+def describe(trainer: DictConfig) -> StrategySpec:
+    """The `StrategySpec` of a trainer config."""
+    arguments = trainer.get("strategy")
+    if not isinstance(arguments, DictConfig):
+        arguments = OmegaConf.create()
+    kind = KINDS.get(str(arguments.get("_target_", "")).rsplit(".", 1)[-1], "replicated")
+    sharded, offloaded = _sharding(kind, arguments)
+    bucket = 0
+    if kind == "deepspeed" and arguments.get("stage") == 3:
+        bucket = int(arguments.get("reduce_bucket_size", 200_000_000))
+    return StrategySpec(kind=kind, world=world_size(trainer),
+                        tensor_parallel=int(arguments.get("tensor_parallel_size", 1)),
+                        sharded=frozenset(sharded), offloaded=frozenset(offloaded),
+                        master_weights=kind == "deepspeed", bucket_elements=bucket,
+                        arguments=arguments)
+
+
+def _sharding(kind: str, arguments: DictConfig) -> tuple[set[str], set[str]]:
+    if kind == "model_parallel":
+        return set(PARTS), set()
+    if kind == "fsdp":
+        mode = str(arguments.get("sharding_strategy", "FULL_SHARD"))
+        by_mode = {"NO_SHARD": set(), "SHARD_GRAD_OP": {"gradients", "optimizer"},
+                   "_HYBRID_SHARD_ZERO2": {"gradients", "optimizer"}}
+        return by_mode.get(mode, set(PARTS)), set()
+    if kind == "deepspeed":
+        sharded = set(PARTS[3 - int(arguments.get("stage", 2)):])
+        offloaded = {part for part, key in [("optimizer", "offload_optimizer"),
+                                            ("parameters", "offload_parameters")]
+                     if arguments.get(key)}
+        return sharded, offloaded
+    return set(), set()
+
+
+def strategy_problems(cfg: DictConfig) -> list[str]:
+    """What the chosen strategy needs that the config or this machine lacks."""
+    spec = describe(cfg.trainer)
+    problems = _mesh_problems(spec, cfg)
+    if spec.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append("DeepSpeed is not installed; install it with "
+                        "pip install -e \".[deepspeed]\" (or pick strategy=fsdp or fsdp2)")
+    if spec.kind == "fsdp" and spec.arguments.get("cpu_offload") \
+            and accelerator(cfg.trainer) == "cpu":
+        problems.append("trainer.strategy.cpu_offload=true needs a GPU (FSDP pins the offloaded "
+                        "memory); drop it on CPU, where everything already is in CPU memory")
+    if spec.kind == "fsdp" and spec.arguments.get("sharding_strategy") in HYBRID \
+            and not str(cfg.trainer.get("devices")).isdigit():
+        problems.append("the hybrid FSDP modes shard over the devices of each node and need "
+                        "their number: set trainer.devices=N")
+    batch = cfg.data.get("batch_size")
+    if isinstance(batch, int) and batch % spec.data_parallel:
+        dp = spec.data_parallel
+        problems.append(f"data.batch_size={batch} is the global batch and must divide evenly "
+                        f"among {dp} data-parallel processes; use a multiple of {dp}")
+    return problems
+
+
+def _mesh_problems(spec: StrategySpec, cfg: DictConfig) -> list[str]:
+    """ModelParallelStrategy (fsdp2, tp) needs a number of devices that its mesh divides;
+    tensor parallelism also needs a model with a plan, whose heads split evenly."""
+    devices = str(cfg.trainer.get("devices"))
+    if spec.kind != "model_parallel":
+        return []
+    if not devices.isdigit():
+        return [f"this strategy needs a number of devices, not {devices!r}; "
+                "set trainer.devices=N"]
+    tp, problems = spec.tensor_parallel, []
+    if tp == 1:
+        return []
+    if int(devices) % tp:
+        problems.append(f"trainer.devices={devices} is not a multiple of "
+                        f"trainer.strategy.tensor_parallel_size={tp}; "
+                        f"use {tp}, {2 * tp}, ... devices")
+    net = cfg.model.get("net") or {}
+    if not getattr(_importable(net.get("_target_")), "tensor_parallel_plan", None):
+        problems.append(f"strategy=tp needs a model that declares a tensor_parallel_plan, and "
+                        f"{net.get('_target_')} has none; use strategy=fsdp2 or ddp for it")
+    heads = net.get("n_head")
+    if isinstance(heads, int) and heads % tp:
+        problems.append(f"model.net.n_head={heads} does not split among "
+                        f"trainer.strategy.tensor_parallel_size={tp} ranks; "
+                        f"use a divisor of {heads}")
+    return problems
+
+
+def _importable(path: str | None):
+    try:
+        return get_object(path) if path else None
+    except Exception:  # noqa: BLE001 - reported by the constructor-argument check
+        return None
