@@ -1,18 +1,21 @@
-"""Language-modelling data: text tokenized once into a cached token file, read by np.memmap.
+"""Language-modelling data: text tokenized once into cached token files, read by np.memmap.
 
-The token file is keyed by a hash of the corpus text and the tokenizer settings, so a second
-run (or every rank of a multi-process run after the first) reuses it, and corpora larger
-than memory work: only the blocks a batch needs are read.
+The cache folder (a token file a split, the tokenizer, the counts) is keyed by a hash of the
+corpus text, the tokenizer settings, the split fractions and the cache's format version, so a
+second run (or every rank of a multi-process run after the first) reuses it, and corpora
+larger than memory work: only the blocks a batch needs are read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ from lmlab.errors import DataError, LmlabError
 log = logging.getLogger(__name__)
 EMBEDDED = "stdlib_source"
 CHUNK_CHARS = 1 << 20  # text is tokenized in pieces of about 1 MB, cut at line ends
+FORMAT = 2  # the cache layout's version, part of its key: bump it when the layout changes
+SPLITS = ("train", "val", "test")
 
 
 def stdlib_source_files() -> list[Path]:
@@ -36,7 +41,7 @@ def stdlib_source_files() -> list[Path]:
 
 
 class Blocks(Dataset):
-    """(input, target) pairs of `block_size` tokens starting at a given offset."""
+    """(input, target) pairs of `block_size` tokens starting at a given offset, weight 1."""
 
     def __init__(self, tokens: np.ndarray, block_size: int):
         self.tokens, self.block_size = tokens, block_size
@@ -46,7 +51,42 @@ class Blocks(Dataset):
 
     def __getitem__(self, offset: int) -> dict[str, torch.Tensor]:
         chunk = torch.from_numpy(self.tokens[offset:offset + self.block_size + 1].astype(np.int64))
-        return {"tokens": chunk[:-1], "targets": chunk[1:]}
+        return {"tokens": chunk[:-1], "targets": chunk[1:], "weight": torch.tensor(1.0)}
+
+
+class Sweep(Dataset):
+    """One rank's share of a deterministic sweep over non-overlapping blocks.
+
+    The sweep's offsets are padded with copies of the first block up to a multiple of
+    `per_device * world`, so every rank gets the same number of full batches (a sharded
+    strategy hangs when one rank runs a batch more than another). Copies have weight 0, real
+    blocks weight 1, and rank r takes blocks r, r + world, ... so the ranks together see
+    every real block exactly once.
+
+    Args:
+        blocks: the split's blocks.
+        per_device: batch size on each rank.
+        world: data-parallel world size.
+        rank: this rank.
+        max_batches: a limit on the sweep's global batches (None: the whole split).
+    """
+
+    def __init__(self, blocks: Blocks, per_device: int, world: int, rank: int,
+                 max_batches: int | None = None):
+        offsets = list(range(0, len(blocks), blocks.block_size))
+        if max_batches:
+            offsets = offsets[:max_batches * per_device * world]
+        padding = -len(offsets) % (per_device * world)
+        weights = [1.0] * len(offsets) + [0.0] * padding
+        offsets += offsets[:1] * padding
+        self.blocks = blocks
+        self.offsets, self.weights = offsets[rank::world], weights[rank::world]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {**self.blocks[self.offsets[index]], "weight": torch.tensor(self.weights[index])}
 
 
 class RandomOffsets(Sampler[int]):
@@ -54,7 +94,8 @@ class RandomOffsets(Sampler[int]):
 
     The global batches are drawn from `seed + epoch` alone, the same on every rank; each rank
     yields its share of each (examples rank, rank + world, ...), so N processes train on the
-    same blocks as one.
+    same blocks as one. Lightning sets the epoch before each training epoch (`set_epoch`),
+    resumed runs included, so a run resumed at epoch k draws epoch k's blocks.
     """
 
     def __init__(self, num_offsets: int, num_batches: int, batch_size: int, seed: int,
@@ -62,9 +103,11 @@ class RandomOffsets(Sampler[int]):
         self.num_offsets, self.num_batches, self.batch_size = num_offsets, num_batches, batch_size
         self.seed, self.num_replicas, self.rank, self.epoch = seed, num_replicas, rank, 0
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
         size = (self.num_batches, self.batch_size)
         offsets = torch.randint(self.num_offsets, size, generator=generator)
         yield from offsets[:, self.rank::self.num_replicas].flatten().tolist()
@@ -73,8 +116,57 @@ class RandomOffsets(Sampler[int]):
         return self.num_batches * len(range(self.rank, self.batch_size, self.num_replicas))
 
 
+def cut_at_lines(pieces: Iterable[str], cuts: Sequence[int]) -> Iterator[tuple[int, str]]:
+    """Cuts a stream of text pieces, each beginning a line, into consecutive parts.
+
+    Part i + 1 begins at the first line start at or after character `cuts[i]` of the
+    stream, so no line is shared by two parts.
+
+    Args:
+        pieces: the text, in order.
+        cuts: ascending character positions.
+
+    Returns:
+        (part index, text) pairs in stream order; a part may get no text.
+    """
+    part, seen = 0, 0
+    for piece in pieces:
+        start = 0
+        while part < len(cuts) and cuts[part] - seen <= len(piece):
+            at = _line_start(piece, max(cuts[part] - seen, start))
+            if at > start:
+                yield part, piece[start:at]
+            part, start = part + 1, at
+        if start < len(piece):
+            yield part, piece[start:]
+        seen += len(piece)
+
+
+def _line_start(piece: str, position: int) -> int:
+    """The first line start at or after `position` (the piece's end counts as one)."""
+    if position == 0 or piece[position - 1] == "\n":
+        return position
+    newline = piece.find("\n", position)
+    return len(piece) if newline < 0 else newline + 1
+
+
+def publish(tmp: Path, folder: Path) -> None:
+    """Moves a finished folder into place in one rename, so readers see all of it or none.
+    Another process building the same folder may have won the race: its copy is as good."""
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+
+
 class LMDataModule(ShardedDataModule):
     """Token blocks for causal language modelling.
+
+    The text is cut at line ends into train | val | test (in that order, the last
+    `val_fraction + test_fraction` of the characters held out), the tokenizer is trained on
+    the train part alone, and each part is tokenized into its own token file, with its
+    characters counted, so bits per character use the split's own characters per token.
 
     Args:
         tokenizer: the tokenizer to train on the corpus.
@@ -86,9 +178,12 @@ class LMDataModule(ShardedDataModule):
         cache_dir: where token files are kept.
         block_size: tokens per training example (the model's context).
         batch_size: global batch size, divided evenly among the devices.
-        val_fraction: the last share of the token stream held out for validation.
+        val_fraction: the share of the text, after train, held out for validation (it
+            chooses the best checkpoint).
+        test_fraction: the last share of the text, held out for the final test.
         train_batches: batches of random blocks in one training epoch.
-        val_batches: batches of the deterministic validation sweep (null: the whole split).
+        val_batches: batches of the deterministic validation and test sweeps (null: the
+            whole split).
         num_workers: DataLoader worker processes.
         seed: seed of the random blocks.
         load_from: a run folder whose saved tokenizer is used instead of training one.
@@ -99,48 +194,70 @@ class LMDataModule(ShardedDataModule):
     def __init__(self, tokenizer: TokenizerSpec, corpus: str | None = EMBEDDED,
                  files: str | list[str] | None = None, data_dir: str = "data",
                  cache_dir: str = ".cache/lmlab", block_size: int = 64, batch_size: int = 12,
-                 val_fraction: float = 0.1, train_batches: int = 1000,
-                 val_batches: int | None = None, num_workers: int = 0, seed: int = 0,
-                 load_from: str | None = None):
+                 val_fraction: float = 0.1, test_fraction: float = 0.05,
+                 train_batches: int = 1000, val_batches: int | None = None,
+                 num_workers: int = 0, seed: int = 0, load_from: str | None = None):
         super().__init__()
         self.tokenizer_spec, self.load_from = tokenizer, load_from
         self.corpus, self.files = corpus, files
         self.data_dir, self.cache_dir = Path(data_dir), Path(cache_dir)
         self.block_size, self.batch_size = block_size, batch_size
-        self.val_fraction = val_fraction
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_batches, self.val_batches = train_batches, val_batches
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, np.ndarray] = {}
-        self.chars_per_token = 1.0
+        self.chars_per_token: dict[str, float] = {}
+        self.cache_folder: Path | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def prepare_data(self) -> None:
+        """Builds the token cache unless it exists (Lightning: once per node, before setup)."""
+        folder = self._find_cache()
+        if folder.is_dir():
+            log.info("reusing token cache %s", folder)
+        else:
+            self._build_cache(self._paths(), folder)
+
     def setup(self, stage: str | None = None) -> None:
+        """Reads the token cache (building it first when called without `prepare_data`).
+
+        Raises:
+            LmlabError: a split is shorter than one block.
+        """
         if self.splits:
             return
-        paths = self._paths()
-        folder = self.cache_dir / self._cache_key(paths)
-        if not (folder / "tokens.bin").is_file():
-            self._build_cache(paths, folder)
-        else:
-            log.info("reusing token cache %s", folder)
-        self.cache_folder = folder
+        folder = self._find_cache()
+        if not folder.is_dir():  # called alone: tests, lmlab.evaluate, the dry run
+            self.prepare_data()
         meta = json.loads((folder / "meta.json").read_text())
-        self.tokenizer = Tokenizer.load(Path(self.load_from or folder) / "tokenizer.json")
-        tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
-        cut = int(len(tokens) * (1 - self.val_fraction))
-        self.splits = {"train": tokens[:cut], "val": tokens[cut:], "test": tokens[cut:]}
-        self.chars_per_token = meta["chars"] / max(len(tokens), 1)
-        for split, part in self.splits.items():
-            if len(part) <= self.block_size:
-                raise LmlabError(f"the {split} split has {len(part)} tokens, fewer than one "
-                                 f"block of {self.block_size}; use more text or a smaller "
-                                 "block_size / val_fraction")
+        counts = meta["splits"]
+        for split in SPLITS:
+            self._check_size(split, counts[split]["tokens"])
+        self.tokenizer = Tokenizer.load(folder / "tokenizer.json")
+        self.splits = {split: np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
+                       for split in SPLITS}
+        self.chars_per_token = {split: c["chars"] / c["tokens"] for split, c in counts.items()}
+        total = sum(c["chars"] for c in counts.values())
+        log.info("train %s / val %s / test %s of the text: %d / %d / %d tokens",
+                 *(f"{counts[s]['chars'] / total:.0%}" for s in SPLITS),
+                 *(counts[s]["tokens"] for s in SPLITS))
+
+    def _check_size(self, split: str, tokens: int) -> None:
+        if tokens > self.block_size:
+            return
+        fix = ("smaller data.val_fraction / data.test_fraction" if split == "train"
+               else f"larger data.{split}_fraction")
+        raise LmlabError(f"the {split} split has {tokens} tokens, fewer than one block of "
+                         f"{self.block_size}; use more text, a smaller data.block_size or a "
+                         f"{fix}")
 
     def model_args(self) -> dict:
+        """The vocabulary size, and characters per token of each split (for bits per
+        character)."""
         return {"net": {"vocab_size": self.vocab_size}, "chars_per_token": self.chars_per_token}
 
     def model_objects(self) -> dict:
@@ -175,8 +292,9 @@ class LMDataModule(ShardedDataModule):
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             rows = load_hub_dataset(self.corpus[3:])["train"]["text"]
-            path.with_suffix(".tmp").write_text("\n".join(rows), encoding="utf-8")
-            path.with_suffix(".tmp").replace(path)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text("\n".join(rows), encoding="utf-8")
+            os.replace(tmp, path)
         return path
 
     def _texts(self, paths: list[Path]) -> Iterator[str]:
@@ -186,34 +304,61 @@ class LMDataModule(ShardedDataModule):
                 while piece := f.read(CHUNK_CHARS):
                     yield piece + f.readline()
 
+    def _saved_tokenizer(self) -> Path:
+        path = Path(self.load_from) / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(path, "no saved tokenizer", fix="pass the folder of a run of "
+                            "lmlab.run (it saves tokenizer.json there)")
+        return path
+
+    def _find_cache(self) -> Path:
+        """The cache folder of this corpus, tokenizer and split (its hash read once)."""
+        if self.cache_folder is None:
+            self.cache_folder = self.cache_dir / self._cache_key(self._paths())
+        return self.cache_folder
+
     def _cache_key(self, paths: list[Path]) -> str:
-        digest = hashlib.sha1()
+        digest = hashlib.sha1(f"format {FORMAT}\n".encode())
         for piece in self._texts(paths):
             digest.update(piece.encode())
-        spec = self.load_from or f"{type(self.tokenizer_spec).__name__}{vars(self.tokenizer_spec)}"
-        digest.update(str(spec).encode())
+        if self.load_from:
+            digest.update(self._saved_tokenizer().read_bytes())
+        else:
+            spec = self.tokenizer_spec
+            digest.update(f"{type(spec).__name__}{vars(spec)}".encode())
+        digest.update(f"val {self.val_fraction} test {self.test_fraction}".encode())
         name = self.corpus or Path(paths[0]).stem
         return f"{name}-{digest.hexdigest()[:16]}"
 
     def _build_cache(self, paths: list[Path], folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        """Writes the tokenizer, one token file a split and their counts into a private
+        folder, then publishes it whole."""
+        self._check_fractions()
+        total = sum(len(piece) for piece in self._texts(paths))
+        held_out = self.val_fraction + self.test_fraction
+        cuts = [round(total * (1 - held_out)), round(total * (1 - self.test_fraction))]
         if self.load_from:
-            tokenizer = Tokenizer.load(Path(self.load_from) / "tokenizer.json")
-        else:
-            tokenizer = self.tokenizer_spec.fit(self._texts(paths))
-        dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
-        tmp = folder / f"tokens.bin.{os.getpid()}.tmp"
-        chars = count = 0
-        with open(tmp, "wb") as out:
-            for piece in self._texts(paths):
-                ids = np.asarray(tokenizer.encode(piece), dtype=dtype)
-                out.write(ids.tobytes())
-                chars, count = chars + len(piece), count + len(ids)
-        tokenizer.save(folder / "tokenizer.json")
-        (folder / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name,
-                                                      "tokens": count, "chars": chars}))
-        os.replace(tmp, folder / "tokens.bin")  # last: its presence means the cache is whole
-        log.info("tokenized %d characters into %d tokens at %s", chars, count, folder)
+            tokenizer = Tokenizer.load(self._saved_tokenizer())
+        else:  # trained on the train part alone: held-out text must stay unseen
+            parts = cut_at_lines(self._texts(paths), cuts)
+            tokenizer = self.tokenizer_spec.fit(text for part, text in parts if part == 0)
+        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            parts = cut_at_lines(self._texts(paths), cuts)
+            meta = write_tokens(tokenizer, parts, tmp)
+            tokenizer.save(tmp / "tokenizer.json")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            publish(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("tokenized %d characters into %s", total, folder)
+
+    def _check_fractions(self) -> None:
+        fractions = (self.val_fraction, self.test_fraction)
+        if not (all(f > 0 for f in fractions) and sum(fractions) < 1):
+            raise LmlabError(f"data.val_fraction={self.val_fraction} and data.test_fraction="
+                             f"{self.test_fraction} must each be above 0 and together below 1")
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -225,19 +370,36 @@ class LMDataModule(ShardedDataModule):
         return DataLoader(blocks, batch_size=self.per_device_batch_size(), sampler=sampler,
                           num_workers=self.num_workers, drop_last=True)
 
-    def _sweep(self, split: str) -> DataLoader:
-        """Non-overlapping blocks from the start of the split, sharded across ranks."""
-        blocks = Blocks(self.splits[split], self.block_size)
-        world, rank = self.world()
-        per_device = self.per_device_batch_size()
-        offsets = list(range(0, len(blocks), self.block_size))
-        if self.val_batches:
-            offsets = offsets[:self.val_batches * per_device * world]
-        return DataLoader(blocks, batch_size=per_device, sampler=offsets[rank::world],
-                          num_workers=self.num_workers)
+    def _sweep(self, split: str, shard: tuple[int, int] | None = None) -> DataLoader:
+        """The split's non-overlapping blocks in order, padded and sharded across ranks.
+
+        Args:
+            split: `val` or `test`.
+            shard: (world size, rank); the attached trainer's if None.
+        """
+        world, rank = shard or self.world()
+        per_device = max(1, self.batch_size // world)  # as per_device_batch_size, for `world`
+        sweep = Sweep(Blocks(self.splits[split], self.block_size), per_device, world, rank,
+                      self.val_batches)
+        return DataLoader(sweep, batch_size=per_device, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._sweep("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._sweep("test")
+
+
+def write_tokens(tokenizer: Tokenizer, parts: Iterable[tuple[int, str]], folder: Path) -> dict:
+    """Encodes each (split index, text) piece into `folder/SPLIT.bin`; returns the layout
+    (format, dtype) and each split's characters and tokens."""
+    dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
+    counts = {split: {"chars": 0, "tokens": 0} for split in SPLITS}
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(folder / f"{split}.bin", "wb")) for split in SPLITS]
+        for part, text in parts:
+            ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+            files[part].write(ids.tobytes())
+            count = counts[SPLITS[part]]
+            count["chars"], count["tokens"] = count["chars"] + len(text), count["tokens"] + len(ids)
+    return {"format": FORMAT, "dtype": np.dtype(dtype).name, "splits": counts}
