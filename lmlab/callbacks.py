@@ -30,15 +30,16 @@ class ResumeHint(Callback):
 
 
 class TensorMemory(Callback):
-    """Logs, per rank, the bytes of all live tensors after the first optimizer step
-    (parameters, gradients and optimizer state, as the strategy shards them, plus the batch).
-    Add it with `+callbacks.memory._target_=lmlab.callbacks.TensorMemory`."""
+    """Logs, per rank, the bytes of all live tensors just before the second optimizer step,
+    when parameters, gradients and optimizer state (as the strategy shards them) are all
+    alive; plus the batch. Add it with `+callbacks.memory._target_=lmlab.callbacks.TensorMemory`
+    and train at least two steps."""
 
     def __init__(self):
         self.bytes = 0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx == 0:
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 1:
             self.bytes = live_tensor_bytes()
-            log.info("live tensor memory on rank %d: %.3f MiB after one step",
+            log.info("live tensor memory on rank %d: %.3f MiB before the second step",
                      trainer.global_rank, self.bytes / 2**20)

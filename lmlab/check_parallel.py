@@ -7,15 +7,20 @@
 Each strategy trains `steps` steps as `python -m lmlab.run` in a process group of its own
 (with `devices` processes, except `cpu` and `gpu`), from the same seed, with dropout off,
 on the same global batches in the same order: lmlab's DataModules split each global batch
-among the ranks. After every step the validation loss (`val_batches` batches, averaged
-over every rank's examples) is printed side by side, and the check fails (exit 2) if any
-strategy's differs from the first one's by more than `tolerance`, relative. Any other
-`key=value` is passed to every run.
+among the ranks. Training uses plain SGD at a constant learning rate `lr`, not the model's
+optimizer: Adam's update hardly depends on the gradient's scale, so a strategy that sums
+gradients over ranks instead of averaging them would pass under Adam. After every step the
+validation loss (`val_batches` batches, averaged over every rank's examples) is printed
+side by side, and the check fails (exit 2) if any strategy's differs from the first one's
+by more than `tolerance`, relative, if a loss is not finite, or if the first one's loss
+never moved `min_change` away from its first value (then no strategy could be told apart). Any other `key=value` is
+passed to every run.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -30,6 +35,12 @@ from lmlab.errors import LmlabError
 from lmlab.run import fail
 
 SINGLE = ("cpu", "gpu", "auto")
+def plain_sgd(lr: float) -> list[str]:
+    """Overrides that train with SGD at a constant learning rate `lr`."""
+    return ["~model.optimizer", f"+model.optimizer={{_target_:torch.optim.SGD,_partial_:true,"
+            f"lr:{lr}}}", "model.scheduler=null"]
+
+
 RUN = ["trainer.max_epochs=-1", "callbacks=none", "logger=csv", "trainer.val_check_interval=1",
        "++trainer.check_val_every_n_epoch=null", "++model.net.dropout=0.0",
        "++trainer.num_sanity_val_steps=0"]
@@ -70,10 +81,19 @@ def run_strategy(strategy: str, devices: int, steps: int, overrides: list[str],
     return val_losses(run_dir)
 
 
-def compare(curves: dict[str, list[float]], tolerance: float) -> list[str]:
-    """Where a strategy's loss curve leaves the first one's by more than `tolerance`."""
+def compare(curves: dict[str, list[float]], tolerance: float, min_change: float = 0.0
+            ) -> list[str]:
+    """Where a strategy's loss curve leaves the first one's by more than `tolerance`, and
+    whether the first one moved by at least `min_change` (relative) at all."""
     reference_name, reference = next(iter(curves.items()))
     problems = []
+    change = max((abs(loss - reference[0]) for loss in reference), default=0.0)
+    change /= abs(reference[0]) if reference else 1.0
+    problems += [f"{name}: step {step} loss {loss}" for name, curve in curves.items()
+                 for step, loss in enumerate(curve) if not math.isfinite(loss)]
+    if change < min_change:
+        problems.append(f"{reference_name}: the loss moved by {change:.2%} only, too little "
+                        "to tell strategies apart; raise steps= or lr=")
     for name, curve in curves.items():
         if len(curve) != len(reference):
             problems.append(f"{name}: {len(curve)} steps logged, {reference_name} "
@@ -95,12 +115,14 @@ def show(curves: dict[str, list[float]]) -> None:
 
 
 def check(strategies: list[str], steps: int = 10, devices: int = 2, tolerance: float = 1e-3,
-          overrides: list[str] = (), timeout: float = 600) -> dict[str, list[float]]:
+          overrides: list[str] = (), timeout: float = 600, lr: float = 0.1,
+          min_change: float = 0.01) -> dict[str, list[float]]:
+    overrides = [*plain_sgd(lr), *overrides]
     with tempfile.TemporaryDirectory(prefix="lmlab-check-") as root:
-        curves = {s: run_strategy(s, devices, steps, list(overrides), Path(root) / s, timeout)
+        curves = {s: run_strategy(s, devices, steps, overrides, Path(root) / s, timeout)
                   for s in strategies}
     show(curves)
-    problems = compare(curves, tolerance)
+    problems = compare(curves, tolerance, min_change)
     if problems:
         raise LmlabError(f"losses differ beyond relative tolerance {tolerance}:\n  "
                          + "\n  ".join(problems))

@@ -1,58 +1,74 @@
-"""The dry run's memory estimate follows each strategy's sharding."""
+"""The dry run's memory estimate against what training really holds.
+
+Each test measures the bytes of every live tensor just before the second optimizer step
+(the `TensorMemory` callback), when gradients and optimizer state are both alive, against
+the estimate's parameters + gradients + optimizer state.
+"""
+
+import re
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from lmlab.memory import activation_bytes, estimate, parameter_counts
+from conftest import ROOT
+from lmlab.build import build_task
+from lmlab.callbacks import TensorMemory
+from lmlab.parallel.memory import activation_bytes, estimate, live_tensor_bytes, local_batch
+from test_parallel import run_isolated
 
 STATE = ("parameters", "gradients", "optimizer")
+GPT = ["model=gpt_tiny", "data=text_files", "data/tokenizer=char", "model.net.n_embd=64",
+       "model.net.n_layer=2", "model.sample_tokens=0", "trainer.max_steps=2",
+       "trainer.max_epochs=-1", "data.train_batches=2", "data.val_batches=1",
+       "data.batch_size=4", "callbacks=none", "logger=none"]
 
 
-@pytest.fixture
-def gpt_estimate(make_cfg):
-    def run(*overrides, dp=2, tp=1):
-        cfg = make_cfg("model=gpt_tiny", "data=stdlib_source", *overrides)
-        task = instantiate(cfg.model, _partial_=True, net={"vocab_size": 64})()
-        batch = {"tokens": torch.randint(64, (4, 16)), "targets": torch.randint(64, (4, 16))}
-        return estimate(cfg, task, batch, dp, tp), task
-    return run
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A few KB of real text: this package's own source."""
+    path = tmp_path_factory.mktemp("text") / "source.txt"
+    path.write_text("".join(p.read_text() for p in sorted((ROOT / "lmlab").glob("*.py"))))
+    return path
 
 
-def test_sharded_strategies_divide_what_they_shard(gpt_estimate):
-    ddp, task = gpt_estimate("strategy=ddp")
-    params = sum(p.numel() for p in task.parameters()) * 4
-    assert ddp["parameters"] == ddp["gradients"] == params and ddp["optimizer"] == 2 * params
-    fsdp2, _ = gpt_estimate("strategy=fsdp2")
-    assert all(fsdp2[part] == ddp[part] / 2 for part in STATE)
-    zero1, _ = gpt_estimate("strategy=deepspeed_zero1")
-    assert zero1["parameters"] == zero1["gradients"] == params
-    assert zero1["optimizer"] == 3 * params / 2  # two moments and the float32 master, halved
-    grad_op, _ = gpt_estimate("strategy=fsdp", "trainer.strategy.sharding_strategy=SHARD_GRAD_OP")
-    assert grad_op["parameters"] == params and grad_op["gradients"] == params / 2
+def estimated_state(cfg) -> float:
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    batch = local_batch(next(iter(data.train_dataloader())), cfg.data.batch_size)
+    memory = estimate(cfg, build_task(cfg, data), batch)
+    return sum(memory[part] for part in STATE)
 
 
-def test_zero3_counts_its_bucket_and_offload_moves_state_to_cpu(gpt_estimate):
-    zero3, task = gpt_estimate("strategy=deepspeed_zero3",
-                               "trainer.strategy.reduce_bucket_size=1000")
-    assert zero3["buffers"] == 4000
-    offload, _ = gpt_estimate("strategy=deepspeed_zero3_offload")
-    assert offload["parameters"] == offload["optimizer"] == 0
-    assert offload["cpu_offloaded"] == zero3["parameters"] + zero3["optimizer"]
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_one_process_holds_what_the_estimate_says(make_cfg, text_file, tmp_path, precision):
+    cfg = make_cfg(*GPT, f"data.files={text_file}", f"paths.cache_dir={tmp_path}",
+                   "strategy=cpu", f"precision={precision}")
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    before = live_tensor_bytes()  # the data's, and whatever earlier tests left alive
+    task, memory = build_task(cfg, data), TensorMemory()
+    trainer = instantiate(cfg.trainer, callbacks=[memory], logger=False,
+                          enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(task, datamodule=data)
+    measured = memory.bytes - before
+    assert measured == pytest.approx(estimated_state(cfg), rel=0.05)
 
 
-def test_half_precision_halves_weights_and_activations(gpt_estimate):
-    full, _ = gpt_estimate("strategy=ddp")
-    half, _ = gpt_estimate("strategy=ddp", "precision=bf16-true")
-    assert half["parameters"] == full["parameters"] / 2
-    assert half["activations"] == full["activations"] / 2
-
-
-def test_tensor_parallel_splits_only_the_planned_layers(gpt_estimate):
-    tp, task = gpt_estimate("strategy=tp", "trainer.devices=2", dp=1, tp=2)
-    total, split = parameter_counts(task.net, 2)
-    assert 0 < split < total  # blocks split; embeddings and norms replicated
-    assert tp["parameters"] == (total - split + split / 2) * 4
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero2"])
+def test_two_sharded_processes_hold_what_the_estimate_says(make_cfg, text_file, tmp_path,
+                                                           strategy):
+    overrides = [*GPT, f"data.files={text_file}", f"paths.cache_dir={tmp_path / 'cache'}",
+                 f"strategy={strategy}", "trainer.devices=2", "trainer.accelerator=cpu"]
+    output = run_isolated(tmp_path / "run", *overrides,
+                          "+callbacks.memory._target_=lmlab.callbacks.TensorMemory")
+    measured = [float(m) * 2**20 for m in
+                re.findall(r"live tensor memory on rank \d: ([\d.]+) MiB", output)]
+    assert len(measured) == 2
+    estimated = estimated_state(make_cfg(*overrides))
+    assert max(measured) == pytest.approx(estimated, rel=0.1)
 
 
 def test_activations_grow_with_the_batch(make_cfg):

@@ -95,11 +95,15 @@ def local_batch(batch: dict, size: int) -> dict:
 
 
 def live_tensor_bytes() -> int:
-    """Bytes of every distinct tensor storage reachable from Python in this process."""
+    """Bytes of every distinct tensor storage reachable from Python in this process, and of
+    the parameters' gradients (which autograd makes without a Python object)."""
     storages = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-            tensor = obj.to_local() if hasattr(obj, "to_local") else obj
+        if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+            continue
+        grad = obj.grad if isinstance(obj, nn.Parameter) else None
+        for tensor in (obj, grad) if grad is not None else (obj,):
+            tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
