@@ -18,8 +18,8 @@ def majority_accuracy(corpus: str, seed: int = 42) -> tuple[list[int], float]:
     data = ClassificationDataModule(WordTokenizer(), corpus=corpus, seed=seed,
                                     data_dir=os.environ.get("LMLAB_DATA_DIR", "data"))
     data.setup()
-    top = Counter(y for _, y in data.datasets["train"]).most_common(1)[0][0]
-    test = [y for _, y in data.datasets["test"]]
+    top = Counter(ex["labels"] for ex in data.datasets["train"]).most_common(1)[0][0]
+    test = [ex["labels"] for ex in data.datasets["test"]]
     sizes = [len(data.datasets[s]) for s in ("train", "val", "test")]
     return sizes, sum(y == top for y in test) / len(test)
 

@@ -10,16 +10,20 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Sampler
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar length (the seed's BucketIterator), split across ranks.
+class BucketBatchSampler(Sampler[list[tuple[int, bool]]]):
+    """Batches of similar length (the seed's BucketIterator), split evenly across ranks.
 
     Training order: shuffle the examples, sort them by length within pools of
     `pool_batches` batches, cut the pools into batches and shuffle the batches. Evaluation
-    order (`shuffle=False`): sort everything by length. Each epoch reseeds from
-    `seed + epoch`, so runs repeat exactly. The global batches are the same whatever the
-    world size: rank r takes examples r, r + world, ... of each, so a step of N processes
-    sees the same examples as a step of one (a global batch smaller than the world is
-    topped up with the first examples).
+    order (`shuffle=False`): sort everything by length. An epoch's order comes from
+    `seed + epoch` alone, the epoch being the last one given to `set_epoch`, so a run
+    resumed at epoch k sees the batches an uninterrupted run sees at epoch k.
+
+    The global batches are the same whatever the world size, and every rank gets the same
+    number of batches with the same number of examples at each step: a global batch is
+    padded up to a multiple of the world size with copies of its own examples, and rank r
+    takes positions r, r + world, ... . Each item is `(index, is_real)`, `is_real` false for
+    a copy, so losses and metrics can count every example exactly once.
 
     Args:
         lengths: length of each example.
@@ -33,35 +37,39 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0, pool_batches: int = 50):
-        self.lengths = torch.as_tensor(lengths)
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.num_replicas, self.rank, self.pool_batches = num_replicas, rank, pool_batches
         self.epoch = 0
+
+    @property
+    def sampler(self) -> BucketBatchSampler:
+        # Lightning calls set_epoch on `dataloader.batch_sampler.sampler`, not on the batch
+        # sampler itself (lightning.fabric.utilities.data._set_sampler_epoch).
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _batches(self) -> list[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        n = len(self.lengths)
         if not self.shuffle:
             order = torch.argsort(self.lengths, stable=True)
             return list(order.split(self.batch_size))
-        order = torch.randperm(n, generator=generator)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
         batches = []
         for pool in order.split(self.batch_size * self.pool_batches):
             pool = pool[torch.argsort(self.lengths[pool], stable=True)]
             batches += list(pool.split(self.batch_size))
         return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches()
-        if self.shuffle:
-            self.epoch += 1  # Lightning does not call set_epoch on batch samplers
-        for batch in batches:
-            if len(batch) < self.num_replicas:
-                batch = torch.cat([batch, batches[0]])[:self.num_replicas]
-            yield batch[self.rank::self.num_replicas].tolist()
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        # A generator: the order is drawn at the first batch, after set_epoch.
+        for batch in self._batches():
+            real = len(batch)
+            padded = -(-real // self.num_replicas) * self.num_replicas
+            copies = batch[torch.arange(padded) % real].tolist()  # real ones first, then copies
+            yield [(copies[i], i < real) for i in range(self.rank, padded, self.num_replicas)]
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)

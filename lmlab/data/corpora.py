@@ -18,13 +18,23 @@ from lmlab.errors import LmlabError
 
 @dataclass(frozen=True)
 class Corpus:
-    """A labelled corpus on disk: where each split lives and how to read it."""
+    """A corpus on disk: where each split lives and how to read it.
 
-    files: dict[str, str]  # split -> path relative to the data directory
+    A split is one file (read with `format`), or line-aligned files, one per field, whose
+    line i together make example i: `{"train": {"en": "translation/multi30k/train.en.gz",
+    "de": "translation/multi30k/train.de.gz"}}` gives records with the fields `en` and `de`.
+    """
+
+    files: dict[str, str | dict[str, str]]  # split -> path, or field -> path; under data_dir
     format: str = "auto"
     text_field: str | list[str] = "text"
     label_field: str = "label"
     label_names: list[str] = field(default_factory=list)
+
+    def all_files(self) -> list[str]:
+        """Every file of every split, relative to the data directory."""
+        return [path for where in self.files.values()
+                for path in ([where] if isinstance(where, str) else where.values())]
 
 
 CLASSIFICATION_CORPORA = {

@@ -1,32 +1,102 @@
-"""Readers for labelled text files: CSV, TSV, JSON lines and `LABEL<space>text` lines.
+"""Readers of text files into records: CSV, TSV, JSON lines, `LABEL<space>text` lines, and
+line-aligned files (one file per field, e.g. `train.en.gz` + `train.de.gz`).
 
-Each reader yields `(text, label, line_number)`, and a malformed line raises a `DataError`
-naming the file and the line.
+A record is the fields of one example plus the file and line it starts at, so every later
+problem (an empty field, an unknown label) names both. What happens to a malformed record is
+decided by a `BadRecords` policy: a `DataError` naming the file and the line (the default),
+or skipped and reported in one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
+import itertools
 import json
+import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from lmlab.errors import DataError
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lmlab.errors import DataError, LmlabError
+
+log = logging.getLogger(__name__)
 FORMATS = ("csv", "tsv", "jsonl", "label_text")
-Example = tuple[str, str, int]
+SHOWN_LOCATIONS = 5  # skipped records listed by file:line in the warning, per file
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example as read: field name -> text, and where it starts."""
+
+    fields: dict[str, str]
+    path: str
+    line: int
+
+
+class BadRecords:
+    """What happens to a malformed record: `error` raises, `skip` drops it and counts it.
+
+    Args:
+        policy: `error` or `skip` (the DataModules' `on_bad_record`).
+
+    Raises:
+        LmlabError: the policy is neither.
+    """
+
+    def __init__(self, policy: str = "error"):
+        if policy not in ("error", "skip"):
+            raise LmlabError(f"data.on_bad_record={policy!r} is not a policy; use error "
+                             "(stop at the first bad record) or skip (drop and count them)")
+        self.policy = policy
+        self.skipped: dict[str, list[tuple[int, str]]] = {}  # file -> (line, problem)
+
+    def __call__(self, path, line: int, problem: str, fix: str) -> None:
+        """Reports the record at `path:line`: raises, or notes it as skipped."""
+        if self.policy == "error":
+            raise DataError(path, problem, line,
+                            fix=f"{fix}; or set data.on_bad_record=skip to drop such records")
+        self.skipped.setdefault(str(path), []).append((line, problem))
+
+    def count(self, path) -> int:
+        return len(self.skipped.get(str(path), []))
+
+    def summary(self) -> str:
+        """One line: how many records were skipped in each file, and the first locations."""
+        parts = []
+        for path, found in self.skipped.items():
+            where = ", ".join(f"{path}:{line}" for line, _ in found[:SHOWN_LOCATIONS])
+            more = ", ..." if len(found) > SHOWN_LOCATIONS else ""
+            parts.append(f"{len(found)} in {path} (at {where}{more}; the first: {found[0][1]})")
+        return "skipped bad records (data.on_bad_record=skip): " + "; ".join(parts)
+
+    def warn(self) -> None:
+        """Logs the summary once (on rank zero), if anything was skipped."""
+        if self.skipped:
+            _warn_once(self.summary())
+
+
+@rank_zero_only
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def open_text(path: Path) -> io.TextIOBase:
-    """Opens a text file, gzip-compressed or not; undecodable bytes become U+FFFD."""
+    """Opens a text file, gzip-compressed or not.
+
+    A UTF-8 byte-order mark is dropped (Excel writes one), undecodable bytes become U+FFFD,
+    and line ends are passed through untranslated, as the csv module needs.
+    """
     if not path.is_file():
         raise DataError(path, "file not found", fix="check the path, or point paths.data_dir "
                         "(env LMLAB_DATA_DIR) at the folder that holds the corpus")
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def guess_format(path: Path) -> str:
@@ -37,65 +107,162 @@ def guess_format(path: Path) -> str:
     return by_extension.get(ext, "label_text")
 
 
-def read_examples(path: Path, format: str, text_field: str | list[str], label_field: str
-                  ) -> list[Example]:
-    """Reads every example of one file.
+def read_records(path: Path, format: str = "auto", bad: BadRecords | None = None
+                 ) -> list[Record]:
+    """Reads every record of one file.
+
+    CSV has strict quoting; TSV is tab-separated with quotes taken literally; both need a
+    header row, and a row with another number of fields than the header is a bad record.
+    JSON lines give each object's keys (non-string values as JSON text, nulls left out);
+    `LABEL<space>text` lines give the fields `label` and `text`. Blank lines are skipped.
 
     Args:
         path: the file, optionally gzip-compressed.
         format: one of `FORMATS`, or `auto` to guess from the file name.
-        text_field: column or key holding the text; a list joins several with a space.
-        label_field: column or key holding the label (unused for `label_text`).
+        bad: the policy for malformed records (default: raise).
 
     Raises:
-        DataError: the file is missing, or a line is malformed.
+        DataError: the file is missing, the format unknown, a CSV quote is never closed or
+            malformed (skipping cannot tell which lines it swallowed), or a record is bad
+            under the `error` policy.
     """
     format = guess_format(path) if format == "auto" else format
     if format not in FORMATS:
         raise DataError(path, f"unknown format {format!r}", fix=f"use one of {FORMATS} or auto")
-    fields = [text_field] if isinstance(text_field, str) else list(text_field)
+    bad = bad or BadRecords()
     with open_text(path) as f:
         if format == "label_text":
-            return list(_label_text(f, path))
+            return list(_label_text(f, str(path), bad))
         if format == "jsonl":
-            return list(_records(_json_lines(f, path), path, fields, label_field))
-        reader = csv.DictReader(f, delimiter="," if format == "csv" else "\t")
-        rows = ((row, reader.line_num) for row in reader)
-        return list(_records(rows, path, fields, label_field))
+            return list(_json_lines(f, str(path), bad))
+        if format == "tsv":
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
+        else:
+            rows = csv.reader(f, strict=True)
+        return list(_table(rows, str(path), bad))
 
 
-def _label_text(f, path: Path) -> Iterator[Example]:
+def read_aligned(paths: dict[str, Path], bad: BadRecords | None = None) -> list[Record]:
+    """Reads line-aligned files: line i of every file together make record i.
+
+    Args:
+        paths: field name -> file (plain or gzip-compressed), e.g. `{"en": ..., "de": ...}`.
+        bad: the policy for a record with an empty line on any side (default: raise).
+
+    Returns:
+        Records located at the first file and their shared line number.
+
+    Raises:
+        DataError: a file is missing, the files have different numbers of lines (both files
+            and both counts named), or a line is empty under the `error` policy.
+    """
+    bad = bad or BadRecords()
+    first = str(next(iter(paths.values())))
+    records = []
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open_text(path)) for path in paths.values()]
+        for number, lines in enumerate(itertools.zip_longest(*files), start=1):
+            if None in lines:
+                _misaligned(paths, files, lines, number)
+            fields = {field: line.strip() for field, line in zip(paths, lines)}
+            empty = [field for field, text in fields.items() if not text]
+            if empty:
+                bad(paths[empty[0]], number, f"empty line (field {empty[0]!r})",
+                    fix="give every line a text, or remove this line from all the files")
+                continue
+            records.append(Record(fields, first, number))
+    return records
+
+
+def _misaligned(paths: dict[str, Path], files: list, lines: tuple, number: int) -> None:
+    """Raises a DataError naming the shortest and the longest file and their line counts."""
+    counts = {str(path): number - (line is None) + sum(1 for _ in f)
+              for path, f, line in zip(paths.values(), files, lines)}
+    short, long = min(counts, key=counts.get), max(counts, key=counts.get)
+    raise DataError(long, f"has no counterpart in {short}: {long} has {counts[long]} lines, "
+                    f"{short} has {counts[short]}", counts[short] + 1,
+                    fix="line-aligned files need one example a line and the same number of "
+                    "lines; find where they drift apart")
+
+
+def _label_text(f, path: str, bad: BadRecords) -> Iterator[Record]:
     for number, line in enumerate(f, start=1):
-        line = line.strip()
-        if not line:
+        parts = line.split(maxsplit=1)
+        if not parts:
             continue
-        label, _, text = line.partition(" ")
-        if not text.strip():
-            raise DataError(path, "expected `LABEL<space>text`, found no text after the label",
-                            number, fix="fix or remove this line")
-        yield text.strip(), label, number
+        if len(parts) == 1:
+            bad(path, number, "expected `LABEL<space>text`, found no text after the label",
+                fix="fix or remove this line")
+            continue
+        yield Record({"label": parts[0], "text": parts[1].strip()}, path, number)
 
 
-def _json_lines(f, path: Path) -> Iterator[tuple[dict, int]]:
+def _json_lines(f, path: str, bad: BadRecords) -> Iterator[Record]:
     for number, line in enumerate(f, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(path, f"not valid JSON ({err.msg})", number,
-                            fix="each line must be one JSON object") from None
-        if not isinstance(record, dict):
-            raise DataError(path, "expected a JSON object", number)
-        yield record, number
+            bad(path, number, f"not valid JSON ({err.msg})",
+                fix="each line must be one JSON object")
+            continue
+        if not isinstance(value, dict):
+            bad(path, number, f"expected a JSON object, found {type(value).__name__}",
+                fix="each line must be one JSON object")
+            continue
+        fields = {key: v if isinstance(v, str) else json.dumps(v)
+                  for key, v in value.items() if v is not None}
+        yield Record(fields, path, number)
 
 
-def _records(rows, path: Path, fields: list[str], label_field: str) -> Iterator[Example]:
-    for row, number in rows:
-        missing = [k for k in [*fields, label_field] if row.get(k) in (None, "")]
-        if missing:
-            raise DataError(path, f"missing or empty field(s) {missing}; the line has "
-                            f"{sorted(k for k in row if k is not None)}", number,
-                            fix="fix the line, or set data.text_field / data.label_field")
-        text = " ".join(str(row[k]).strip() for k in fields)
-        yield text, str(row[label_field]).strip(), number
+def _table(rows, path: str, bad: BadRecords) -> Iterator[Record]:
+    """Records of a CSV or TSV reader, keyed by its header row."""
+    header = None
+    while True:
+        start = rows.line_num + 1  # a quoted field may span lines: name where the record starts
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise _quoting_error(path, start, err) from None
+        if not row:
+            continue
+        if header is None:
+            header = _header(row, path, start)
+        elif len(row) != len(header):
+            bad(path, start, f"{len(row)} field(s) where the header has {len(header)} "
+                f"({', '.join(header)})", fix=_FIELD_COUNT_FIX[rows.dialect.delimiter])
+        else:
+            yield Record(dict(zip(header, row)), path, start)
+
+
+def _header(row: list[str], path: str, line: int) -> list[str]:
+    names = [name.strip() for name in row]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DataError(path, f"the header names column {twice[0]!r} more than once", line,
+                        fix="give every column its own name")
+    return names
+
+
+_FIELD_COUNT_FIX = {
+    ",": 'quote a field that holds commas ("a, b"), or fix the line',
+    "\t": "a TSV field cannot hold a tab; fix the line",
+}
+
+
+def _quoting_error(path: str, line: int, err: csv.Error) -> DataError:
+    if "field larger than field limit" in str(err):
+        return DataError(path, f"a field of this record is longer than {csv.field_size_limit()} "
+                         "characters, usually a quote that is closed many lines later", line,
+                         fix='close the quote; a quote inside a quoted field is written twice '
+                         '("")')
+    if "unexpected end of data" in str(err):
+        return DataError(path, "a quoted field that starts in this record is never closed",
+                         line, fix='close the quote; a quote inside a quoted field is written '
+                         'twice ("")')
+    return DataError(path, f"malformed CSV ({err})", line,
+                     fix='quote the whole field and double the quotes inside it ("a ""b"" c"), '
+                     "or save the file as TSV (data.format=tsv takes quotes literally)")
