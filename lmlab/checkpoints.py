@@ -47,12 +47,14 @@ def export_weights(trainer: L.Trainer, checkpoint: Path, output_dir: Path, confi
 
 
 def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full float32 state dict of a checkpoint file or of a DeepSpeed ZeRO folder."""
+    """The full float32 state dict of a checkpoint file or of a DeepSpeed ZeRO folder
+    (whose consolidation keeps frozen parameters in their training precision)."""
     if checkpoint.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-        return {k.removeprefix("_forward_module."): v for k, v in state.items()}
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 

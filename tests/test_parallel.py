@@ -5,20 +5,26 @@ since DDP inside the pytest process would re-run the test session.
 """
 
 import csv
+import math
 import os
 import sys
 
 import pytest
 
 from conftest import DATA_DIR, ROOT, run_cli
-from lmlab.check_parallel import check, compare, run_subprocess
+from lmlab.check_parallel import check, compare, plain_sgd, run_subprocess
+from lmlab.errors import LmlabError
 
+# Plain SGD at a constant rate: unlike Adam's, its update scales with the gradient, so a
+# reduction that sums over ranks instead of averaging shows in the loss.
 COMMON = ["trainer.max_steps=15", "trainer.max_epochs=-1", "callbacks=none",
-          "model.net.dropout=0.0", "trainer.limit_val_batches=0", "data.batch_size=64"]
+          "model.net.dropout=0.0", "trainer.limit_val_batches=0", "data.batch_size=64",
+          *plain_sgd(5.0)]
 CHECK_DATA = ["data.batch_size=64", "trainer.limit_val_batches=2"]
 LM = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=500",
       "trainer.max_steps=15", "trainer.max_epochs=-1", "data.train_batches=15",
-      "data.val_batches=4", "model.sample_tokens=0"]
+      "data.val_batches=4", "model.sample_tokens=16", *plain_sgd(1.0)]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def run_isolated(run_dir, *overrides, timeout=300):
@@ -46,7 +52,11 @@ def one_process(tmp_path_factory):
     return {"lstm": root / "lstm", "gpt": root / "gpt"}
 
 
-@pytest.mark.slow
+def test_sgd_moves_the_language_model_the_equivalence_tests_compare(one_process):
+    gpt = final_test_metrics(one_process["gpt"])
+    assert gpt["test/loss"] < 0.9 * math.log(500)  # the untrained loss of 500 tokens
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp", "deepspeed_zero2"])
 def test_two_processes_train_the_same_model_as_one(tmp_path, one_process, strategy):
     output = run_isolated(tmp_path, f"strategy={strategy}", "trainer.devices=2",
@@ -57,7 +67,6 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, one_process, strate
     assert one["test/acc"] == pytest.approx(two["test/acc"], abs=1 / 189)  # one example at most
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy,devices,sharded", [
     ("fsdp2", 2, "tensor parallel over 1 ranks, FSDP2 over 2"),
     ("tp", 2, "tensor parallel over 2 ranks, FSDP2 over 1"),
@@ -70,6 +79,7 @@ def test_sharded_language_model_matches_one_process_and_loads_on_one(
     output = run_isolated(tmp_path, f"strategy={strategy}", f"trainer.devices={devices}",
                           "trainer.accelerator=cpu", *LM, f"paths.cache_dir={tmp_path / 'c'}")
     assert sharded is None or sharded in output
+    assert "sample at step 15" in (tmp_path / "run.log").read_text()  # sampled in the loop
     one, many = final_test_metrics(one_process["gpt"]), final_test_metrics(tmp_path)
     assert one["test/loss"] == pytest.approx(many["test/loss"], rel=1e-4)  # from weights.ckpt
     if strategy.startswith("deepspeed"):  # its per-rank folder, consolidated, on one device
@@ -78,19 +88,17 @@ def test_sharded_language_model_matches_one_process_and_loads_on_one(
         assert f"{many['test/loss']:.4f}" in evaluated.stdout
 
 
-@pytest.mark.slow
 def test_resuming_under_another_strategy_carries_the_weights_with_a_warning(tmp_path,
                                                                            one_process):
     final = one_process["lstm"] / "checkpoints" / "final.ckpt"  # written by strategy=cpu
     output = run_isolated(tmp_path, "strategy=fsdp2", "trainer.devices=2",
-                          "trainer.accelerator=cpu", *COMMON, "model.optimizer.lr=0",
+                          "trainer.accelerator=cpu", *COMMON, *plain_sgd(0.0),
                           f"ckpt_path={final}")
     assert "only its weights carry over" in output and "optimizer state" in output
     resumed, source = final_test_metrics(tmp_path), final_test_metrics(one_process["lstm"])
     assert resumed["test/loss"] == pytest.approx(source["test/loss"], rel=1e-5)  # lr 0: as saved
 
 
-@pytest.mark.slow
 def test_the_design_card_command_runs_four_processes(tmp_path):
     output = run_isolated(tmp_path, "model=lstm", "strategy=ddp", "trainer.devices=4",
                           "debug=fast_dev_run")
@@ -110,7 +118,6 @@ def rank_fingerprints(job_dir) -> dict[int, str]:
     return found
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sweep", [
     ["hydra.mode=MULTIRUN", "model.optimizer.lr=1e-3,3e-3", "debug=fast_dev_run"],
     ["sweep=lstm_optuna", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
@@ -129,10 +136,20 @@ def test_sweep_with_ddp_runs_each_job_once_with_one_config_on_every_rank(tmp_pat
         assert (job / "metrics.json").is_file() and (job / ".hydra" / "config.yaml").is_file()
 
 
-@pytest.mark.slow
-def test_check_parallel_prints_agreeing_curves_and_fails_on_a_difference(capsys):
-    curves = check(["cpu", "ddp"], steps=3, overrides=[*CHECK_DATA])
-    assert len(set(curves["cpu"])) == 3  # one loss per step, each after a weight update
+def test_check_parallel_agrees_and_catches_a_gradient_summed_over_ranks(capsys, monkeypatch):
+    curves = check(["cpu", "ddp"], steps=4, overrides=CHECK_DATA, lr=3.0)
+    assert len(set(curves["cpu"])) == 4  # one loss per step, each after a weight update
     assert "agree within" in capsys.readouterr().out
-    shifted = {**curves, "off": [loss * 1.01 for loss in curves["cpu"]]}
-    assert [p.split(":")[0] for p in compare(shifted, 1e-3)] == ["off"] * 3
+    # The negative control: the same check, with DDP's gradients doubled after reduction.
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    doubled = ["+callbacks.fault._target_=faults.ScaleGradients", "+callbacks.fault.factor=2"]
+    with pytest.raises(LmlabError, match="ddp: step 0 loss"):
+        check(["cpu", "ddp"], steps=4, overrides=[*CHECK_DATA, *doubled], lr=3.0)
+
+
+def test_compare_flags_a_shifted_curve_a_flat_one_and_a_non_finite_loss():
+    curves = {"cpu": [2.0, 1.9, 1.8], "off": [2.02, 1.919, 1.818]}
+    assert [p.split(":")[0] for p in compare(curves, 1e-3)] == ["off"] * 3
+    assert "moved by 0.05% only" in compare({"cpu": [2.0, 2.001]}, 1e-3, 0.01)[0]
+    assert compare({"cpu": [2.0, 1.5], "ddp": [2.0, float("nan")]}, 1e-3) == \
+        ["ddp: step 1 loss nan"]
