@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,8 +36,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 
 def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModule:
-    """The task of `cfg`, with the sizes and objects that come from the data."""
-    return instantiate(cfg.model, _partial_=True, **data.model_args())(**data.model_objects())
+    """The task of `cfg`, with what it takes from the data's description."""
+    description = data.describe()
+    sizes = get_class(cfg.model._target_).config_from_data(description)
+    return instantiate(cfg.model, _partial_=True, **sizes)(data=description)
 
 
 def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:

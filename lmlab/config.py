@@ -9,7 +9,6 @@ reported together, each with its fix.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 import importlib.util
@@ -116,8 +115,8 @@ def _unknown_arguments(node: DictConfig, where: str):
 
 def accepted_arguments(target) -> list[str] | None:
     """The keyword arguments `target` takes; None if it takes any. A target that forwards
-    `**kwargs` names where: `config_class` (a dataclass, e.g. GPT's) or `passes_to`
-    (callables, e.g. a strategy factory's strategy class)."""
+    `**kwargs` names where they go in `passes_to` (callables, e.g. a strategy factory's
+    strategy class)."""
     try:
         parameters = inspect.signature(target).parameters
     except (TypeError, ValueError):
@@ -125,8 +124,6 @@ def accepted_arguments(target) -> list[str] | None:
     names = [n for n, p in parameters.items() if p.kind is not p.VAR_KEYWORD]
     if len(names) == len(parameters):
         return names
-    if hasattr(target, "config_class"):
-        return [f.name for f in dataclasses.fields(target.config_class)]
     if hasattr(target, "passes_to"):  # the named arguments of each, together
         return names + [n for t in target.passes_to for n, p in
                         inspect.signature(t).parameters.items() if p.kind is not p.VAR_KEYWORD]

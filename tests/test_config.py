@@ -54,7 +54,7 @@ def build_task(cfg):
     if cfg.data._target_.endswith("LMDataModule"):
         return instantiate(cfg.model, _partial_=True, net={"vocab_size": 40})()
     task = instantiate(cfg.model, _partial_=True, num_classes=3,
-                       net={"vocab_size": 40, "num_classes": 3, "pad_id": 0})(vocab=None)
+                       net={"vocab_size": 40, "num_classes": 3, "pad_id": 0})()
     assert task.net.head.out_features == 3
     return task
 
@@ -63,7 +63,7 @@ def test_overrides_reach_the_objects(make_cfg):
     cfg = make_cfg("model.net.hidden_size=32", "model.optimizer.lr=0.01", "data/tokenizer=char",
                    "precision=bf16-mixed", "strategy=cpu", "data.batch_size=8")
     task = instantiate(cfg.model, _partial_=True, num_classes=2,
-                       net={"vocab_size": 40, "num_classes": 2, "pad_id": 0})(vocab=None)
+                       net={"vocab_size": 40, "num_classes": 2, "pad_id": 0})()
     assert task.net.forward_rnn.hidden_size == 32
     assert task.configure_optimizers().param_groups[0]["lr"] == 0.01
     assert type(instantiate(cfg.data).tokenizer_spec).__name__ == "CharTokenizer"

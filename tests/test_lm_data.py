@@ -76,7 +76,7 @@ def test_bits_per_character_use_each_splits_own_characters_per_token(tmp_path):
     # the code trained the tokenizer, so the held-out capitals are about a byte a token
     assert dm.chars_per_token["val"] < 1.1 and dm.chars_per_token["test"] < 1.1
     assert dm.chars_per_token["train"] > 2.0
-    assert dm.model_args()["chars_per_token"] == dm.chars_per_token
+    assert dm.describe().chars_per_token == dm.chars_per_token
 
 
 def test_the_tokenizer_is_trained_on_the_train_split_alone(tmp_path):

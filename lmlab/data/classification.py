@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lmlab.data.corpora import CLASSIFICATION_CORPORA, Corpus, stdlib_docstrings
+from lmlab.data.description import DataDescription
 from lmlab.data.readers import Record
 from lmlab.data.records import Split, TextRecordsDataModule
 from lmlab.data.tokenizers import TokenizerSpec
@@ -67,15 +68,8 @@ class ClassificationDataModule(TextRecordsDataModule):
     def num_classes(self) -> int:
         return len(self.labels)
 
-    def model_args(self) -> dict:
-        """Config values that the task and its net take from the data."""
-        net = {"vocab_size": self.vocab_size, "num_classes": self.num_classes,
-               "pad_id": self.tokenizer.pad_id}
-        return {"num_classes": self.num_classes, "net": net}
-
-    def model_objects(self) -> dict:
-        """Python objects that the task takes from the data, passed as they are."""
-        return {"vocab": self.tokenizer.vocab}
+    def describe(self) -> DataDescription:
+        return DataDescription(self.tokenizer, classes=tuple(self.labels))
 
     def save(self, folder: Path) -> None:
         """Writes what evaluation needs to rebuild this data: tokenizer and label set."""

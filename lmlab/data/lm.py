@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmlab.data.batching import ShardedDataModule
 from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, load_hub_dataset, stdlib_files
+from lmlab.data.description import DataDescription
 from lmlab.data.readers import open_text
 from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
 from lmlab.errors import DataError, LmlabError
@@ -255,13 +256,8 @@ class LMDataModule(ShardedDataModule):
                          f"{self.block_size}; use more text, a smaller data.block_size or a "
                          f"{fix}")
 
-    def model_args(self) -> dict:
-        """The vocabulary size, and characters per token of each split (for bits per
-        character)."""
-        return {"net": {"vocab_size": self.vocab_size}, "chars_per_token": self.chars_per_token}
-
-    def model_objects(self) -> dict:
-        return {"tokenizer": self.tokenizer}
+    def describe(self) -> DataDescription:
+        return DataDescription(self.tokenizer, chars_per_token=dict(self.chars_per_token))
 
     def save(self, folder: Path) -> None:
         self.tokenizer.save(folder / "tokenizer.json")

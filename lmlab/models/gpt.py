@@ -19,17 +19,17 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B,
 
 @dataclass
 class GPTConfig:
-    """Sizes and switches of a GPT; `conf/model/gpt_*.yaml` set them."""
+    """Sizes and switches of a GPT, as its constructor takes them."""
 
-    vocab_size: int = 256  # rows of the token embedding (from the tokenizer)
-    block_size: int = 64  # longest context
-    n_layer: int = 4  # decoder blocks
-    n_head: int = 4  # attention heads
-    n_embd: int = 128  # model width
-    dropout: float = 0.0  # on attention weights, residual branches and embeddings
-    bias: bool = True  # biases in linear layers and LayerNorms
-    positions: str = "learned"  # learned | rope
-    rope_base: float = 10_000.0  # RoPE frequency base
+    vocab_size: int  # rows of the token embedding (from the tokenizer)
+    block_size: int  # longest context
+    n_layer: int  # decoder blocks
+    n_head: int  # attention heads
+    n_embd: int  # model width
+    dropout: float  # on attention weights, residual branches and embeddings
+    bias: bool  # biases in linear layers and LayerNorms
+    positions: str  # learned | rope
+    rope_base: float  # RoPE frequency base
 
 
 class CausalSelfAttention(nn.Module):
@@ -108,10 +108,18 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only transformer language model: tokens (B, T) to next-token logits (B, T, V).
 
-    Args: the fields of `GPTConfig`, as keywords.
+    Args:
+        vocab_size: rows of the token embedding (from the tokenizer).
+        block_size: longest context.
+        n_layer: decoder blocks.
+        n_head: attention heads.
+        n_embd: model width.
+        dropout: on attention weights, residual branches and embeddings.
+        bias: biases in linear layers and LayerNorms.
+        positions: `learned` or `rope` (rotary).
+        rope_base: RoPE frequency base.
     """
 
-    config_class = GPTConfig  # the keyword arguments it takes
     block_classes = (Block,)
     # Tensor-parallel plan, by module path pattern (Megatron style): the layers that widen
     # are split by output columns (attention by heads), the layers that narrow by input
@@ -122,9 +130,12 @@ class GPT(nn.Module):
         "blocks.*.mlp.fc": "colwise", "blocks.*.mlp.proj": "rowwise",
     }
 
-    def __init__(self, **kwargs):
+    def __init__(self, vocab_size: int = 256, block_size: int = 64, n_layer: int = 4,
+                 n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
+                 positions: str = "learned", rope_base: float = 10_000.0):
         super().__init__()
-        self.config = config = GPTConfig(**kwargs)
+        self.config = config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd,
+                                         dropout, bias, positions, rope_base)
         self.block_size = config.block_size
         if config.positions not in ("learned", "rope"):
             raise ValueError(f"positions must be learned or rope, not {config.positions!r}")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lmlab.data.description import DataDescription
 from lmlab.parallel.sharding import shard
 
 
@@ -63,6 +64,12 @@ class Task(L.LightningModule):
         loss = mean.compute()
         mean.reset()
         return loss
+
+    @classmethod
+    def config_from_data(cls, data: DataDescription) -> dict:
+        """Config values of this task and its net that the data decides (vocabulary size,
+        classes, ...), merged into the model config before it is instantiated."""
+        return {}
 
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # set by ModelParallelStrategy (strategy=fsdp2)

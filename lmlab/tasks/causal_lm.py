@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.data.description import DataDescription
 from lmlab.models.sampling import generate
 from lmlab.tasks.base import Task, example_weights
 
@@ -25,24 +26,25 @@ class CausalLMTask(Task):
         optimizer: a partial optimizer, called with parameter groups.
         scheduler: a partial LR scheduler, called with the optimizer, stepped every step.
         weight_decay: applied to weight matrices only, never to norms, biases or embeddings.
-        chars_per_token: characters of text per token of each split (from the DataModule),
-            for bits per character; one number for all splits is accepted too.
         sample_tokens: length of the sample printed after each validation (0: none).
-        tokenizer: decodes the sample (from the DataModule).
+        data: the data's description: its tokenizer decodes the sample, and each split's
+            characters per token turn the loss into bits per character.
     """
 
     kind = "lm"  # the data it needs
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 weight_decay: float = 0.1, chars_per_token: float | dict = 1.0,
-                 sample_tokens: int = 200, tokenizer=None):
+                 weight_decay: float = 0.1, sample_tokens: int = 200,
+                 data: DataDescription | None = None):
         super().__init__(net, optimizer, scheduler)
-        if not isinstance(chars_per_token, (int, float)):
-            # plain floats, not a DictConfig: checkpoints then load with weights_only=True
-            chars_per_token = {split: float(v) for split, v in chars_per_token.items()}
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "tokenizer"])
-        self.weight_decay, self.chars_per_token = weight_decay, chars_per_token
-        self.sample_tokens, self.tokenizer = sample_tokens, tokenizer
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
+        self.weight_decay, self.sample_tokens = weight_decay, sample_tokens
+        self.tokenizer = data.tokenizer if data is not None else None
+        self.chars_per_token = data.chars_per_token if data is not None else {}
+
+    @classmethod
+    def config_from_data(cls, data: DataDescription) -> dict:
+        return {"net": {"vocab_size": data.vocab_size}}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)
@@ -69,9 +71,7 @@ class CausalLMTask(Task):
             self.log_sample()
 
     def split_chars_per_token(self, split: str) -> float:
-        if isinstance(self.chars_per_token, (int, float)):
-            return float(self.chars_per_token)
-        return float(self.chars_per_token[split])
+        return self.chars_per_token.get(split, 1.0)  # no data: bits per token
 
     def log_sample(self) -> None:
         text = self.sample()

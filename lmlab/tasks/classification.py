@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lmlab.data.description import DataDescription
 from lmlab.data.vectors import load_vectors
 from lmlab.tasks.base import Task, example_weights
 
@@ -28,7 +29,7 @@ class ClassificationTask(Task):
         optimizer: a partial optimizer, called with the parameters.
         scheduler: a partial LR scheduler, called with the optimizer, stepped every step.
         pretrained_vectors: GloVe/word2vec text file to initialise `net.embedding` from.
-        vocab: tokens by id (from the DataModule); needed with `pretrained_vectors`.
+        data: the data's description; its vocabulary is needed with `pretrained_vectors`.
     """
 
     kind = "classification"  # the data it needs
@@ -36,10 +37,11 @@ class ClassificationTask(Task):
 
     def __init__(self, net: nn.Module, num_classes: int, optimizer: Callable,
                  scheduler: Callable | None = None, pretrained_vectors: str | None = None,
-                 vocab: list[str] | None = None):
+                 data: DataDescription | None = None):
         super().__init__(net, optimizer, scheduler)
-        self.save_hyperparameters(ignore=["net", "vocab", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["net", "data", "optimizer", "scheduler"])
         if pretrained_vectors:
+            vocab = data.tokenizer.vocab if data is not None else None
             self.vector_coverage = load_pretrained(net.embedding, pretrained_vectors, vocab)
         metrics = MetricCollection({
             "acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE),
@@ -49,6 +51,13 @@ class ClassificationTask(Task):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    @classmethod
+    def config_from_data(cls, data: DataDescription) -> dict:
+        classes = len(data.classes)
+        return {"num_classes": classes,
+                "net": {"vocab_size": data.vocab_size, "num_classes": classes,
+                        "pad_id": data.pad_id}}
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.net(tokens, lengths)
@@ -79,7 +88,7 @@ def load_pretrained(embedding: nn.Embedding, path: str, vocab: list[str] | None)
         The share of the vocabulary found in the vector file.
     """
     if vocab is None:
-        raise ValueError("pretrained_vectors needs the vocabulary (vocab=tokenizer.vocab)")
+        raise ValueError("pretrained_vectors needs the vocabulary (the data description)")
     vectors, found = load_vectors(path, vocab, embedding.embedding_dim)
     with torch.no_grad():
         embedding.weight[found] = vectors[found]
