@@ -21,14 +21,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from lmlab.cli import did_you_mean, fail, parse_known_args
 from lmlab.errors import LmlabError
-from lmlab.run import fail
 
+STRATEGY_CONFIGS = Path(__file__).resolve().parent.parent / "conf" / "strategy"
 SINGLE = ("cpu", "gpu", "auto")
 RUN = ["trainer.max_epochs=-1", "callbacks=none", "logger=csv", "trainer.val_check_interval=1",
        "++trainer.check_val_every_n_epoch=null", "++model.net.dropout=0.0",
@@ -109,21 +111,39 @@ def check(strategies: list[str], steps: int = 10, devices: int = 2, tolerance: f
     return curves
 
 
+USAGE = ("python -m lmlab.check_parallel strategies=[cpu,ddp,...] [steps=N] [devices=N] "
+         "[tolerance=X] [timeout=SECONDS] [val_batches=N] [key=value ...]")
+
+
+@dataclass
+class CheckArgs:
+    """Options of `python -m lmlab.check_parallel`; any other key=value goes to every run."""
+
+    strategies: list[str] = field(default_factory=lambda: ["cpu", "ddp"])  # the first: reference
+    steps: int = 10  # training steps of each run
+    devices: int = 2  # processes of each multi-process strategy
+    tolerance: float = 1e-3  # relative difference allowed from the first strategy's loss
+    timeout: float = 600  # seconds allowed to each run
+    val_batches: int = 4  # validation batches after each step
+
+
 def parse(argv: list[str]) -> dict:
-    options = {"strategies": "[cpu,ddp]", "steps": "10", "devices": "2", "tolerance": "1e-3",
-               "timeout": "600", "val_batches": "4"}
-    overrides = []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in options:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    return {"strategies": options["strategies"].strip("[]").split(","),
-            "steps": int(options["steps"]), "devices": int(options["devices"]),
-            "tolerance": float(options["tolerance"]), "timeout": float(options["timeout"]),
-            "overrides": [f"trainer.limit_val_batches={int(options['val_batches'])}",
-                          *overrides]}
+    """The keyword arguments of `check` for a command line (see `USAGE`).
+
+    Raises:
+        LmlabError: an option with a value of the wrong type, or an unknown strategy.
+    """
+    args, overrides = parse_known_args(CheckArgs, argv, USAGE)
+    if not args.strategies:
+        raise LmlabError(f"strategies=[] names no strategy\nusage: {USAGE}")
+    known = sorted(p.stem for p in STRATEGY_CONFIGS.glob("*.yaml"))
+    for name in args.strategies:
+        if name not in known:  # found now, not after the runs before it
+            raise LmlabError(f"strategies: no strategy {name!r}{did_you_mean(name, known)}; "
+                             f"the strategies are {', '.join(known)}")
+    return {"strategies": args.strategies, "steps": args.steps, "devices": args.devices,
+            "tolerance": args.tolerance, "timeout": args.timeout,
+            "overrides": [f"trainer.limit_val_batches={args.val_batches}", *overrides]}
 
 
 def main(argv: list[str]) -> None:
@@ -131,9 +151,6 @@ def main(argv: list[str]) -> None:
         check(**parse(argv))
     except LmlabError as err:
         fail(str(err))
-    except ValueError as err:
-        fail(f"{err}\nusage: python -m lmlab.check_parallel strategies=[cpu,ddp,...] "
-             "[steps=N] [devices=N] [tolerance=X] [key=value ...]")
 
 
 if __name__ == "__main__":

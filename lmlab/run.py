@@ -23,10 +23,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from lmlab.checkpoints import export_weights, final_checkpoint, load_weights, plan_resume
+from lmlab.cli import fail
 from lmlab.config import check_config, register_schema, strategy_config, to_yaml, world_size
 from lmlab.errors import LmlabError
 from lmlab.memory import estimate, local_batch
@@ -163,12 +163,6 @@ def report(metrics: dict[str, float], output_dir: Path, best: str) -> None:
     console.print(f"run files:  {output_dir}")
     if best:
         console.print(f"best model: {best}")
-
-
-def fail(message: str) -> None:
-    console = Console(stderr=True, soft_wrap=True)
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    sys.exit(2)
 
 
 def needs_own_process(cfg: DictConfig) -> bool:
