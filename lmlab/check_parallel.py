@@ -1,7 +1,7 @@
 """Strategy equivalence: the same seeded steps give the same losses under every strategy.
 
     python -m lmlab.check_parallel strategies=[cpu,ddp,fsdp,fsdp2,deepspeed_zero2]
-    python -m lmlab.check_parallel model=gpt_tiny data=stdlib_source \\
+    python -m lmlab.check_parallel model=gpt_tiny data=stdlib_source lr=1 \\
         strategies=[cpu,ddp,fsdp2,tp,deepspeed_zero3] steps=20 tolerance=1e-4
 
 Each strategy trains `steps` steps as `python -m lmlab.run` in a process group of its own
@@ -13,8 +13,8 @@ gradients over ranks instead of averaging them would pass under Adam. After ever
 validation loss (`val_batches` batches, averaged over every rank's examples) is printed
 side by side, and the check fails (exit 2) if any strategy's differs from the first one's
 by more than `tolerance`, relative, if a loss is not finite, or if the first one's loss
-never moved `min_change` away from its first value (then no strategy could be told apart). Any other `key=value` is
-passed to every run.
+never moved `min_change` away from its first value (then no strategy could be told apart).
+Any other `key=value` is passed to every run.
 """
 
 from __future__ import annotations
@@ -26,15 +26,19 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from lmlab.cli import did_you_mean, fail, parse_known_args
 from lmlab.errors import LmlabError
-from lmlab.run import fail
 
+STRATEGY_CONFIGS = Path(__file__).resolve().parent.parent / "conf" / "strategy"
 SINGLE = ("cpu", "gpu", "auto")
+
+
 def plain_sgd(lr: float) -> list[str]:
     """Overrides that train with SGD at a constant learning rate `lr`."""
     return ["~model.optimizer", f"+model.optimizer={{_target_:torch.optim.SGD,_partial_:true,"
@@ -115,7 +119,7 @@ def show(curves: dict[str, list[float]]) -> None:
 
 
 def check(strategies: list[str], steps: int = 10, devices: int = 2, tolerance: float = 1e-3,
-          overrides: list[str] = (), timeout: float = 600, lr: float = 0.1,
+          overrides: list[str] = (), timeout: float = 600, lr: float = 3.0,
           min_change: float = 0.01) -> dict[str, list[float]]:
     overrides = [*plain_sgd(lr), *overrides]
     with tempfile.TemporaryDirectory(prefix="lmlab-check-") as root:
@@ -131,21 +135,42 @@ def check(strategies: list[str], steps: int = 10, devices: int = 2, tolerance: f
     return curves
 
 
+USAGE = ("python -m lmlab.check_parallel strategies=[cpu,ddp,...] [steps=N] [devices=N] "
+         "[tolerance=X] [timeout=SECONDS] [val_batches=N] [lr=LR] [min_change=X] [key=value ...]")
+
+
+@dataclass
+class CheckArgs:
+    """Options of `python -m lmlab.check_parallel`; any other key=value goes to every run."""
+
+    strategies: list[str] = field(default_factory=lambda: ["cpu", "ddp"])  # the first: reference
+    steps: int = 10  # training steps of each run
+    devices: int = 2  # processes of each multi-process strategy
+    tolerance: float = 1e-3  # relative difference allowed from the first strategy's loss
+    timeout: float = 600  # seconds allowed to each run
+    val_batches: int = 4  # validation batches after each step
+    lr: float = 3.0  # plain SGD's constant learning rate (the LSTM needs a large one to move)
+    min_change: float = 0.01  # how far the first strategy's loss must move at least
+
+
 def parse(argv: list[str]) -> dict:
-    options = {"strategies": "[cpu,ddp]", "steps": "10", "devices": "2", "tolerance": "1e-3",
-               "timeout": "600", "val_batches": "4"}
-    overrides = []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in options:
-            options[key] = value
-        else:
-            overrides.append(arg)
-    return {"strategies": options["strategies"].strip("[]").split(","),
-            "steps": int(options["steps"]), "devices": int(options["devices"]),
-            "tolerance": float(options["tolerance"]), "timeout": float(options["timeout"]),
-            "overrides": [f"trainer.limit_val_batches={int(options['val_batches'])}",
-                          *overrides]}
+    """The keyword arguments of `check` for a command line (see `USAGE`).
+
+    Raises:
+        LmlabError: an option with a value of the wrong type, or an unknown strategy.
+    """
+    args, overrides = parse_known_args(CheckArgs, argv, USAGE)
+    if not args.strategies:
+        raise LmlabError(f"strategies=[] names no strategy\nusage: {USAGE}")
+    known = sorted(p.stem for p in STRATEGY_CONFIGS.glob("*.yaml"))
+    for name in args.strategies:
+        if name not in known:  # found now, not after the runs before it
+            raise LmlabError(f"strategies: no strategy {name!r}{did_you_mean(name, known)}; "
+                             f"the strategies are {', '.join(known)}")
+    return {"strategies": args.strategies, "steps": args.steps, "devices": args.devices,
+            "tolerance": args.tolerance, "timeout": args.timeout, "lr": args.lr,
+            "min_change": args.min_change,
+            "overrides": [f"trainer.limit_val_batches={args.val_batches}", *overrides]}
 
 
 def main(argv: list[str]) -> None:
@@ -153,9 +178,6 @@ def main(argv: list[str]) -> None:
         check(**parse(argv))
     except LmlabError as err:
         fail(str(err))
-    except ValueError as err:
-        fail(f"{err}\nusage: python -m lmlab.check_parallel strategies=[cpu,ddp,...] "
-             "[steps=N] [devices=N] [tolerance=X] [key=value ...]")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Evaluates a finished run on one device, with the tokenizer and labels it saved.
 
-    python -m lmlab.evaluate outputs/2026-01-01/12-00-00                # best checkpoint
+    python -m lmlab.evaluate outputs/2026-01-01/12-00-00  # best, else last, else weights
     python -m lmlab.evaluate outputs/2026-01-01/12-00-00 ckpt=last data.batch_size=256
     python -m lmlab.evaluate outputs/2026-01-01/12-00-00 ckpt=weights   # the portable file
+
+A dotted `key=value` overrides the run's saved config (`+key=value` adds a key it lacks).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -15,41 +19,127 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoints import WEIGHTS
+from lmlab.build import load_task
+from lmlab.cli import convert, did_you_mean, fail, parse_known_args, report, unknown_key
 from lmlab.errors import LmlabError
-from lmlab.run import fail, load_task, report
+
+USAGE = ("python -m lmlab.evaluate RUN_DIR [ckpt=best|last|weights|PATH] "
+         "[data.batch_size=N ...]")
+NAMES = ("best", "last", "weights")  # the checkpoints of a run, in the order the default tries
+
+
+@dataclass
+class EvaluateArgs:
+    """Arguments of `python -m lmlab.evaluate`, after the run folder."""
+
+    run_dir: str  # the folder `python -m lmlab.run` printed as `run files`
+    ckpt: str | None = None  # best, last, weights or a path; null: best, else last, else weights
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
-    """The saved config of a run, with its paths pointed back at `run_dir`."""
+    """The saved config of a run, with its paths pointed back at `run_dir` and
+    `overrides` (`key=value`, see `override`) applied."""
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise LmlabError(f"{run_dir} is not an lmlab run folder (no .hydra/config.yaml); "
                          "pass the folder that `python -m lmlab.run` printed as `run files`")
     cfg = OmegaConf.load(saved)
     cfg.paths.output_dir = str(run_dir)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    for arg in overrides:
+        override(cfg, arg)
+    return cfg
 
 
-def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
-    """`best`, `last`, `weights` (the run's portable file), or a path, to a checkpoint
-    (a file, or a DeepSpeed folder)."""
+def override(cfg: DictConfig, arg: str) -> None:
+    """Sets `key=value` in an untyped saved config, typed by the value it replaces: a string
+    keeps the text exactly, a number or boolean is converted; a null value, or a key added
+    with `+key=value`, is read as null, true/false or a number when it looks like one.
+
+    Raises:
+        LmlabError: an unknown key (with the closest one), a group of keys or a list, or a
+            value of the wrong type.
+    """
+    key, _, text = arg.partition("=")
+    add, key = key.startswith("+"), key.lstrip("+")
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig):
+        raise LmlabError(f"the run's config has no group of keys {parent_key!r}\nusage: {USAGE}")
+    if leaf not in parent and not add:
+        hint = did_you_mean(leaf, list(parent), f"{parent_key}." if parent_key else "")
+        raise LmlabError(f"the run's config has no key {key!r}{hint}; add one with "
+                         f"+{key}=...\nusage: {USAGE}")
+    current = OmegaConf.to_container(parent, resolve=False).get(leaf)
+    if isinstance(current, dict):
+        raise LmlabError(f"{key} is a group of keys; set one of them, as {key}.NAME=VALUE")
+    if isinstance(current, list):
+        raise LmlabError(f"{key} holds a list, which the command line of evaluate does not set")
+    parent[leaf] = _read(key, text, current)
+
+
+def _read(key: str, text: str, current: object) -> object:
+    if current is None:  # no type to go by
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return {"null": None, "true": True, "false": False}.get(text, text)
+    return convert(key, text, type(current))
+
+
+def run_checkpoints(run_dir: Path) -> dict[str, Path]:
+    """The checkpoints `run_dir` holds (files, or DeepSpeed folders), by name, in the order
+    the default tries them."""
     folder = run_dir / "checkpoints"
-    candidates = {"best": sorted(folder.glob("best-*.ckpt")), "last": [folder / "last.ckpt"],
-                  "weights": [run_dir / WEIGHTS]}
-    paths = candidates.get(ckpt, [Path(ckpt)])
-    if not paths or not paths[-1].exists():
-        raise LmlabError(f"no {ckpt} checkpoint in {run_dir}; pass ckpt=best, ckpt=last, "
-                         "ckpt=weights or a path")
-    return paths[-1]
+    best = sorted(folder.glob("best-*.ckpt"))
+    paths = {"best": best[-1] if best else None, "last": folder / "last.ckpt",
+             "weights": run_dir / WEIGHTS}
+    return {name: path for name, path in paths.items() if path and path.exists()}
 
 
-def evaluate(run_dir: str | Path, ckpt: str = "best", overrides: list[str] = ()) -> dict:
-    """Tests a run's checkpoint and returns the test metrics."""
+def find_checkpoint(run_dir: Path, ckpt: str | None,
+                    command: Callable[[str | None, Path | None], str]) -> Path:
+    """The checkpoint `ckpt` names in `run_dir`: `best`, `last`, `weights` or a path; None
+    takes the best, else the last, else `weights.ckpt`, and says which on stderr.
+
+    Args:
+        run_dir: the run's folder.
+        ckpt: a name, a path, or None.
+        command: the command line that uses the checkpoint of a name and path (None, None:
+            the default one), shown when `ckpt` is absent.
+
+    Raises:
+        LmlabError: `ckpt` does not exist; names the checkpoints there are, with the command.
+    """
+    found = run_checkpoints(run_dir)
+    if not ckpt and found:
+        name, path = next(iter(found.items()))
+        skipped = " or ".join(NAMES[:NAMES.index(name)])
+        sys.stderr.write(f"checkpoint: {path} ({name}"
+                         + (f"; the run has no {skipped} checkpoint)\n" if skipped else ")\n"))
+        return path
+    path = found.get(ckpt) if ckpt in NAMES else Path(ckpt) if ckpt else None
+    if path is not None and path.exists():
+        return path
+    if not found:
+        raise LmlabError(f"{run_dir} holds no checkpoint (no checkpoints/best-*.ckpt, "
+                         f"checkpoints/last.ckpt or {WEIGHTS}): it stopped before saving one")
+    missing = f"no {ckpt} checkpoint in {run_dir}" if ckpt in NAMES else f"{ckpt} does not exist"
+    there = ", ".join(str(p.relative_to(run_dir)) for p in found.values())
+    name, path = next(iter(found.items()))
+    raise LmlabError(f"{missing}; the run has {there}: run `{command(name, path)}`, or "
+                     f"`{command(None, None)}` for the best, else the last, else {WEIGHTS}")
+
+
+def evaluate(run_dir: str | Path, ckpt: str | None = None, overrides: list[str] = ()) -> dict:
+    """Tests a run's checkpoint (see `find_checkpoint`) and returns the test metrics."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
+    checkpoint = find_checkpoint(run_dir, ckpt, lambda name, _: f"python -m lmlab.evaluate "
+                                 f"{run_dir}" + (f" ckpt={name}" if name else ""))
     data = instantiate(cfg.data, load_from=str(run_dir))
     data.setup("test")
-    checkpoint = find_checkpoint(run_dir, ckpt)
     task = load_task(cfg, data, checkpoint)
     trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1,
                         precision=cfg.trainer.get("precision", "32-true"), logger=False,
@@ -60,12 +150,12 @@ def evaluate(run_dir: str | Path, ckpt: str = "best", overrides: list[str] = ())
 
 
 def main(argv: list[str]) -> None:
-    if not argv or "=" in argv[0]:
-        fail("usage: python -m lmlab.evaluate RUN_DIR [ckpt=best|last|PATH] [key=value ...]")
-    ckpt = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("ckpt=")), "best")
-    overrides = [a for a in argv[1:] if not a.startswith("ckpt=")]
     try:
-        evaluate(argv[0], ckpt, overrides)
+        args, overrides = parse_known_args(EvaluateArgs, argv, USAGE, positional=("run_dir",))
+        plain = next((a for a in overrides if "." not in a.partition("=")[0]), None)
+        if plain is not None:  # neither an option of evaluate nor a key of the run's config
+            raise unknown_key(plain.partition("=")[0], EvaluateArgs, USAGE)
+        evaluate(args.run_dir, args.ckpt, overrides)
     except LmlabError as err:
         fail(str(err))
 

@@ -1,10 +1,12 @@
 """Generates text from a language model trained by `lmlab.run`, streaming to the terminal.
 
     python -m lmlab.generate ckpt=outputs/2026-01-01/12-00-00 prompt="ROMEO:" max_new_tokens=300
-    python -m lmlab.generate ckpt=path/to/last.ckpt temperature=0 max_new_tokens=100   # greedy
+    python -m lmlab.generate ckpt=outputs/2026-01-01/12-00-00/checkpoints/last.ckpt temperature=0
 
-`ckpt` is a run folder (its best checkpoint is used) or a checkpoint file inside one; the
-run's saved config and tokenizer rebuild the model.
+`ckpt` is a run folder (its best checkpoint, else its last, else its `weights.ckpt`) or a
+checkpoint file inside one; the run's saved config and tokenizer rebuild the model. Every
+`key=value` is the text after the first `=`, exactly: `prompt="ROMEO: hello"` continues
+`ROMEO: hello`, `prompt=123` continues `123`. `temperature=0` decodes greedily.
 """
 
 from __future__ import annotations
@@ -16,21 +18,23 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lmlab.checkpoints import read_state_dict
+from lmlab.cli import fail, parse_args
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.evaluate import find_checkpoint, load_run_config
 from lmlab.models.sampling import generate
-from lmlab.run import fail
+
+USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
+         "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]")
 
 
 @dataclass
 class GenerateConfig:
     """Arguments of `python -m lmlab.generate`, given as key=value."""
 
-    ckpt: str = "???"  # a run folder or a checkpoint file in one
+    ckpt: str  # a run folder or a checkpoint file in one
     prompt: str = "\n"  # text to continue
     max_new_tokens: int = 200  # how many tokens to produce
     temperature: float = 0.8  # 0 for greedy decoding
@@ -46,7 +50,8 @@ def load_model(ckpt: str, device: str = "cpu") -> tuple[torch.nn.Module, Tokeniz
     path = Path(ckpt)
     run_dir = next((p for p in (path, *path.parents) if (p / ".hydra").is_dir()), path)
     cfg = load_run_config(run_dir)
-    checkpoint = find_checkpoint(run_dir, "best" if path == run_dir else str(path))
+    command = lambda _, found: f"python -m lmlab.generate ckpt={found or run_dir}"  # noqa: E731
+    checkpoint = find_checkpoint(run_dir, None if path == run_dir else str(path), command)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
     net = instantiate(cfg.model.net, vocab_size=tokenizer.vocab_size)
     state = read_state_dict(checkpoint)
@@ -85,18 +90,9 @@ def stream(args: GenerateConfig) -> str:
 
 def main(argv: list[str]) -> None:
     try:
-        args = OmegaConf.merge(OmegaConf.structured(GenerateConfig),
-                               OmegaConf.from_dotlist(argv))
-        if args.ckpt == "???":
-            raise LmlabError("give ckpt=RUN_DIR or ckpt=PATH/TO/FILE.ckpt")
-        stream(OmegaConf.to_object(args))
+        stream(parse_args(GenerateConfig, argv, USAGE))
     except LmlabError as err:
         fail(str(err))
-    except Exception as err:  # OmegaConf: unknown key or wrong type on the command line
-        if type(err).__module__.startswith("omegaconf"):
-            fail(f"{err}\nusage: python -m lmlab.generate ckpt=RUN_DIR [prompt=...] "
-                 "[max_new_tokens=N] [temperature=T] [top_k=K] [top_p=P] [seed=S]")
-        raise
 
 
 if __name__ == "__main__":

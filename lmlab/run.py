@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -19,12 +18,10 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from lmlab.build import build, load_task
 from lmlab.checkpoints import export_weights, final_checkpoint, load_weights, plan_resume
+from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
@@ -93,26 +90,6 @@ def fingerprint(cfg: DictConfig) -> str:
 
 def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=1))
-
-
-def report(metrics: dict[str, float], output_dir: Path, best: str) -> None:
-    """Prints the final metrics and where the run's files are."""
-    table = Table(title="test metrics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in sorted(metrics.items()):
-        table.add_row(name, f"{value:.4f}")
-    console = Console()
-    console.print(table)
-    console.print(f"run files:  {output_dir}")
-    if best:
-        console.print(f"best model: {best}")
-
-
-def fail(message: str) -> None:
-    console = Console(stderr=True, soft_wrap=True)
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -1,7 +1,10 @@
-"""`python -m lmlab.run` and `python -m lmlab.evaluate` end to end, in fresh processes."""
+"""The command lines: `python -m lmlab.run`, `lmlab.evaluate` and `lmlab.generate` end to end
+in fresh processes, and the `key=value` parsing of the entry points that are not Hydra apps."""
 
 import csv
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -9,8 +12,15 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import DATA_DIR, ROOT, needs_data, run_cli
+from lmlab.check_parallel import parse
+from lmlab.cli import parse_args, parse_known_args
+from lmlab.errors import LmlabError
+from lmlab.evaluate import EvaluateArgs, find_checkpoint, override
+from lmlab.generate import GenerateConfig
+from lmlab.generate import main as generate_main
 
 
 def run(tmp_path, *overrides, expect_ok=True, **kwargs):
@@ -190,3 +200,158 @@ def test_pretrained_vectors_through_the_cli_log_their_coverage(tmp_path):
         "model.net.freeze_embeddings=true")
     log_text = (tmp_path / "run" / "run.log").read_text()
     assert "pretrained vectors" in log_text and "cover 5 of" in log_text
+
+
+# --- key=value command lines of evaluate, generate and check_parallel -----------------------
+
+TINY_LM = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=300",
+           "trainer.max_steps=3", "trainer.max_epochs=-1", "data.train_batches=3",
+           "data.val_batches=2", "model.sample_tokens=0"]
+# Texts that YAML, OmegaConf or a shell-minded parser would read as something else.
+TEXTS = ["ROMEO:", "ROMEO: hello", "a: b: c", "123", "null", "[a]", "~", "true", "  spaced  ",
+         "1e-3", "", "x=y", "{a: 1}", "'quoted'", "${oc.env:HOME}", "-"]
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A tiny language-model run with the default callbacks (best and last checkpoints)."""
+    folder = tmp_path_factory.mktemp("lm_run")
+    run(folder, *TINY_LM, f"paths.cache_dir={folder / 'cache'}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bare_lm_run(tmp_path_factory):
+    """The same run with `callbacks=none`: no best or last checkpoint, only weights.ckpt."""
+    folder = tmp_path_factory.mktemp("bare_lm_run")
+    run(folder, *TINY_LM, "callbacks=none", f"paths.cache_dir={folder / 'cache'}")
+    return folder
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_text_argument_keeps_exactly_the_text_typed(text):
+    args = parse_args(GenerateConfig, [f"ckpt={text}", f"prompt={text}", f"device={text}"], "u")
+    assert (args.ckpt, args.prompt, args.device) == (text, text, text)
+    own, _ = parse_known_args(EvaluateArgs, [f"run_dir={text}", f"ckpt={text}"], "u")
+    assert own.run_dir == text and own.ckpt == (None if text == "null" else text)
+    if text and "=" not in text:
+        assert parse_args(EvaluateArgs, [text], "u", positional=("run_dir",)).run_dir == text
+
+
+def test_other_arguments_are_converted_by_their_type():
+    args = parse_args(GenerateConfig, ["ckpt=r", "top_k=null", "top_p=0.9", "temperature=0",
+                                       "use_cache=false", "max_new_tokens=7"], "u")
+    assert (args.top_k, args.top_p, args.temperature, args.use_cache, args.max_new_tokens) == \
+        (None, 0.9, 0.0, False, 7)
+    options = parse(["strategies=[cpu, fsdp2]", "steps=3", "model=gpt_tiny", "data.x=a: b"])
+    assert options["strategies"] == ["cpu", "fsdp2"] and options["steps"] == 3
+    assert options["overrides"][1:] == ["model=gpt_tiny", "data.x=a: b"]  # passed on as typed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["ckpt=r", "max_new_tokens=ten"], "max_new_tokens='ten' is not an integer"),
+    (["ckpt=r", "top_k=1.5"], "top_k='1.5' is not an integer or null"),
+    (["ckpt=r", "use_cache=maybe"], "use_cache='maybe' is not true or false"),
+    (["ckpt=r", "tempreature=1"], "unknown argument 'tempreature' (did you mean 'temperature'?)"),
+    (["prompt=hi"], "missing ckpt=..."),
+    (["ckpt=r", "hello"], "expected key=value, got 'hello'"),
+])
+def test_a_bad_argument_is_one_line_naming_it(argv, message):
+    with pytest.raises(LmlabError) as caught:
+        parse_args(GenerateConfig, argv, "python -m lmlab.generate ckpt=RUN_DIR")
+    assert str(caught.value).splitlines()[0] == message
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["steps=5.5"], "steps='5.5' is not an integer"),
+    (["strategies=[cpu,dpp]"], "strategies: no strategy 'dpp' (did you mean 'ddp'?)"),
+])
+def test_check_parallel_refuses_bad_options_before_any_run(argv, message):
+    with pytest.raises(LmlabError, match=re.escape(message)):
+        parse(argv)
+
+
+def test_evaluate_overrides_are_typed_by_the_saved_value():
+    cfg = OmegaConf.create({"data": {"batch_size": 64, "files": {"train": "a.csv"},
+                                     "max_length": None, "shuffle": True}})
+    for arg in ("data.batch_size=256", "data.files.train=a: b: c", "data.max_length=128",
+                "data.shuffle=false", "+data.files.test=2024.csv"):
+        override(cfg, arg)
+    assert OmegaConf.to_container(cfg) == {"data": {
+        "batch_size": 256, "files": {"train": "a: b: c", "test": "2024.csv"},
+        "max_length": 128, "shuffle": False}}
+    for arg, message in [("data.bach_size=3", "did you mean 'data.batch_size'?"),
+                         ("data.batch_size=x", "data.batch_size='x' is not an integer"),
+                         ("data.files=x", "data.files is a group of keys"),
+                         ("dta.batch_size=3", "no group of keys 'dta'")]:
+        with pytest.raises(LmlabError, match=re.escape(message)):
+            override(cfg, arg)
+
+
+def test_the_readme_prompt_example_generates(lm_run):
+    # The case: `python -m lmlab.generate ckpt=RUN prompt="ROMEO:"` was refused.
+    result = run_cli(f"ckpt={lm_run}", "prompt=ROMEO:", "max_new_tokens=5", "temperature=0",
+                     module="lmlab.generate", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ROMEO:") and "5 tokens in" in result.stderr
+    assert f"checkpoint: {next((lm_run / 'checkpoints').glob('best-*.ckpt'))} (best)" in \
+        result.stderr
+
+
+@pytest.mark.parametrize("text", [t for t in TEXTS if t])
+def test_every_prompt_is_continued_as_typed(lm_run, capsys, text):
+    generate_main([f"ckpt={lm_run}", f"prompt={text}", "max_new_tokens=2", "temperature=0"])
+    assert capsys.readouterr().out.startswith(text)
+
+
+def test_a_bad_number_exits_with_one_line(lm_run):
+    result = run_cli(f"ckpt={lm_run}", "max_new_tokens=ten", module="lmlab.generate", cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: max_new_tokens='ten' is not an integer" in result.stderr
+
+
+def test_a_run_without_best_checkpoint_falls_back_to_its_weights(bare_lm_run):
+    generated = run_cli(f"ckpt={bare_lm_run}", "prompt=def", "max_new_tokens=3",
+                        module="lmlab.generate", cwd=ROOT)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert f"checkpoint: {bare_lm_run / 'weights.ckpt'} (weights; the run has no best or " \
+        "last checkpoint)" in generated.stderr
+    evaluated = run_cli(str(bare_lm_run), module="lmlab.evaluate", cwd=ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "test/loss" in evaluated.stdout
+    explicit = run_cli(str(bare_lm_run), "ckpt=best", module="lmlab.evaluate", cwd=ROOT)
+    assert explicit.returncode == 2 and "Traceback" not in explicit.stderr
+    assert f"no best checkpoint in {bare_lm_run}; the run has weights.ckpt: run " \
+        f"`python -m lmlab.evaluate {bare_lm_run} ckpt=weights`" in explicit.stderr
+
+
+def test_the_default_checkpoint_is_best_else_last_else_weights(tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    command = lambda name, path: f"cmd {name} {path}"  # noqa: E731
+    for name in ("weights.ckpt", "checkpoints/last.ckpt", "checkpoints/best-epoch03.ckpt"):
+        (tmp_path / name).touch()
+        assert find_checkpoint(tmp_path, None, command) == tmp_path / name
+    assert "(last; the run has no best checkpoint)" in capsys.readouterr().err
+    assert find_checkpoint(tmp_path, "last", command) == tmp_path / "checkpoints/last.ckpt"
+    with pytest.raises(LmlabError, match="nothing.ckpt does not exist; the run has "
+                       "checkpoints/best-epoch03.ckpt, checkpoints/last.ckpt, weights.ckpt"):
+        find_checkpoint(tmp_path, str(tmp_path / "nothing.ckpt"), command)
+
+
+def test_generate_from_a_missing_file_names_the_checkpoints_there(bare_lm_run):
+    missing = bare_lm_run / "checkpoints" / "last.ckpt"
+    result = run_cli(f"ckpt={missing}", module="lmlab.generate", cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"run `python -m lmlab.generate ckpt={bare_lm_run / 'weights.ckpt'}`" in result.stderr
+
+
+def test_the_documented_hydra_quoting_keeps_the_text(make_cfg):
+    documented = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                      if line.startswith("python -m lmlab.run \"task_name='1e-3'\""))
+    cfg = make_cfg(*shlex.split(documented)[3:])
+    assert cfg.task_name == "1e-3" and list(cfg.tags) == ["2024.10"]
+    # what the README warns of: unquoted, Hydra reads the text as a number
+    unquoted = make_cfg("task_name=1e-3", "tags=[2024.10]", "data=files",
+                        "data.files.train=2024.10")
+    assert (unquoted.task_name, list(unquoted.tags), unquoted.data.files.train) == \
+        ("0.001", [2024.1], 2024.1)
