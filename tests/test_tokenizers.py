@@ -64,3 +64,15 @@ def test_save_and_load_give_the_same_ids(spec, tmp_path):
     for text in TEXTS[:3] + ["unseen words here"]:
         assert loaded.encode(text) == tok.encode(text)
     assert loaded.encode_batch(TEXTS[:3]) == [tok.encode(t) for t in TEXTS[:3]]
+
+
+@pytest.mark.parametrize("bos,eos", [(True, True), (True, False), (False, True)])
+def test_framed_tokenizer_adds_the_specials_a_task_asks_for(tmp_path, bos, eos):
+    plain = WordTokenizer().fit(["a small corpus of words", "more words here"])
+    framed = plain.framed(bos=bos, eos=eos)
+    ids = framed.encode("small words")
+    expected = [plain.bos_id] * bos + plain.encode("small words") + [plain.eos_id] * eos
+    assert ids == expected and plain.encode("small words") != ids
+    assert framed.decode(ids) == plain.decode(plain.encode("small words"))
+    framed.save(tmp_path / "t.json")
+    assert Tokenizer.load(tmp_path / "t.json").encode("small words") == expected

@@ -19,24 +19,12 @@ class ClassificationDataModule(TextRecordsDataModule):
     """Labelled texts: batches of `tokens`, `lengths`, `labels` and `weight`.
 
     Args:
-        tokenizer: the tokenizer to train on the training texts.
         corpus: a named corpus (`stdlib_docs`, `sst2`, `trec`, `ag_news`), `hf:NAME` or
             `hf:NAME:SUBSET` for a Hugging Face hub dataset, or null to read `files`.
-        files: split -> path of local files (`train` required; a missing `val` or `test` is
-            carved out of train), or split -> {field: path} for line-aligned files.
-        format: `auto` (from the file name), `csv`, `tsv`, `jsonl` or `label_text`.
         text_field: column or key of the text; a list joins several columns.
         label_field: column or key of the label.
-        data_dir: where named corpora live.
-        batch_size: global batch size, divided evenly among the devices.
-        val_fraction: share of train carved out for validation when there is no val split.
-        test_fraction: share of train carved out for test when there is no test split.
-        max_length: longer texts are cut to this many tokens.
-        num_workers: DataLoader worker processes.
-        seed: seed of the carved splits and of the batch order.
         load_from: a run folder: use its saved tokenizer and label set instead of building them.
-        on_bad_record: `error` (stop at the first malformed record) or `skip` (drop them,
-            and log one warning with their count and first file:line locations).
+        The others: as `TextRecordsDataModule`'s.
     """
 
     kind = "classification"

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (Regex, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 from tokenizers import Tokenizer as HFTokenizer
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -49,6 +50,15 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids))
+
+    def framed(self, bos: bool = True, eos: bool = True) -> Tokenizer:
+        """This tokenizer with `<bos>` and/or `<eos>` added around every text it encodes
+        (a `tokenizers` post-processor, saved with it), for tasks that ask for them."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        single = " ".join([BOS] * bos + ["$A"] + [EOS] * eos)
+        hf.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=[(BOS, self.bos_id), (EOS, self.eos_id)])
+        return Tokenizer(hf)
 
     def save(self, path: str | Path) -> None:
         self.hf.save(str(path))
