@@ -23,7 +23,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from benchmarks.lstm_throughput import EpochTimer, machine
@@ -31,7 +30,7 @@ from lmlab.data.lm import LMDataModule
 from lmlab.data.tokenizers import CharTokenizer
 from lmlab.models.gpt import GPT
 from lmlab.models.sampling import generate
-from lmlab.config import CONF_DIR, register_schema
+from lmlab.config import compose
 from lmlab.tasks.causal_lm import parameter_groups
 from lmlab.tasks.schedules import warmup_cosine
 
@@ -81,12 +80,10 @@ def plain_step_fn(model, batches, hf: bool = False):
 
 
 def lmlab_step(model: GPT, batches, out: str) -> float:
-    register_schema()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=shakespeare_char_cpu", "strategy=cpu",
-                                           f"paths.output_dir={out}", "paths.data_dir=.",
-                                           f"trainer.max_steps={len(batches)}",
-                                           "trainer.limit_val_batches=0", "model.sample_tokens=0"])
+    cfg = compose(["experiment=shakespeare_char_cpu", "strategy=cpu",
+                   f"paths.output_dir={out}", "paths.data_dir=.",
+                   f"trainer.max_steps={len(batches)}", "trainer.limit_val_batches=0",
+                   "model.sample_tokens=0"])
     task = instantiate(cfg.model, _partial_=True, net=None)(net=model)
     timer = EpochTimer()
     loggers = [instantiate(c) for c in cfg.logger.values()]

@@ -20,14 +20,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch import Callback
 
 from lmlab.data.classification import ClassificationDataModule
 from lmlab.data.tokenizers import WordTokenizer
 from lmlab.models.rnn import RNNClassifier
-from lmlab.config import CONF_DIR, register_schema
+from lmlab.config import compose
 from lmlab.tasks.classification import ClassificationTask
 
 
@@ -56,11 +55,8 @@ def plain_loop(net: RNNClassifier, batches: list[dict]) -> float:
 def lmlab_loop(net: RNNClassifier, batches: list[dict], num_classes: int, out: str) -> float:
     adam = lambda params: torch.optim.Adam(params, lr=1e-3)  # noqa: E731
     task = ClassificationTask(net, num_classes, optimizer=adam)
-    register_schema()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["strategy=cpu", f"paths.output_dir={out}",
-                                           "paths.data_dir=.", "trainer.max_epochs=1",
-                                           "trainer.limit_val_batches=0"])
+    cfg = compose(["strategy=cpu", f"paths.output_dir={out}", "paths.data_dir=.",
+                   "trainer.max_epochs=1", "trainer.limit_val_batches=0"])
     timer = EpochTimer()
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=[timer], logger=loggers,

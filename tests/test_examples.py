@@ -33,9 +33,8 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import DATA_DIR, ROOT, run_cli
 from lmlab.check_parallel import RUN, SINGLE, parse
-from lmlab.config import check_config
+from lmlab.config import CONF_DIR, check_config, register_schema
 from lmlab.errors import ConfigError
-from lmlab.run import CONF_DIR
 
 COMMAND = re.compile(r"python3? -m\s+lmlab\.\w+")
 # Placeholders of the docs, and what stands for them here ({run}: a tiny trained run,
@@ -256,6 +255,7 @@ def compose_checked(overrides: list[str], gpu_reason: str | None = None,
                     hydra_config: bool = False):
     """The run config of `overrides` after the pre-flight check (which, for a command that
     needs a GPU, may only complain of the missing GPU)."""
+    register_schema()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=hydra_config)
     if hydra_config:
