@@ -61,38 +61,42 @@ def choose_monitor(cfg: DictConfig, task_monitor: tuple[str, str]) -> None:
         cfg.monitor_mode = mode if cfg.monitor == metric else monitor_mode(cfg.monitor)
 
 
-def planned_steps(trainer: DictConfig, batches_per_epoch: int) -> int | None:
-    """Optimizer steps the trainer will take, as Lightning counts them; None when the run
-    has no set length (debug modes, no limit on epochs or steps)."""
+def planned_steps(trainer: DictConfig, batches_per_epoch: int) -> float | None:
+    """Optimizer steps the trainer will take, as Lightning counts them: `inf` for a run
+    with no limit on epochs or steps, None in the debug modes (Lightning counts them its
+    own way)."""
     if trainer.get("fast_dev_run") or trainer.get("overfit_batches"):
         return None
-    limit = trainer.get("limit_train_batches", 1.0)
+    limit = trainer.get("limit_train_batches")
+    limit = 1.0 if limit is None else limit
     per_epoch = int(batches_per_epoch * limit) if isinstance(limit, float) \
         else min(int(limit), batches_per_epoch)
-    per_epoch = math.ceil(per_epoch / int(trainer.get("accumulate_grad_batches", 1)))
-    epochs, max_steps = trainer.get("max_epochs"), int(trainer.get("max_steps", -1))
-    steps = per_epoch * epochs if epochs not in (None, -1) else None
-    if max_steps > 0:
-        steps = max_steps if steps is None else min(steps, max_steps)
-    return steps
+    per_epoch = math.ceil(per_epoch / int(trainer.get("accumulate_grad_batches") or 1))
+    epochs, max_steps = trainer.get("max_epochs"), int(trainer.get("max_steps") or -1)
+    steps = per_epoch * epochs if epochs not in (None, -1) else math.inf
+    return min(steps, max_steps) if max_steps > 0 else steps
 
 
 def check_schedule(cfg: DictConfig, batches_per_epoch: int) -> None:
-    """A learning-rate schedule whose set length is not the run's is refused before
-    training (its decay would end early, or never); a warm-up as long as the run is told."""
+    """A learning-rate schedule whose set length is not the run's, or that must follow a
+    run without a set length, is refused before training (its decay would end early, or
+    never); a warm-up as long as the run is told."""
     scheduler = cfg.model.get("scheduler") or {}
     steps = planned_steps(cfg.trainer, batches_per_epoch)
+    if steps is None or "total_steps" not in scheduler:
+        return
     total, warmup = scheduler.get("total_steps"), scheduler.get("warmup_steps")
-    problems = []
-    if steps is not None and total is not None and total != steps:
-        problems.append(f"model.scheduler.total_steps={total} but this run takes {steps} "
-                        "optimizer steps; set model.scheduler.total_steps=null to follow the "
-                        f"run, or {steps}")
-    if problems:
-        raise ConfigError(problems)
-    if steps is not None and warmup is not None and warmup >= steps:  # fine for a smoke run
+    if total is None and steps == math.inf:
+        raise ConfigError(["model.scheduler.total_steps=null follows the run's length, and "
+                           "this run has none (trainer.max_epochs=-1, trainer.max_steps=-1); "
+                           "set trainer.max_steps or model.scheduler.total_steps"])
+    if total is not None and total != steps:
+        raise ConfigError([f"model.scheduler.total_steps={total} but this run takes {steps} "
+                           "optimizer steps; set model.scheduler.total_steps=null to follow "
+                           f"the run, or {steps}"])
+    if warmup is not None and warmup >= (total or steps):  # fine for a smoke run
         log.warning("model.scheduler.warmup_steps=%d is not shorter than the run (%d steps): "
-                    "the learning rate never reaches its peak", warmup, steps)
+                    "the learning rate never reaches its peak", warmup, total or steps)
 
 
 def callbacks(cfg: DictConfig) -> list:

@@ -162,9 +162,13 @@ def monitor_mode(metric: str) -> str | None:
 def _monitor_problems(cfg: DictConfig) -> list[str]:
     if cfg.monitor_mode not in (None, "max", "min"):
         return [f"monitor_mode must be max or min, not {cfg.monitor_mode!r}"]
-    if cfg.monitor and cfg.monitor_mode is None and monitor_mode(cfg.monitor) is None:
+    inferred = monitor_mode(cfg.monitor) if cfg.monitor else None
+    if cfg.monitor and cfg.monitor_mode is None and inferred is None:
         return [f"monitor={cfg.monitor}: cannot tell whether higher or lower is better; "
                 "set monitor_mode=max or monitor_mode=min"]
+    if cfg.monitor_mode and inferred and cfg.monitor_mode != inferred:
+        return [f"monitor_mode={cfg.monitor_mode} would keep the worst {cfg.monitor}; "
+                f"use monitor_mode={inferred}, or leave it unset"]
     return []
 
 
@@ -188,7 +192,7 @@ def _hardware_problems(trainer: DictConfig) -> list[str]:
 
 def _data_problems(data: DictConfig) -> list[str]:
     """A named corpus that is not under the data directory."""
-    files = {**{name: list(c.files.values()) for name, c in CLASSIFICATION_CORPORA.items()},
+    files = {**{name: c.all_files() for name, c in CLASSIFICATION_CORPORA.items()},
              **{name: [path] for name, path in LM_CORPORA.items()}}
     corpus = data.get("corpus")
     if corpus not in files:

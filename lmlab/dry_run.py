@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lmlab.build import build_task
+from lmlab.build import build_task, check_schedule
 from lmlab.config import to_yaml
 from lmlab.parallel.memory import estimate, local_batch
 from lmlab.parallel.specs import describe
@@ -42,6 +42,7 @@ def estimate_memory(cfg: DictConfig) -> dict[str, float]:
     """`lmlab.parallel.memory.estimate` for the run's task, on one per-device batch."""
     data = instantiate(cfg.data)
     data.setup("fit")
+    check_schedule(cfg, len(data.train_dataloader()))
     per_device = cfg.data.batch_size // describe(cfg.trainer).data_parallel
     batch = local_batch(next(iter(data.train_dataloader())), per_device)
     return estimate(cfg, build_task(cfg, data), batch)

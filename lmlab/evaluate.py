@@ -92,7 +92,7 @@ def run_checkpoints(run_dir: Path) -> dict[str, Path]:
     """The checkpoints `run_dir` holds (files, or DeepSpeed folders), by name, in the order
     the default tries them."""
     folder = run_dir / "checkpoints"
-    best = sorted(folder.glob("best-*.ckpt"))
+    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)  # newest last
     paths = {"best": best[-1] if best else None, "last": folder / "last.ckpt",
              "weights": run_dir / WEIGHTS}
     return {name: path for name, path in paths.items() if path and path.exists()}

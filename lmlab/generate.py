@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from lmlab.checkpoints import read_state_dict
 from lmlab.cli import fail, parse_args
+from lmlab.data.description import DataDescription
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.evaluate import find_checkpoint, load_run_config
@@ -53,7 +54,8 @@ def load_model(ckpt: str, device: str = "cpu") -> tuple[torch.nn.Module, Tokeniz
     command = lambda _, found: f"python -m lmlab.generate ckpt={found or run_dir}"  # noqa: E731
     checkpoint = find_checkpoint(run_dir, None if path == run_dir else str(path), command)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
-    net = instantiate(cfg.model.net, vocab_size=tokenizer.vocab_size)
+    sizes = get_class(cfg.model._target_).config_from_data(DataDescription(tokenizer))
+    net = instantiate(cfg.model.net, **sizes.get("net", {}))
     state = read_state_dict(checkpoint)
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()
                          if k.startswith("net.")})

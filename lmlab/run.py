@@ -78,9 +78,9 @@ def best_score(callback) -> float | None:
     if not path.is_file():
         return None
     states = torch.load(path, map_location="cpu", weights_only=True).get("callbacks", {})
-    scores = [s["best_model_score"] for name, s in states.items()
-              if name.startswith("ModelCheckpoint") and s.get("best_model_score") is not None]
-    return float(scores[0]) if scores else None
+    state = states.get(callback.state_key, {})
+    score = state.get("best_model_score")
+    return None if score is None else float(score)
 
 
 def fingerprint(cfg: DictConfig) -> str:

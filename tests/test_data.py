@@ -287,8 +287,22 @@ def test_every_rank_gets_equal_batches_and_each_example_counts_once(examples, ba
     sizes = [[len(b) for b in batches] for batches in ranks]
     assert all(s == sizes[0] for s in sizes)  # as many batches, as many examples in each
     assert len(sizes[0]) == -(-examples // batch)
-    real = [i for batches in ranks for b in batches for i, is_real in b if is_real]
+    real = [i for batches in ranks for b in batches for i, weight in b if weight > 0]
     assert sorted(real) == list(range(examples))
+
+
+@pytest.mark.parametrize("examples,batch,world", [(29, 4, 2), (29, 4, 3), (7, 4, 3),
+                                                  (2, 2, 4)])
+def test_weighted_rank_means_averaged_over_ranks_are_the_global_batch_mean(examples, batch,
+                                                                          world):
+    losses = torch.rand(examples, generator=torch.Generator().manual_seed(0))
+    ranks = [list(BucketBatchSampler([5] * examples, batch, True, seed=1, num_replicas=world,
+                                     rank=r)) for r in range(world)]
+    for step in zip(*ranks):  # one global batch: what DDP's gradient average sees
+        ddp = sum(torch.tensor([w * losses[i] for i, w in items]).mean()
+                  for items in step) / world
+        real = [i for items in step for i, w in items if w > 0]
+        assert float(ddp) == pytest.approx(float(losses[real].mean()), rel=1e-6)
 
 
 @needs_cases
@@ -303,7 +317,7 @@ def test_duplicated_eval_examples_are_weighted_out_under_ddp():
             assert batch["weight"].dtype == torch.float32
             assert batch["weight"].shape == batch["labels"].shape
             counted += [tuple(x[:n].tolist()) for x, n, w in
-                        zip(batch["tokens"], batch["lengths"], batch["weight"]) if w == 1]
+                        zip(batch["tokens"], batch["lengths"], batch["weight"]) if w > 0]
     assert sorted(counted) == sorted(tuple(ex["tokens"].tolist()) for ex in dm.datasets["test"])
     assert len(counted) == 29
 

@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Sampler
 
 
-class BucketBatchSampler(Sampler[list[tuple[int, bool]]]):
+class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
     """Batches of similar length (the seed's BucketIterator), split evenly across ranks.
 
     Training order: shuffle the examples, sort them by length within pools of
@@ -22,8 +22,11 @@ class BucketBatchSampler(Sampler[list[tuple[int, bool]]]):
     The global batches are the same whatever the world size, and every rank gets the same
     number of batches with the same number of examples at each step: a global batch is
     padded up to a multiple of the world size with copies of its own examples, and rank r
-    takes positions r, r + world, ... . Each item is `(index, is_real)`, `is_real` false for
-    a copy, so losses and metrics can count every example exactly once.
+    takes positions r, r + world, ... . Each item is `(index, weight)`: 0 for a copy, and
+    `padded size / real size` for a real example (1 unless the batch was padded). So
+    evaluation counts each example whose weight is above 0 once, and in training the mean of
+    weight x loss over a rank's examples, averaged over the ranks as DDP averages gradients,
+    is exactly the mean loss of the global batch's real examples.
 
     Args:
         lengths: length of each example.
@@ -63,13 +66,14 @@ class BucketBatchSampler(Sampler[list[tuple[int, bool]]]):
             batches += list(pool.split(self.batch_size))
         return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
         # A generator: the order is drawn at the first batch, after set_epoch.
         for batch in self._batches():
             real = len(batch)
             padded = -(-real // self.num_replicas) * self.num_replicas
             copies = batch[torch.arange(padded) % real].tolist()  # real ones first, then copies
-            yield [(copies[i], i < real) for i in range(self.rank, padded, self.num_replicas)]
+            yield [(copies[i], padded / real if i < real else 0.0)
+                   for i in range(self.rank, padded, self.num_replicas)]
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)

@@ -33,10 +33,11 @@ def lengths_key(text_key: str) -> str:
 
 
 class PaddedExamples(Dataset):
-    """Examples looked up by the `(index, is_real)` items of a `BucketBatchSampler`.
+    """Examples looked up by the `(index, weight)` items of a `BucketBatchSampler`.
 
-    Each comes with its `weight`: 1.0 for a real example, 0.0 for a copy that only pads a
-    global batch up to a multiple of the world size, so losses and metrics can leave it out.
+    Each comes with its `weight`: 0.0 for a copy that only pads a global batch up to a
+    multiple of the world size, so losses and metrics can leave it out, and above 0 for a
+    real example (see `BucketBatchSampler`).
     """
 
     def __init__(self, examples: list[dict]):
@@ -45,9 +46,9 @@ class PaddedExamples(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, item: tuple[int, bool]) -> dict:
-        index, real = item
-        return {**self.examples[index], "weight": float(real)}
+    def __getitem__(self, item: tuple[int, float]) -> dict:
+        index, weight = item
+        return {**self.examples[index], "weight": float(weight)}
 
 
 class TextRecordsDataModule(ShardedDataModule):

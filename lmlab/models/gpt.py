@@ -134,8 +134,9 @@ class GPT(nn.Module):
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
                  positions: str = "learned", rope_base: float = 10_000.0):
         super().__init__()
-        self.config = config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd,
-                                         dropout, bias, positions, rope_base)
+        self.config = config = GPTConfig(
+            vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+            n_embd=n_embd, dropout=dropout, bias=bias, positions=positions, rope_base=rope_base)
         self.block_size = config.block_size
         if config.positions not in ("learned", "rope"):
             raise ValueError(f"positions must be learned or rope, not {config.positions!r}")

@@ -55,13 +55,13 @@ def estimate(cfg: DictConfig, task, batch: dict) -> dict[str, float]:
     """Bytes per device of each part, plus `activations`, `buffers`, `total` and
     `cpu_offloaded` (in CPU memory instead), for a per-device `batch`."""
     spec = describe(cfg.trainer)
-    dp, tp = spec.data_parallel, spec.tensor_parallel
+    tp = spec.tensor_parallel
     total, split = parameter_counts(task.net, tp)
     per_rank = (total - split) + split / tp
     widths = bytes_per_parameter(cfg)
     result = dict.fromkeys((*PARTS, "cpu_offloaded"), 0.0)
     for part in PARTS:
-        size = per_rank * widths[part] / (dp if part in spec.sharded else 1)
+        size = per_rank * widths[part] / (spec.shard_group if part in spec.sharded else 1)
         result["cpu_offloaded" if part in spec.offloaded else part] += size
     precision = str(cfg.trainer.get("precision", "32-true"))
     result["activations"] = activation_bytes(task, batch) / (2 if "bf16" in precision else 1)

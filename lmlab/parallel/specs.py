@@ -15,8 +15,10 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PARTS = ("parameters", "gradients", "optimizer")
-KINDS = {"fsdp": "fsdp", "ModelParallelStrategy": "model_parallel",
-         "deepspeed": "deepspeed"}  # by the last name of the strategy's `_target_`
+# By the last name of the strategy's `_target_` (lmlab's factories or Lightning's classes).
+KINDS = {"fsdp": "fsdp", "FSDPStrategy": "fsdp", "deepspeed": "deepspeed",
+         "DeepSpeedStrategy": "deepspeed", "ModelParallelStrategy": "model_parallel"}
+NAMED = {"fsdp": "fsdp", "deepspeed": "deepspeed"}  # Lightning's names: fsdp, deepspeed_stage_3
 HYBRID = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")  # FSDP modes that replicate across nodes
 
 
@@ -29,7 +31,9 @@ class StrategySpec:
             parallel) or `deepspeed`.
         world: processes in all (devices x nodes).
         tensor_parallel: processes that split each layer; the rest is data parallelism.
-        sharded: parts of the training state divided among the data-parallel ranks.
+        shard_group: data-parallel processes that divide the sharded parts among them (all
+            of them, except in the hybrid FSDP modes: the devices of one node).
+        sharded: parts of the training state divided among the shard group.
         offloaded: parts kept in CPU memory instead of on the device.
         master_weights: keeps a float32 copy of the weights with the optimizer state.
         bucket_elements: elements of gradient-reduction buffer allocated up front.
@@ -39,6 +43,7 @@ class StrategySpec:
     kind: str
     world: int
     tensor_parallel: int
+    shard_group: int
     sharded: frozenset[str]
     offloaded: frozenset[str]
     master_weights: bool
@@ -85,19 +90,31 @@ def world_size(trainer: DictConfig) -> int:
 
 def describe(trainer: DictConfig) -> StrategySpec:
     """The `StrategySpec` of a trainer config."""
-    arguments = trainer.get("strategy")
-    if not isinstance(arguments, DictConfig):
-        arguments = OmegaConf.create()
-    kind = KINDS.get(str(arguments.get("_target_", "")).rsplit(".", 1)[-1], "replicated")
+    strategy = trainer.get("strategy")
+    arguments = strategy if isinstance(strategy, DictConfig) else OmegaConf.create()
+    kind = _kind(strategy)
+    if kind == "deepspeed" and isinstance(strategy, str) and strategy[-1].isdigit():
+        arguments = OmegaConf.create({"stage": int(strategy[-1])})  # deepspeed_stage_3
     sharded, offloaded = _sharding(kind, arguments)
     bucket = 0
     if kind == "deepspeed" and arguments.get("stage") == 3:
         bucket = int(arguments.get("reduce_bucket_size", 200_000_000))
-    return StrategySpec(kind=kind, world=world_size(trainer),
-                        tensor_parallel=int(arguments.get("tensor_parallel_size", 1)),
+    world, tp = world_size(trainer), int(arguments.get("tensor_parallel_size", 1))
+    group = max(1, world // tp)
+    if kind == "fsdp" and arguments.get("sharding_strategy") in HYBRID:
+        group = max(1, world // int(trainer.get("num_nodes", 1)))
+    return StrategySpec(kind=kind, world=world, tensor_parallel=tp, shard_group=group,
                         sharded=frozenset(sharded), offloaded=frozenset(offloaded),
                         master_weights=kind == "deepspeed", bucket_elements=bucket,
                         arguments=arguments)
+
+
+def _kind(strategy) -> str:
+    if isinstance(strategy, DictConfig):
+        return KINDS.get(str(strategy.get("_target_", "")).rsplit(".", 1)[-1], "replicated")
+    name = str(strategy or "")
+    return next((kind for prefix, kind in NAMED.items() if name.startswith(prefix)),
+                "replicated")
 
 
 def _sharding(kind: str, arguments: DictConfig) -> tuple[set[str], set[str]]:

@@ -15,16 +15,12 @@ from lmlab.parallel.sharding import shard
 
 
 def example_weights(batch: dict, size: int, device: torch.device) -> torch.Tensor:
-    """(B,) weights of a batch's examples: 1 for real ones, 0 for the copies that pad a
-    split so that every rank gets as many batches as the others (DataModules add them)."""
+    """(B,) weights of a batch's examples: 0 for the copies that pad a split so that every
+    rank gets as many examples as the others, above 0 for real ones, scaled so that the
+    weighted mean loss of each rank, averaged over the ranks, is the mean loss of the global
+    batch (see `lmlab.data.batching.BucketBatchSampler`). 1 when the data gives none."""
     weight = batch.get("weight")
     return torch.ones(size, device=device) if weight is None else weight.to(device)
-
-
-def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` (B, ...) over the real examples; padding copies count nothing."""
-    weight = weight.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
-    return (values * weight).sum() / weight.sum().clamp(min=1)
 
 
 class Task(L.LightningModule):
@@ -48,15 +44,16 @@ class Task(L.LightningModule):
         self.eval_losses = nn.ModuleDict({"val_loss": MeanMetric(), "test_loss": MeanMetric()})
 
     def log_loss(self, split: str, losses: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The mean of per-example `losses` (B, ...) over real examples; logs it per step in
-        training, and accumulates it for `epoch_loss` in evaluation."""
-        loss = weighted_mean(losses, weight)
+        """The loss of a batch from its per-example `losses` (B,) and their weights: in
+        training the weighted mean (logged per step); in evaluation the mean over the real
+        examples, also accumulated for `epoch_loss`."""
         if split == "train":  # batch_size given: Lightning would walk the batch to infer it
-            self.log("train/loss", loss, prog_bar=True, batch_size=losses.numel())
-        else:
-            expanded = weight.view(-1, *[1] * (losses.dim() - 1)).expand_as(losses)
-            self.eval_losses[f"{split}_loss"].update(losses.detach(), expanded)
-        return loss
+            loss = (losses * weight).mean()
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
+            return loss
+        real = (weight > 0).to(losses.dtype)
+        self.eval_losses[f"{split}_loss"].update(losses.detach(), real)
+        return (losses * real).sum() / real.sum().clamp(min=1)
 
     def epoch_loss(self, split: str) -> torch.Tensor:
         """The mean evaluation loss of the epoch that ends, over all ranks."""

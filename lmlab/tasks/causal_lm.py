@@ -56,7 +56,8 @@ class CausalLMTask(Task):
     def step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["tokens"])  # (B, T, V)
         losses = F.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none")
-        return self.log_loss(split, losses, example_weights(batch, len(logits), logits.device))
+        weight = example_weights(batch, len(logits), logits.device)
+        return self.log_loss(split, losses.mean(dim=1), weight)  # blocks are equally long
 
     def log_epoch(self, split: str) -> None:
         """Loss, perplexity and bits per character over the whole split (all ranks)."""

@@ -66,7 +66,7 @@ class ClassificationTask(Task):
         logits = self(batch["tokens"], batch["lengths"])
         weight = example_weights(batch, len(logits), logits.device)
         losses = F.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
-        labels = batch["labels"].masked_fill(weight == 0, IGNORE)
+        labels = batch["labels"].masked_fill(weight == 0, IGNORE)  # copies count nowhere
         getattr(self, f"{split}_metrics").update(logits, labels)
         return self.log_loss(split, losses, weight)
 
