@@ -44,6 +44,7 @@ def val_curve(run_dir, metric: str) -> list[float]:
         return [float(r[metric]) for r in csv.DictReader(f) if r.get(metric)]
 
 
+@pytest.mark.slow
 def test_monitoring_a_loss_keeps_the_checkpoint_of_the_lowest(tmp_path):
     run(tmp_path, *WORDS3, "monitor=val/loss", "trainer.max_epochs=6",
         "model.optimizer.lr=0.05")
@@ -59,6 +60,7 @@ def test_a_metric_whose_direction_is_unknown_asks_for_monitor_mode(tmp_path):
     assert "monitor=val/score" in result.stderr and "monitor_mode=max" in result.stderr
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_the_last_state_not_the_best(tmp_path):
     run(tmp_path, *WORDS3, "trainer.max_epochs=12", "model.optimizer.lr=0.05")
     best = next((tmp_path / "checkpoints").glob("best-*.ckpt"))

@@ -35,6 +35,7 @@ def metrics_rows(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_fast_dev_run_of_the_default(tmp_path):
     result = run(tmp_path, "debug=fast_dev_run")
     assert "test metrics" in result.stdout and "test/acc" in result.stdout
@@ -43,6 +44,7 @@ def test_fast_dev_run_of_the_default(tmp_path):
         assert (tmp_path / name).is_file(), name
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("overrides", [
     ["model=gru", "data/tokenizer=char", "data=trec", "strategy=cpu", "precision=bf16-mixed",
@@ -56,6 +58,7 @@ def test_one_override_of_each_group(tmp_path, overrides):
     assert "test/acc" in result.stdout
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_records_metrics_and_config(tmp_path):
     # fast_dev_run would swap loggers for a dummy: run a few real batches instead
     run(tmp_path, "logger=csv_wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
@@ -66,6 +69,7 @@ def test_wandb_offline_run_records_metrics_and_config(tmp_path):
     assert b"val/acc" in content and b"hidden_size" in content
 
 
+@pytest.mark.slow
 def test_dry_run_checks_and_prints_without_training(tmp_path):
     result = run(tmp_path, "dry_run=true", "strategy=ddp", "trainer.devices=4")
     assert "processes: 4 (4 data-parallel x 1 tensor-parallel), per-device batch 16" in \
@@ -79,12 +83,14 @@ def test_dry_run_checks_and_prints_without_training(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_overfit_debug_mode_learns_one_batch(tmp_path):
     run(tmp_path, "debug=overfit", "strategy=cpu")
     accuracies = [float(r["train/acc"]) for r in metrics_rows(tmp_path) if r.get("train/acc")]
     assert accuracies[-1] == 1.0
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_and_evaluation_reproduces_the_test_metrics(tmp_path):
     result = run(tmp_path, "trainer.max_epochs=2", "strategy=cpu")
     checkpoints = tmp_path / "checkpoints"
@@ -120,6 +126,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_job(tmp_path):
     result = run_cli(f"hydra.sweep.dir={tmp_path}", "sweep=lstm_cells", "debug=fast_dev_run",
                      "logger=none", cwd=ROOT)
@@ -150,6 +157,7 @@ def start_and_stop(tmp_path, stop: signal.Signals) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
     process = start_and_stop(tmp_path, signal.SIGINT)
     saved = tmp_path / "checkpoints" / "interrupted.ckpt"
@@ -158,6 +166,7 @@ def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
     assert torch.load(saved, map_location="cpu", weights_only=True)["global_step"] > 0
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
     start_and_stop(tmp_path, signal.SIGKILL)
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -170,6 +179,7 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
     assert final["epoch"] == epoch + 1
 
 
+@pytest.mark.slow
 def test_language_model_trains_and_generates(tmp_path):
     cache = f"paths.cache_dir={tmp_path / 'cache'}"
     run(tmp_path, "model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=500",
@@ -185,6 +195,7 @@ def test_language_model_trains_and_generates(tmp_path):
     assert uncached.stdout == first.stdout  # greedy: the cache changes nothing
 
 
+@pytest.mark.slow
 def test_generate_without_a_checkpoint_explains_itself(tmp_path):
     result = run_cli(f"ckpt={tmp_path}", module="lmlab.generate", cwd=ROOT)
     assert result.returncode == 2 and "not an lmlab run folder" in result.stderr
@@ -192,6 +203,7 @@ def test_generate_without_a_checkpoint_explains_itself(tmp_path):
     assert result.returncode == 2 and "tempreature" in result.stderr
 
 
+@pytest.mark.slow
 def test_pretrained_vectors_through_the_cli_log_their_coverage(tmp_path):
     vectors = tmp_path / "vectors.txt"
     vectors.write_text("".join(f"{w} " + " ".join(["0.1"] * 100) + "\n"
@@ -288,6 +300,7 @@ def test_evaluate_overrides_are_typed_by_the_saved_value():
             override(cfg, arg)
 
 
+@pytest.mark.slow
 def test_the_readme_prompt_example_generates(lm_run):
     # The case: `python -m lmlab.generate ckpt=RUN prompt="ROMEO:"` was refused.
     result = run_cli(f"ckpt={lm_run}", "prompt=ROMEO:", "max_new_tokens=5", "temperature=0",
@@ -298,18 +311,21 @@ def test_the_readme_prompt_example_generates(lm_run):
         result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", [t for t in TEXTS if t])
 def test_every_prompt_is_continued_as_typed(lm_run, capsys, text):
     generate_main([f"ckpt={lm_run}", f"prompt={text}", "max_new_tokens=2", "temperature=0"])
     assert capsys.readouterr().out.startswith(text)
 
 
+@pytest.mark.slow
 def test_a_bad_number_exits_with_one_line(lm_run):
     result = run_cli(f"ckpt={lm_run}", "max_new_tokens=ten", module="lmlab.generate", cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: max_new_tokens='ten' is not an integer" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_run_without_best_checkpoint_falls_back_to_its_weights(bare_lm_run):
     generated = run_cli(f"ckpt={bare_lm_run}", "prompt=def", "max_new_tokens=3",
                         module="lmlab.generate", cwd=ROOT)
@@ -338,6 +354,7 @@ def test_the_default_checkpoint_is_best_else_last_else_weights(tmp_path, capsys)
         find_checkpoint(tmp_path, str(tmp_path / "nothing.ckpt"), command)
 
 
+@pytest.mark.slow
 def test_generate_from_a_missing_file_names_the_checkpoints_there(bare_lm_run):
     missing = bare_lm_run / "checkpoints" / "last.ckpt"
     result = run_cli(f"ckpt={missing}", module="lmlab.generate", cwd=ROOT)
