@@ -6,7 +6,7 @@ from lmlab.models.gpt import GPT
 from lmlab.models.rnn_lm import RNNLanguageModel
 from lmlab.models.sampling import filter_logits, generate
 from lmlab.tasks.causal_lm import parameter_groups
-from lmlab.tasks.schedules import warmup_cosine
+from lmlab.tasks.schedules import warmup_cosine, warmup_inverse_sqrt
 
 VOCAB = 37
 
@@ -141,3 +141,10 @@ def test_checkpoints_of_the_fused_qkv_projection_still_load():
     fresh.load_state_dict(state)
     tokens = torch.randint(0, VOCAB, (2, 8))
     torch.testing.assert_close(fresh(tokens), model(tokens))
+
+
+def test_warmup_inverse_sqrt_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    factor = warmup_inverse_sqrt(optimizer, warmup_steps=100).lr_lambdas[0]
+    assert factor(0) < factor(50) < factor(99) <= 1.0
+    assert factor(100) == pytest.approx(1.0) and factor(400) == pytest.approx(0.5)

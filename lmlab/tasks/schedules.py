@@ -33,3 +33,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return min_lr_ratio + 0.5 * (1 + math.cos(math.pi * progress)) * (1 - min_lr_ratio)
 
     return LambdaLR(optimizer, factor)
+
+
+def warmup_inverse_sqrt(optimizer: torch.optim.Optimizer, warmup_steps: int) -> LambdaLR:
+    """Linear warm-up to the base LR, then decay with the inverse square root of the step
+    (the original Transformer's schedule), so the LR is the base LR at `warmup_steps`.
+
+    Args:
+        optimizer: the optimizer whose LR is scaled.
+        warmup_steps: steps of linear warm-up from 0.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return math.sqrt(max(warmup_steps, 1) / max(step, 1))
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,53 @@
+"""Corpus metrics of generated text, computed by the reference packages themselves.
+
+BLEU is sacreBLEU's corpus BLEU on detokenized text (0-100, its own smoothing and
+signature), so a figure equals what the `sacrebleu` command line prints for the same files.
+ROUGE is the `rouge-score` package's F-measure per example (the best over an example's
+references), averaged over the corpus. torchmetrics' versions differ (a 0-1 BLEU with other
+smoothing; a ROUGE that needs nltk), so they are not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+         lowercase: bool = False, tokenize: str = "13a") -> tuple[float, str]:
+    """Corpus BLEU of `hypotheses` against the first reference of each example, and
+    sacreBLEU's signature (which says how it was computed).
+
+    Args:
+        hypotheses: one detokenized string per example.
+        references: the references of each example; the first is used.
+        lowercase: compare lowercased text (for comparison with older, tokenized figures).
+        tokenize: sacreBLEU's tokenizer (`13a` is its default, `intl`, `none`, ...).
+    """
+    metric = BLEU(lowercase=lowercase, tokenize=tokenize)
+    score = metric.corpus_score(list(hypotheses), [[refs[0] for refs in references]])
+    return score.score, str(metric.get_signature())
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+          stem: bool = True) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures (0-100), each example scored against the best
+    of its references, averaged over the examples.
+
+    Args:
+        hypotheses: one string per example.
+        references: one or more reference strings per example.
+        stem: Porter-stem the words first (as published summarization figures do).
+    """
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for hypothesis, refs in zip(hypotheses, references):
+        scores = scorer.score_multi(list(refs), hypothesis)
+        for name in ROUGE_TYPES:
+            totals[name] += scores[name].fmeasure
+    count = max(len(hypotheses), 1)
+    return {name: 100 * total / count for name, total in totals.items()}
