@@ -1,14 +1,17 @@
-"""Named corpora: public ones found under the data directory, and the embedded default.
+"""Named corpora: public ones found under the data directory, and the embedded defaults.
 
-The embedded default needs no download: it is read from the standard library that ships
-with the running Python. Each docstring of a function, class or method is labelled with
-the standard-library package it belongs to (`asyncio`, `email`, `logging`, ...).
+The embedded defaults need no download: they are read from the standard library that ships
+with the running Python. For classification, each docstring of a function, class or method
+is labelled with the standard-library package it belongs to (`asyncio`, `email`, `logging`,
+...); for summarization, each documented function's source is paired with the first
+sentence of its docstring.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +61,78 @@ CLASSIFICATION_CORPORA = {
     ),
 }
 
+
+
+@dataclass(frozen=True)
+class Seq2SeqCorpus(Corpus):
+    """A corpus of source -> target pairs: which record fields are the two sides.
+
+    A translation corpus holds several languages, and `data.source_lang` /
+    `data.target_lang` choose the direction: the field of a language is `field_pattern`
+    filled with `lang` (and `description`, a choice among `descriptions`, for corpora that
+    hold texts of several kinds). A summarization corpus names its fields directly.
+    """
+
+    task_type: str = "translation"  # translation or summarization: how outputs are scored
+    languages: tuple[str, ...] = ()  # translation: the language codes it holds
+    field_pattern: str = "{lang}"  # translation: the record field of a language
+    descriptions: tuple[str, ...] = ()  # choices of data.description, if any
+    source_field: str = "source"  # summarization: the input text
+    target_field: str = "target"  # summarization: the reference output
+    reference_fields: tuple[str, ...] = ()  # more references where a record has them
+
+    def field_of(self, lang: str, description: str | None = None) -> str:
+        """The record field holding language `lang` (translation corpora)."""
+        return self.field_pattern.format(lang=lang, description=description)
+
+
+def _multi30k(split: str) -> dict[str, str]:
+    return {lang: f"translation/multi30k/{split}.{lang}.gz" for lang in ("en", "de")}
+
+
+SEQ2SEQ_CORPORA = {
+    # Multi30k task 1, raw and cased: 29,000 / 1,014 / 1,000 line-aligned caption pairs.
+    "multi30k": Seq2SeqCorpus(
+        files={"train": _multi30k("train"), "val": _multi30k("val"),
+               "test": _multi30k("test_2016_flickr")},
+        languages=("en", "de"),
+    ),
+    # Debian package descriptions (4,000), short (one line) or long; val and test are carved.
+    "debian_ddtp": Seq2SeqCorpus(
+        files={"train": "translation/debian_ddtp/sample4k_bookworm_en_de.jsonl.gz"},
+        format="jsonl",
+        languages=("en", "de"),
+        field_pattern="{lang}_{description}",
+        descriptions=("short", "long"),
+    ),
+    # E-mail body -> subject line; dev and test carry three more human subject lines.
+    "aeslc": Seq2SeqCorpus(
+        files={s: f"summarization/aeslc/{f}.jsonl.gz" for s, f in
+               [("train", "train"), ("val", "dev"), ("test", "test")]},
+        format="jsonl",
+        task_type="summarization",
+        source_field="email",
+        target_field="subject",
+        reference_fields=("ann0", "ann1", "ann2"),
+    ),
+    # Long Debian package description -> its one-line synopsis (5,000); val and test carved.
+    "debian_desc": Seq2SeqCorpus(
+        files={"train": "summarization/debian_desc/sample5k_bookworm_en.jsonl.gz"},
+        format="jsonl",
+        task_type="summarization",
+        source_field="document",
+        target_field="summary",
+    ),
+}
+
 LM_CORPORA = {"tinyshakespeare": "lm/tinyshakespeare.txt"}  # name -> path under data_dir
 
 STDLIB_PACKAGES = ("asyncio", "email", "importlib", "logging", "multiprocessing", "tkinter",
                    "unittest", "xml")
+SUMMARY_PACKAGES = STDLIB_PACKAGES + ("collections", "concurrent", "http", "idlelib", "json",
+                                      "urllib", "wsgiref", "xmlrpc")
+SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
+SUMMARY_SOURCE_CHARS = 1000  # longer function sources are cut (at a space) to this length
 SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
@@ -110,6 +181,69 @@ def _package_docstrings(package: str, min_words: int):
                 text = " ".join((ast.get_docstring(node) or "").split())
                 if len(text.split()) >= min_words:
                     yield text
+
+
+def stdlib_summaries(packages=SUMMARY_PACKAGES, min_words: int = 3,
+                     max_chars: int = SUMMARY_SOURCE_CHARS) -> list[tuple[str, str]]:
+    """Documented standard-library functions: their source, docstring left out, paired with
+    the first sentence of the docstring.
+
+    Deterministic for a given Python version: files are read in sorted order and functions
+    in `ast.walk` order; a source seen before is skipped. Whitespace runs (newlines and
+    indentation included) become one space, so every text is one line.
+
+    Args:
+        packages: top-level standard-library packages to read.
+        min_words: shorter summaries ("Return self.") are skipped.
+        max_chars: longer sources are cut at the last space before this many characters.
+
+    Returns:
+        `(source, summary)` pairs.
+    """
+    pairs, seen = [], set()
+    for package in packages:
+        for path in stdlib_files(package):
+            for source, summary in _documented_functions(path):
+                source = _cut(" ".join(source.split()), max_chars)
+                if len(summary.split()) >= min_words and source not in seen:
+                    seen.add(source)
+                    pairs.append((source, summary))
+    return pairs
+
+
+def _documented_functions(path: Path):
+    """`(source without its docstring, first sentence of the docstring)` of each function
+    of a file that has a docstring on its own lines and a body besides it."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return
+    lines = text.splitlines()
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        docstring = ast.get_docstring(node)
+        doc = node.body[0]
+        if not docstring or len(node.body) < 2 or doc.lineno == node.lineno:
+            continue
+        source = lines[node.lineno - 1:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]
+        yield "\n".join(source), first_sentence(docstring)
+
+
+def first_sentence(docstring: str) -> str:
+    """The docstring's first sentence: its first paragraph up to the first period followed
+    by a capital (so `e.g. this` does not end it)."""
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    end = SENTENCE_END.search(paragraph)
+    return paragraph[:end.start() + 1] if end else paragraph
+
+
+def _cut(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    space = text.rfind(" ", 0, max_chars + 1)
+    return text[:space if space > 0 else max_chars]
 
 
 def _digest(text: str) -> str:
