@@ -21,7 +21,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmlab.data.corpora import CLASSIFICATION_CORPORA, LM_CORPORA
+from lmlab.data.corpora import CLASSIFICATION_CORPORA, LM_CORPORA, SEQ2SEQ_CORPORA
 from lmlab.errors import ConfigError
 from lmlab.parallel import specs
 from lmlab.parallel.specs import strategy_problems
@@ -192,7 +192,8 @@ def _hardware_problems(trainer: DictConfig) -> list[str]:
 
 def _data_problems(data: DictConfig) -> list[str]:
     """A named corpus that is not under the data directory."""
-    files = {**{name: c.all_files() for name, c in CLASSIFICATION_CORPORA.items()},
+    files = {**{name: c.all_files() for name, c in
+                {**CLASSIFICATION_CORPORA, **SEQ2SEQ_CORPORA}.items()},
              **{name: [path] for name, path in LM_CORPORA.items()}}
     corpus = data.get("corpus")
     if corpus not in files:

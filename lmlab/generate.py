@@ -1,7 +1,11 @@
-"""Generates text from a language model trained by `lmlab.run`, streaming to the terminal.
+"""Generates text from a run of `lmlab.run`: a language model continues a prompt, streaming
+to the terminal; a sequence-to-sequence model translates or summarizes its input.
 
     python -m lmlab.generate ckpt=outputs/2026-01-01/12-00-00 prompt="ROMEO:" max_new_tokens=300
     python -m lmlab.generate ckpt=outputs/2026-01-01/12-00-00/checkpoints/last.ckpt temperature=0
+    python -m lmlab.generate ckpt=outputs/2026-01-01/12-00-00 input="A man rides a horse."
+    python -m lmlab.generate ckpt=outputs/2026-01-01/12-00-00 input_file=in.txt \\
+        output_file=out.txt beam=5
 
 `ckpt` is a run folder (its best checkpoint, else its last, else its `weights.ckpt`) or a
 checkpoint file inside one; the run's saved config and tokenizer rebuild the model. Every
@@ -18,6 +22,8 @@ from pathlib import Path
 
 import torch
 from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+from rich.progress import track
 
 from lmlab.checkpoints import read_state_dict
 from lmlab.cli import fail, parse_args
@@ -25,10 +31,14 @@ from lmlab.data.description import DataDescription
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.evaluate import find_checkpoint, load_run_config
+from lmlab.data.batching import pad_batch
+from lmlab.models.decoding import beam_search, greedy
 from lmlab.models.sampling import generate
 
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
-         "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]")
+         "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]; "
+         "for a sequence-to-sequence run: input=TEXT | input_file=IN output_file=OUT "
+         "[beam=N] [length_penalty=A] [max_length=N] [batch_size=N]")
 
 
 @dataclass
@@ -44,27 +54,44 @@ class GenerateConfig:
     seed: int = 0  # seeds the sampling
     use_cache: bool = True  # reuse keys/values between steps
     device: str = "cpu"  # cpu or cuda
+    input: str | None = None  # sequence to sequence: the text to translate or summarize
+    input_file: str | None = None  # ... or a file of them, one a line
+    output_file: str | None = None  # where input_file's outputs go, one a line (else stdout)
+    beam: int | None = None  # beam size (1: greedy); null: the run's test setting
+    length_penalty: float | None = None  # alpha of log-probability / length ** alpha
+    max_length: int | None = None  # most tokens of an output; null: a * source length + b
+    batch_size: int = 32  # input_file lines decoded together
 
 
-def load_model(ckpt: str, device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
-    """The net and tokenizer of a run, from its folder or one of its checkpoint files."""
+def load_model(ckpt: str, device: str = "cpu"
+               ) -> tuple[torch.nn.Module, DataDescription, DictConfig]:
+    """The net of a run, its data's description (its tokenizers) and its config, from the
+    run folder or one of its checkpoint files."""
     path = Path(ckpt)
     run_dir = next((p for p in (path, *path.parents) if (p / ".hydra").is_dir()), path)
     cfg = load_run_config(run_dir)
     command = lambda _, found: f"python -m lmlab.generate ckpt={found or run_dir}"  # noqa: E731
     checkpoint = find_checkpoint(run_dir, None if path == run_dir else str(path), command)
-    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
-    sizes = get_class(cfg.model._target_).config_from_data(DataDescription(tokenizer))
+    data = saved_description(run_dir)
+    sizes = get_class(cfg.model._target_).config_from_data(data)
     net = instantiate(cfg.model.net, **sizes.get("net", {}))
     state = read_state_dict(checkpoint)
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()
                          if k.startswith("net.")})
-    return net.to(device).eval(), tokenizer
+    return net.to(device).eval(), data, cfg
 
 
-def stream(args: GenerateConfig) -> str:
+def saved_description(run_dir: Path) -> DataDescription:
+    """The tokenizers a run saved: one `tokenizer.json`, or one a side."""
+    sides = [run_dir / f"{side}_tokenizer.json" for side in ("source", "target")]
+    if all(p.is_file() for p in sides):
+        source, target = (Tokenizer.load(p) for p in sides)
+        return DataDescription(target, source_tokenizer=source, target_tokenizer=target)
+    return DataDescription(Tokenizer.load(run_dir / "tokenizer.json"))
+
+
+def stream(net: torch.nn.Module, tokenizer: Tokenizer, args: GenerateConfig) -> str:
     """Prints the prompt and then each new piece of text as it is produced; returns it all."""
-    net, tokenizer = load_model(args.ckpt, args.device)
     ids = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     prompt = torch.tensor([ids], device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -90,9 +117,71 @@ def stream(args: GenerateConfig) -> str:
     return args.prompt + text
 
 
+def transduce(net: torch.nn.Module, data: DataDescription, cfg: DictConfig,
+              args: GenerateConfig) -> list[str]:
+    """Translates or summarizes `input`, or each line of `input_file`, with the run's search
+    settings unless the arguments change them; prints or writes one output a line."""
+    if (args.input is None) == (args.input_file is None):
+        raise LmlabError(f"a sequence-to-sequence run takes input=TEXT or input_file=PATH "
+                         f"(one of them)\nusage: {USAGE}")
+    lines = [args.input] if args.input is not None else read_lines(Path(args.input_file))
+    search = search_settings(cfg.model, args)
+    outputs = []
+    for start in track(range(0, len(lines), args.batch_size), description="decoding",
+                       disable=args.input_file is None):
+        batch = [data.source_tokenizer.encode(line) or [data.pad_id]
+                 for line in lines[start:start + args.batch_size]]
+        source, _ = pad_batch([torch.tensor(ids) for ids in batch], data.pad_id)
+        found = decode(net, source.to(args.device), search)
+        outputs += [data.target_tokenizer.decode(tokens) for tokens in found]
+    write_lines(outputs, args.output_file)
+    return outputs
+
+
+def search_settings(model: DictConfig, args: GenerateConfig) -> dict:
+    """The run's test search, with what the command line changes."""
+    search = {"beam": args.beam or model.get("beam", 5),
+              "length_penalty": model.get("length_penalty", 1.0)
+              if args.length_penalty is None else args.length_penalty,
+              "max_len_a": model.get("max_len_a", 1.2), "max_len_b": model.get("max_len_b", 10),
+              "min_length": model.get("min_length", 1)}
+    if args.max_length is not None:
+        search.update(max_len_a=0.0, max_len_b=args.max_length)
+    return search
+
+
+@torch.no_grad()
+def decode(net: torch.nn.Module, source: torch.Tensor, search: dict) -> list[list[int]]:
+    settings = {k: v for k, v in search.items() if k != "beam"}
+    if search["beam"] == 1:
+        found = greedy(net, source, **settings)
+    else:
+        found = beam_search(net, source, search["beam"], **settings)
+    return [hypotheses[0].tokens for hypotheses in found]
+
+
+def read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise LmlabError(f"input_file={path}: no such file")
+    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def write_lines(lines: list[str], path: str | None) -> None:
+    text = "".join(line.replace("\n", " ") + "\n" for line in lines)
+    if path is None:
+        sys.stdout.write(text)
+    else:
+        Path(path).write_text(text, encoding="utf-8")
+
+
 def main(argv: list[str]) -> None:
     try:
-        stream(parse_args(GenerateConfig, argv, USAGE))
+        args = parse_args(GenerateConfig, argv, USAGE)
+        net, data, cfg = load_model(args.ckpt, args.device)
+        if get_class(cfg.model._target_).kind == "seq2seq":
+            transduce(net, data, cfg, args)
+        else:
+            stream(net, data.tokenizer, args)
     except LmlabError as err:
         fail(str(err))
 

@@ -62,7 +62,6 @@ CLASSIFICATION_CORPORA = {
 }
 
 
-
 @dataclass(frozen=True)
 class Seq2SeqCorpus(Corpus):
     """A corpus of source -> target pairs: which record fields are the two sides.

@@ -1,0 +1,171 @@
+"""Sequence to sequence: teacher-forced training, decoding and BLEU or ROUGE in evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.data.description import DataDescription
+from lmlab.models.decoding import beam_search, greedy
+from lmlab.tasks.base import Task, example_weights
+from lmlab.tasks.causal_lm import parameter_groups
+from lmlab.tasks.text_metrics import bleu, rouge
+
+METRICS = ("bleu", "rouge")
+METRIC_OF_TASK = {"translation": "bleu", "summarization": "rouge"}
+
+
+class Seq2SeqTask(Task):
+    """Trains an encoder-decoder net (`lmlab.models.seq2seq`, `lmlab.models.rnn_seq2seq`)
+    with teacher forcing; validation and test decode their sources with the configured
+    search and score the text against the references.
+
+    Args:
+        net: the model; it maps (source, target_in) to logits and decodes step by step.
+        optimizer: a partial optimizer, called with parameter groups.
+        scheduler: a partial LR scheduler, called with the optimizer, stepped every step.
+        weight_decay: applied to weight matrices only, never to norms, biases or embeddings.
+        label_smoothing: share of each target's probability spread over the vocabulary, in
+            training (evaluation losses are the plain cross-entropy).
+        metric: `bleu` (sacreBLEU) or `rouge` (ROUGE-1/2/L); null: the data's own (BLEU for
+            translation, ROUGE for summarization).
+        beam: beam size of the test decode (1: greedy).
+        val_beam: beam size of each validation's decode (1: greedy, the cheap default; 0:
+            none, and the best checkpoint is chosen by `val/loss`).
+        length_penalty: alpha of score = summed log-probability / length**alpha.
+        max_len_a, max_len_b: a hypothesis stops at a * source length + b tokens.
+        min_length: fewest tokens before `<eos>` may end a hypothesis.
+        n_finished: finished hypotheses at which a sentence's beam search stops (null: the
+            beam size).
+        data: the data's description: the target tokenizer decodes hypotheses.
+    """
+
+    kind = "seq2seq"  # the data it needs
+
+    def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
+                 weight_decay: float = 0.0, label_smoothing: float = 0.1,
+                 metric: str | None = None, beam: int = 5, val_beam: int = 1,
+                 length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
+                 min_length: int = 1, n_finished: int | None = None,
+                 data: DataDescription | None = None):
+        super().__init__(net, optimizer, scheduler)
+        metric = metric or METRIC_OF_TASK.get(getattr(data, "task_type", None), "bleu")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
+        self.weight_decay, self.label_smoothing, self.metric = weight_decay, label_smoothing, metric
+        self.beams = {"val": val_beam, "test": beam}
+        self.search = {"length_penalty": length_penalty, "max_len_a": max_len_a,
+                       "max_len_b": max_len_b, "min_length": min_length,
+                       "n_finished": n_finished}
+        self.tokenizer = data.target_tokenizer if data is not None else None
+        self.hypotheses: dict[str, list[tuple[int, str]]] = {"val": [], "test": []}
+
+    @property
+    def monitor(self) -> tuple[str, str]:
+        if not self.beams["val"]:
+            return "val/loss", "min"
+        return ("val/bleu" if self.metric == "bleu" else "val/rougeL"), "max"
+
+    @classmethod
+    def config_from_data(cls, data: DataDescription) -> dict:
+        target = data.target_tokenizer
+        return {"net": {"src_vocab_size": data.source_vocab_size,
+                        "tgt_vocab_size": data.target_vocab_size, "pad_id": target.pad_id,
+                        "bos_id": target.bos_id, "eos_id": target.eos_id}}
+
+    def forward(self, source: torch.Tensor, target_in: torch.Tensor) -> torch.Tensor:
+        return self.net(source, target_in)
+
+    def step(self, batch: dict, split: str) -> torch.Tensor:
+        targets = batch["target"][:, 1:]  # (B, T - 1): predict each token after <bos>
+        logits = self(batch["source"], batch["target"][:, :-1])  # (B, T - 1, V)
+        smoothing = self.label_smoothing if split == "train" else 0.0
+        tokens = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=self.net.pad_id,
+                                 label_smoothing=smoothing, reduction="none")
+        real = (targets != self.net.pad_id).sum(dim=1).clamp(min=1)
+        losses = tokens.sum(dim=1) / real  # (B,): each sentence's mean over its tokens
+        weight = example_weights(batch, len(targets), targets.device)
+        loss = self.log_loss(split, losses, weight)
+        if split != "train" and self.beams[split] and self.tokenizer is not None:
+            self.collect(batch, split, weight)
+        return loss
+
+    def collect(self, batch: dict, split: str, weight: torch.Tensor) -> None:
+        """Decodes the batch's sources (through the strategy's wrapper: sharded parameters
+        are gathered) and keeps the text of the real examples by index."""
+        found = self.through_strategy("decode", batch["source"], self.beams[split])
+        for index, tokens, w in zip(batch["index"].tolist(), found, weight.tolist()):
+            if w > 0:
+                self.hypotheses[split].append((index, self.tokenizer.decode(tokens)))
+
+    @torch.no_grad()
+    def decode(self, source: torch.Tensor, beam: int) -> list[list[int]]:
+        """The best hypothesis's tokens for each source row (beam 1: greedy search)."""
+        search = {k: v for k, v in self.search.items() if k != "n_finished"}
+        if beam == 1:
+            found = greedy(self.net, source, **search)
+        else:
+            found = beam_search(self.net, source, beam, **search,
+                                n_finished=self.search["n_finished"])
+        return [hypotheses[0].tokens for hypotheses in found]
+
+    def log_epoch(self, split: str) -> None:
+        if split == "train":
+            return  # train/loss is logged per step
+        loss = self.epoch_loss(split)
+        self.log(f"{split}/loss", loss, prog_bar=split == "val")
+        found = gather(self.hypotheses[split])
+        self.hypotheses[split] = []
+        if not found:
+            return
+        indices, texts = zip(*sorted(dict(found).items()))
+        references = self.trainer.datamodule.references(split)
+        references = [references[i] for i in indices]
+        for name, value in self.score(list(texts), references).items():
+            self.log(f"{split}/{name}", value, prog_bar=split == "val")  # equal on every rank
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.write(split, indices, texts, references)
+
+    def score(self, texts: list[str], references: list[list[str]]) -> dict[str, float]:
+        """BLEU against the first reference; or ROUGE against the first reference (as
+        published summarization figures are), and, where examples carry more references
+        (AESLC's annotations), also against the best of those (`..._annotated`)."""
+        if self.metric == "bleu":
+            value, self.bleu_signature = bleu(texts, references)
+            return {"bleu": value}
+        scores = rouge(texts, [refs[:1] for refs in references])
+        if any(len(refs) > 1 for refs in references):
+            extra = rouge(texts, [refs[1:] or refs[:1] for refs in references])
+            scores.update({f"{name}_annotated": value for name, value in extra.items()})
+        return scores
+
+    def write(self, split: str, indices, texts, references) -> None:
+        """Writes the hypotheses, line-aligned with their sources and references, to the run
+        folder's `hypotheses/` (validation: the latest one)."""
+        folder = Path(self.trainer.default_root_dir) / "hypotheses"
+        folder.mkdir(parents=True, exist_ok=True)
+        sources = self.trainer.datamodule.sources(split)
+        files = {f"{split}.hyp.txt": texts, f"{split}.ref.txt": [r[0] for r in references],
+                 f"{split}.src.txt": [sources[i] for i in indices]}
+        for name, lines in files.items():
+            (folder / name).write_text("".join(line.replace("\n", " ") + "\n" for line in lines))
+        if self.metric == "bleu":
+            (folder / f"{split}.bleu-signature.txt").write_text(self.bleu_signature + "\n")
+
+    def optimizer_params(self) -> list[dict]:
+        return parameter_groups(self.net, self.weight_decay)
+
+
+def gather(items: list) -> list:
+    """Every rank's `items`, concatenated, on every rank (one process: `items` itself)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
