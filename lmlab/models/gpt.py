@@ -1,7 +1,8 @@
 """A GPT-style decoder: pre-LayerNorm blocks, causal SDPA attention, GELU MLP, tied embeddings.
 
-Plain PyTorch, readable top to bottom. Positions are learned or rotary (RoPE); generation
-uses a key/value cache. The model declares, once, what parallel strategies need from it:
+Plain PyTorch, readable top to bottom. Attention is the shared module of
+`lmlab.models.attention`. Positions are learned or rotary (RoPE); generation uses a key/value
+cache. The model declares, once, what parallel strategies need from it:
 `block_classes` (the FSDP wrap / activation-checkpointing unit) and `tensor_parallel_plan`.
 """
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmlab.models.attention import Attention, rope_tables
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, H, T, D)
 
@@ -32,52 +35,6 @@ class GPTConfig:
     rope_base: float  # RoPE frequency base
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head "
-                             f"({config.n_head})")
-        self.head_dim, self.dropout = config.n_embd // config.n_head, config.dropout
-        # Separate projections, so tensor parallelism can split them by heads.
-        self.q, self.k, self.v = (nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-                                  for _ in range(3))
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self._register_load_state_dict_pre_hook(split_fused_qkv)
-
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: tuple | None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, T, _ = x.shape  # heads: all of them, or this rank's share under tensor parallelism
-        q, k, v = (layer(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-                   for layer in (self.q, self.k, self.v))  # (B, H, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        # Causal within the new tokens; each new token sees the whole cache before it.
-        # A single new token attends to everything: no mask needed.
-        causal = T > 1
-        mask = None
-        if causal and cache is not None:
-            past = k.size(2) - T
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * D)
-        return self.resid_dropout(self.proj(y)), (k, v)
-
-
-def split_fused_qkv(state_dict: dict, prefix: str, *args) -> None:
-    """Loads checkpoints of the earlier fused `qkv` projection into `q`, `k` and `v`."""
-    for kind in ("weight", "bias"):
-        fused = state_dict.pop(f"{prefix}qkv.{kind}", None)
-        if fused is not None:
-            for name, part in zip("qkv", fused.chunk(3, dim=0)):
-                state_dict[f"{prefix}{name}.{kind}"] = part
-
-
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -95,12 +52,12 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = Attention(config.n_embd, config.n_head, config.dropout, config.bias)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, rope=None, cache=None):
-        attended, new_cache = self.attn(self.ln_1(x), rope, cache)
+        attended, new_cache = self.attn(self.ln_1(x), causal=True, rope=rope, cache=cache)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), new_cache
 
@@ -138,6 +95,9 @@ class GPT(nn.Module):
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
             n_embd=n_embd, dropout=dropout, bias=bias, positions=positions, rope_base=rope_base)
         self.block_size = config.block_size
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head "
+                             f"({config.n_head})")
         if config.positions not in ("learned", "rope"):
             raise ValueError(f"positions must be learned or rope, not {config.positions!r}")
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -190,14 +150,3 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-
-def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple:
-    angles = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates channel pairs (x[2i], x[2i+1]) of (B, H, T, D) by position-dependent angles."""
-    even, odd = x[..., 0::2], x[..., 1::2]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)

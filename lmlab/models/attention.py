@@ -1,0 +1,128 @@
+"""Multi-head attention for every transformer here: self-attention (causal or not) and
+cross-attention, through `scaled_dot_product_attention`.
+
+One module serves the GPT's decoder blocks and the encoder-decoder's three kinds of
+attention. The query, key and value projections are separate layers, so tensor parallelism
+splits each by output columns (by heads) and the output projection by input rows; the head
+count is read from the tensor, so a rank's share of heads works unchanged.
+
+Caches, for decoding one token at a time:
+- self-attention: the keys and values of the positions seen so far, extended each call;
+- cross-attention: the keys and values of the encoder's memory, computed on the first call
+  and reused after it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KeyValues = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, H, S, D)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: (B, T, C) queries to (B, T, C) outputs.
+
+    Args:
+        d_model: model width C.
+        n_head: attention heads; must divide `d_model`.
+        dropout: on the attention weights and on the output (the residual branch).
+        bias: biases in the projections.
+        cross: keys and values come from a memory (the encoder's output) instead of the
+            queries' own sequence.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 cross: bool = False):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"the model width ({d_model}) must be a multiple of the number of "
+                             f"heads ({n_head})")
+        self.head_dim, self.dropout, self.cross = d_model // n_head, dropout, cross
+        self.q, self.k, self.v = (nn.Linear(d_model, d_model, bias=bias) for _ in range(3))
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+        self._register_load_state_dict_pre_hook(split_fused_qkv)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *,
+                causal: bool = False, key_mask: torch.Tensor | None = None,
+                rope: tuple | None = None, cache: KeyValues | None = None
+                ) -> tuple[torch.Tensor, KeyValues]:
+        """Attends from `x` to itself (self-attention) or to `memory` (cross-attention).
+
+        Args:
+            x: (B, T, C) the queries' sequence.
+            memory: (B, S, C) what cross-attention reads; unused once `cache` holds its
+                keys and values.
+            causal: each query sees only the keys at or before its position (self-attention;
+                with a cache, every cached position is before the new ones).
+            key_mask: (B, S) True at the keys that may be attended (False at padding).
+            rope: (cos, sin) rotary tables for the new positions (self-attention).
+            cache: the keys and values of earlier positions (self-attention) or of the
+                memory (cross-attention).
+
+        Returns:
+            The output (B, T, C) and the keys and values to pass as `cache` next time.
+        """
+        q = self._heads(self.q, x)  # (B, H, T, D)
+        if self.cross:
+            k, v = cache if cache is not None else (self._heads(self.k, memory),
+                                                    self._heads(self.v, memory))
+        else:
+            k, v = self._heads(self.k, x), self._heads(self.v, x)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        mask, is_causal = attention_mask(q.size(2), k.size(2), causal, key_mask, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        B, T = x.shape[:2]
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * D)
+        return self.resid_dropout(self.proj(y)), (k, v)
+
+    def _heads(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) through `layer` to (B, H, T, D), H being this rank's share of heads."""
+        B, T, _ = x.shape
+        return layer(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+
+
+def attention_mask(n_queries: int, n_keys: int, causal: bool, key_mask: torch.Tensor | None,
+                   device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """The boolean mask (True: attend) and `is_causal` flag for SDPA.
+
+    Without a key mask, plain causal attention uses SDPA's own causal path. New queries
+    after a cache see every cached key and, among themselves, the keys up to their own
+    position; a single new query sees everything, so it needs no mask.
+    """
+    mask = key_mask[:, None, None, :] if key_mask is not None else None  # (B, 1, 1, S)
+    if not causal or n_queries == 1:
+        return mask, False
+    past = n_keys - n_queries
+    if mask is None and past == 0:
+        return None, True
+    order = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(past)
+    return (order if mask is None else mask & order), False
+
+
+def split_fused_qkv(state_dict: dict, prefix: str, *args) -> None:
+    """Loads checkpoints of the earlier fused `qkv` projection into `q`, `k` and `v`."""
+    for kind in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}qkv.{kind}", None)
+        if fused is not None:
+            for name, part in zip("qkv", fused.chunk(3, dim=0)):
+                state_dict[f"{prefix}{name}.{kind}"] = part
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple:
+    """(cos, sin) of each position's angles, each (T, D/2)."""
+    angles = positions[:, None].float() * inv_freq[None, :]  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates channel pairs (x[2i], x[2i+1]) of (B, H, T, D) by position-dependent angles."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
