@@ -80,11 +80,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.run:
         from lmlab.generate import load_model
-        net, tokenizer = load_model(args.run)
+        net, data, _ = load_model(args.run)
         if args.sources is None:
             parser.error("--run needs --sources, the sentences to decode")
         lines = args.sources.read_text(encoding="utf-8").splitlines()
-        sources = [tokenizer.encode(line) for line in lines]
+        sources = [data.source_tokenizer.encode(line) for line in lines]
     else:
         net, sources = random_net(args.net), random_sources(args.sentences)
     net.eval()

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoints import load_weights
+from lmlab.data.description import DataDescription
 from lmlab.config import monitor_mode
 from lmlab.errors import ConfigError
 
@@ -39,7 +40,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModule:
     """The task of `cfg`, with what it takes from the data's description."""
-    description = data.describe()
+    return task_for(cfg, data.describe())
+
+
+def task_for(cfg: DictConfig, description: DataDescription) -> L.LightningModule:
+    """The task of `cfg` for data of this description."""
     sizes = get_class(cfg.model._target_).config_from_data(description)
     return instantiate(cfg.model, _partial_=True, **sizes)(data=description)
 

@@ -32,8 +32,9 @@ from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.evaluate import find_checkpoint, load_run_config
 from lmlab.data.batching import pad_batch
-from lmlab.models.decoding import beam_search, greedy
+from lmlab.models.decoding import best_tokens
 from lmlab.models.sampling import generate
+from lmlab.tasks.text_metrics import one_line
 
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
          "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]; "
@@ -126,14 +127,16 @@ def transduce(net: torch.nn.Module, data: DataDescription, cfg: DictConfig,
                          f"(one of them)\nusage: {USAGE}")
     lines = [args.input] if args.input is not None else read_lines(Path(args.input_file))
     search = search_settings(cfg.model, args)
+    longest = cfg.data.get("max_source_length") or None  # cut as in training
     outputs = []
     for start in track(range(0, len(lines), args.batch_size), description="decoding",
                        disable=args.input_file is None):
-        batch = [data.source_tokenizer.encode(line) or [data.pad_id]
+        batch = [data.source_tokenizer.encode(line)[:longest] or [data.pad_id]
                  for line in lines[start:start + args.batch_size]]
         source, _ = pad_batch([torch.tensor(ids) for ids in batch], data.pad_id)
-        found = decode(net, source.to(args.device), search)
-        outputs += [data.target_tokenizer.decode(tokens) for tokens in found]
+        with torch.no_grad():
+            found = best_tokens(net, source.to(args.device), **search)
+        outputs += [one_line(data.target_tokenizer.decode(tokens)) for tokens in found]
     write_lines(outputs, args.output_file)
     return outputs
 
@@ -150,16 +153,6 @@ def search_settings(model: DictConfig, args: GenerateConfig) -> dict:
     return search
 
 
-@torch.no_grad()
-def decode(net: torch.nn.Module, source: torch.Tensor, search: dict) -> list[list[int]]:
-    settings = {k: v for k, v in search.items() if k != "beam"}
-    if search["beam"] == 1:
-        found = greedy(net, source, **settings)
-    else:
-        found = beam_search(net, source, search["beam"], **settings)
-    return [hypotheses[0].tokens for hypotheses in found]
-
-
 def read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise LmlabError(f"input_file={path}: no such file")
@@ -167,7 +160,7 @@ def read_lines(path: Path) -> list[str]:
 
 
 def write_lines(lines: list[str], path: str | None) -> None:
-    text = "".join(line.replace("\n", " ") + "\n" for line in lines)
+    text = "".join(line + "\n" for line in lines)
     if path is None:
         sys.stdout.write(text)
     else:

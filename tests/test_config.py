@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import open_dict
 
-from lmlab.build import callbacks, loggers
+from lmlab.build import callbacks, loggers, task_for
+from lmlab.data.description import DataDescription
+from lmlab.data.tokenizers import WordTokenizer
 from lmlab.config import CONF_DIR, _kind_problems, check_config
 from lmlab.errors import ConfigError
 from lmlab.parallel.specs import world_size
@@ -33,10 +35,11 @@ def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     extra = ["model=gpt_tiny", "data=stdlib_source", "trainer.devices=2"] if option == "tp" else []
     cfg = make_cfg(f"{group}={option}", *extra)
-    if _kind_problems(cfg):  # a language-model option, composed with its LM counterpart
-        cfg = make_cfg(f"{group}={option}", "data=stdlib_source" if group == "model" else
-                       "model=gpt_tiny")
-    if option == "files":
+    if _kind_problems(cfg):  # an option of another task kind, with its own counterpart
+        kind = get_class((cfg.model if group == "model" else cfg.data)._target_).kind
+        data, model = COUNTERPARTS[kind]
+        cfg = make_cfg(f"{group}={option}", data if group == "model" else model)
+    if option in ("files", "translation_files", "summarization_files"):
         with open_dict(cfg):
             cfg.data.files.train = "train.csv"
     if option == "text_files":
@@ -49,13 +52,18 @@ def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
     assert trainer.max_epochs == cfg.trainer.max_epochs or cfg.trainer.get("fast_dev_run")
 
 
+COUNTERPARTS = {"lm": ("data=stdlib_source", "model=gpt_tiny"),
+                "seq2seq": ("data=stdlib_summaries", "model=transformer_tiny")}
+TOKENIZER = WordTokenizer().fit(["a few words make a small vocabulary of some forty tokens "
+                                 "or so for every kind of task to be sized by"])
+
+
 def build_task(cfg):
-    """The task of `cfg`, sized as a 40-token, 3-class DataModule would size it."""
-    if cfg.data._target_.endswith("LMDataModule"):
-        return instantiate(cfg.model, _partial_=True, net={"vocab_size": 40})()
-    task = instantiate(cfg.model, _partial_=True, num_classes=3,
-                       net={"vocab_size": 40, "num_classes": 3, "pad_id": 0})()
-    assert task.net.head.out_features == 3
+    """The task of `cfg`, sized by a small word vocabulary and 3 classes."""
+    task = task_for(cfg, DataDescription(TOKENIZER, classes=("a", "b", "c"),
+                                         task_type="translation"))
+    if cfg.data._target_.endswith("ClassificationDataModule"):
+        assert task.net.head.out_features == 3
     return task
 
 

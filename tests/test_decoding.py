@@ -169,3 +169,26 @@ def test_a_net_trained_to_copy_decodes_the_copy(cls, args, steps):
     copies = [row[row != PAD].tolist() for row in source]
     for results in (beam_search(net, source, beam=3), greedy(net, source)):
         assert sum(hyps[0].tokens == copy for hyps, copy in zip(results, copies)) >= 14
+
+
+class CountingSteps(EosBias):
+    """Counts the decoder's steps (an early <eos>, so the search could stop at once)."""
+
+    def __init__(self, net):
+        super().__init__(net, bias=50.0)
+        self.calls = 0
+
+    def decode_step(self, tokens, encoded, cache):
+        self.calls += 1
+        return super().decode_step(tokens, encoded, cache)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_a_fixed_number_of_steps_changes_no_output(search):
+    """What sharded strategies need: every rank runs the decoder as often as the others."""
+    decode = greedy if search == "greedy" else (lambda n, s, **k: beam_search(n, s, 3, **k))
+    source, _ = batch(lengths=(7, 3, 5, 2))
+    free, fixed = CountingSteps(tiny("transformer")), CountingSteps(tiny("transformer"))
+    expected, found = decode(free, source), decode(fixed, source, steps=25)
+    assert tokens_of(found) == tokens_of(expected)
+    assert free.calls < 25 and fixed.calls == 25

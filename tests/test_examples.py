@@ -52,8 +52,13 @@ VALUES = {"S": "1", "PATH": "{run}/checkpoints/last.ckpt"}
 NEEDS_GPU = {
     "python -m lmlab.run strategy=gpu precision=bf16-mixed": "strategy=gpu needs CUDA",
     "python -m lmlab.run experiment=shakespeare_char_gpu": "the experiment uses strategy=gpu",
+    **{f"python -m lmlab.run experiment={name}_gpu": "the experiment uses strategy=gpu"
+       for name in ("multi30k_transformer", "multi30k_lstm_attn", "aeslc_transformer")},
 }
 GPU_PROBLEM = "a GPU was requested"
+TINY_SEQ2SEQ = ["model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=300",
+                "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 TINY_LM = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=300",
            "trainer.max_steps=3", "trainer.max_epochs=-1", "data.train_batches=3",
            "data.val_batches=2", "model.sample_tokens=0"]
@@ -187,7 +192,8 @@ def params():
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    """A working folder holding the files the docs name: books/*.txt, train.csv, test.csv."""
+    """A working folder holding the files the docs name: books/*.txt, train.csv, test.csv,
+    in.txt."""
     folder = tmp_path_factory.mktemp("docs_sandbox")
     (folder / "books").mkdir()
     (folder / "books" / "a.txt").write_text("It was the best of times.\n" * 40)
@@ -195,6 +201,16 @@ def sandbox(tmp_path_factory):
                    [("pos", "good"), ("neg", "bad")] * 10)
     for name in ("train.csv", "test.csv"):
         (folder / name).write_text("text,label\n" + rows)
+    (folder / "in.txt").write_text("def add(a, b):\n    return a + b\nA man rides a horse.\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_seq2seq_run(sandbox):
+    """A tiny trained sequence-to-sequence run, for the commands that give it an input."""
+    folder = sandbox / "s2s_run"
+    done = run_cli(*TINY_SEQ2SEQ, f"hydra.run.dir={folder}", cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
 
@@ -212,7 +228,9 @@ def substitute(command: str, request) -> str:
     for placeholder, value in PLACEHOLDERS.items():
         command = command.replace(placeholder, value)
     if "{run}" in command:
-        command = command.replace("{run}", str(request.getfixturevalue("tiny_run")))
+        seq2seq = re.search(r"\binput(_file)?=", command)
+        run = request.getfixturevalue("tiny_seq2seq_run" if seq2seq else "tiny_run")
+        command = command.replace("{run}", str(run))
     command = command.replace("{data}", str(DATA_DIR))
     left = re.findall(r"<\w+>|\.\.\.|\$\w+", command)
     assert not left, f"placeholder {left[0]!r}: add what stands for it to PLACEHOLDERS"

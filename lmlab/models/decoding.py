@@ -75,8 +75,8 @@ def _step(net, tokens: torch.Tensor, history: torch.Tensor, encoded: dict, cache
 
 @torch.no_grad()
 def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float = 10,
-           min_length: int = 1, length_penalty: float = 1.0, use_cache: bool = True
-           ) -> list[list[Hypothesis]]:
+           min_length: int = 1, length_penalty: float = 1.0, use_cache: bool = True,
+           steps: int | None = None) -> list[list[Hypothesis]]:
     """Greedy search: the most likely token at each step, each row until its own <eos>.
 
     Args:
@@ -86,6 +86,9 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
         min_length: at least this many tokens before <eos>.
         length_penalty: alpha of the score, summed log-probability / length ** alpha.
         use_cache: decode from the cache (False recomputes the prefix at every step).
+        steps: run the decoder exactly this many steps, even after every row has ended
+            (sharded strategies gather parameters in each step, collectively: every rank
+            must take as many). None: stop when every row has ended.
 
     Returns:
         For each row, one hypothesis in a list (the shape `beam_search` returns).
@@ -99,8 +102,10 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
     total = torch.zeros(B, device=device)
     length = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(int(limits.max()) + 1):
+    for step in range(steps or int(limits.max()) + 1):
         logp, cache = _step(net, tokens, history, encoded, cache, use_cache)
+        if done.all():
+            continue  # only keeping in step with other ranks
         logp = constrain(logp, step, limits, shortest, min_length, net.eos_id)
         best_logp, best = logp.max(-1)
         total += best_logp.masked_fill(done, 0.0)
@@ -108,7 +113,7 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
         done |= best == net.eos_id
         tokens = best[:, None]
         history = torch.cat([history, tokens], dim=1)
-        if done.all():  # a sync per step: decoding, not the training hot path
+        if done.all() and steps is None:  # a sync per step: decoding, not the hot path
             break
     scores = (total / length.double() ** length_penalty).tolist()
     rows = history.tolist()
@@ -119,8 +124,8 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
 @torch.no_grad()
 def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float = 1.0,
                 max_len_a: float = 1.2, max_len_b: float = 10, min_length: int = 1,
-                n_finished: int | None = None, use_cache: bool = True
-                ) -> list[list[Hypothesis]]:
+                n_finished: int | None = None, use_cache: bool = True,
+                steps: int | None = None) -> list[list[Hypothesis]]:
     """Batched beam search; each sentence stops when it has `n_finished` hypotheses.
 
     At each step, the 2 * beam best continuations of a sentence's beams are ranked; those
@@ -136,6 +141,8 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
         min_length: at least this many tokens before <eos>.
         n_finished: finished hypotheses at which a sentence stops; None: `beam`.
         use_cache: decode from the cache (False recomputes the prefix at every step).
+        steps: run the decoder exactly this many steps (see `greedy`); None: stop when
+            every sentence is done.
 
     Returns:
         For each row of `source`, its finished hypotheses, best score first.
@@ -149,7 +156,8 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
                                  torch.arange(B, device=device).repeat_interleave(beam))
     search = _Beams(B, beam, limits, net.bos_id)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    for step in range(int(limits.max()) + 1):
+    total = steps or int(limits.max()) + 1
+    for step in range(total):
         logp, cache = _step(net, search.tokens, search.history, encoded, cache, use_cache)
         shortest = min(search.limits[s] for s in search.sentences)
         logp = constrain(logp, step, search.row_limits, shortest, min_length, net.eos_id)
@@ -161,9 +169,17 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
                 for s in search.sentences]
         rows = search.advance(candidates, net.eos_id, done)
         if rows is None:
+            idle(net, search, encoded, cache, use_cache, total - step - 1)
             break
         encoded, cache = net.reorder(encoded, cache, rows)
     return [sorted(hyps, key=lambda h: -h.score) for hyps in finished]
+
+
+def idle(net, search: _Beams, encoded: dict, cache, use_cache: bool, steps: int) -> None:
+    """Runs the decoder `steps` more times on the last beams, discarding what it says, to
+    keep in step with ranks whose sentences need more steps (see `greedy`'s `steps`)."""
+    for _ in range(steps):
+        _, cache = _step(net, search.tokens, search.history, encoded, cache, use_cache)
 
 
 class _Beams:
@@ -220,3 +236,14 @@ class _Beams:
         self.tokens = picked["tokens"].reshape(-1, 1)
         self.history = torch.cat([self.history[rows], self.tokens], dim=1)
         return rows
+
+
+def best_tokens(net, source: torch.Tensor, beam: int = 5, n_finished: int | None = None,
+                **settings) -> list[list[int]]:
+    """The best hypothesis's tokens for each source row: greedy search for beam 1, else beam
+    search; `settings` are their shared arguments (length_penalty, max_len_a, ...)."""
+    if beam == 1:
+        found = greedy(net, source, **settings)
+    else:
+        found = beam_search(net, source, beam, n_finished=n_finished, **settings)
+    return [hypotheses[0].tokens for hypotheses in found]

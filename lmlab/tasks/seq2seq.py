@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data.description import DataDescription
-from lmlab.models.decoding import beam_search, greedy
+from lmlab.models.decoding import best_tokens, max_lengths
 from lmlab.tasks.base import Task, example_weights
 from lmlab.tasks.causal_lm import parameter_groups
-from lmlab.tasks.text_metrics import bleu, rouge
+from lmlab.tasks.text_metrics import bleu, one_line, rouge
 
 METRICS = ("bleu", "rouge")
 METRIC_OF_TASK = {"translation": "bleu", "summarization": "rouge"}
@@ -99,21 +99,29 @@ class Seq2SeqTask(Task):
     def collect(self, batch: dict, split: str, weight: torch.Tensor) -> None:
         """Decodes the batch's sources (through the strategy's wrapper: sharded parameters
         are gathered) and keeps the text of the real examples by index."""
-        found = self.through_strategy("decode", batch["source"], self.beams[split])
+        steps = self.lockstep_steps(batch["source"])
+        found = self.through_strategy("decode", batch["source"], self.beams[split], steps)
         for index, tokens, w in zip(batch["index"].tolist(), found, weight.tolist()):
             if w > 0:
-                self.hypotheses[split].append((index, self.tokenizer.decode(tokens)))
+                self.hypotheses[split].append((index, one_line(self.tokenizer.decode(tokens))))
 
     @torch.no_grad()
-    def decode(self, source: torch.Tensor, beam: int) -> list[list[int]]:
+    def decode(self, source: torch.Tensor, beam: int, steps: int | None = None
+               ) -> list[list[int]]:
         """The best hypothesis's tokens for each source row (beam 1: greedy search)."""
-        search = {k: v for k, v in self.search.items() if k != "n_finished"}
-        if beam == 1:
-            found = greedy(self.net, source, **search)
-        else:
-            found = beam_search(self.net, source, beam, **search,
-                                n_finished=self.search["n_finished"])
-        return [hypotheses[0].tokens for hypotheses in found]
+        return best_tokens(self.net, source, beam, steps=steps, **self.search)
+
+    def lockstep_steps(self, source: torch.Tensor) -> int | None:
+        """On several processes, the most decoder steps any rank's batch may take: sharded
+        strategies gather parameters in every step, collectively, so every rank must take
+        as many steps as the others (None on one process)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        limits = max_lengths(self.net, source, self.search["max_len_a"],
+                             self.search["max_len_b"], self.search["min_length"])
+        steps = limits.max() + 1
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        return int(steps)
 
     def log_epoch(self, split: str) -> None:
         if split == "train":
@@ -154,7 +162,7 @@ class Seq2SeqTask(Task):
         files = {f"{split}.hyp.txt": texts, f"{split}.ref.txt": [r[0] for r in references],
                  f"{split}.src.txt": [sources[i] for i in indices]}
         for name, lines in files.items():
-            (folder / name).write_text("".join(line.replace("\n", " ") + "\n" for line in lines))
+            (folder / name).write_text("".join(one_line(line) + "\n" for line in lines))
         if self.metric == "bleu":
             (folder / f"{split}.bleu-signature.txt").write_text(self.bleu_signature + "\n")
 

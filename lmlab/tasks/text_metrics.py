@@ -51,3 +51,9 @@ def rouge(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
             totals[name] += scores[name].fmeasure
     count = max(len(hypotheses), 1)
     return {name: 100 * total / count for name, total in totals.items()}
+
+
+def one_line(text: str) -> str:
+    """`text` with every line break (whatever `str.splitlines` breaks at) made a space, so
+    that files of texts stay line-aligned."""
+    return " ".join(text.splitlines())

@@ -1,0 +1,99 @@
+"""The seq2seq task end to end: training, decoding, scores from the written files, generate."""
+
+import json
+
+import pytest
+
+from conftest import ROOT, needs_data, run_cli
+from lmlab.check_parallel import check
+from lmlab.tasks.text_metrics import bleu, rouge
+
+TINY = ["model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=600",
+        "trainer.max_epochs=2", "trainer.limit_train_batches=8", "data.batch_size=32",
+        "model.beam=3", "logger=csv"]
+pytestmark = pytest.mark.slow
+
+
+def run(run_dir, *overrides):
+    result = run_cli(f"hydra.run.dir={run_dir}", *overrides, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def summary_run(tmp_path_factory):
+    """A tiny transformer trained for a few steps on the embedded summarization corpus."""
+    run_dir = tmp_path_factory.mktemp("s2s") / "run"
+    run(run_dir, *TINY)
+    return run_dir
+
+
+def lines(path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_test_scores_equal_the_reference_package_on_the_written_files(summary_run):
+    folder = summary_run / "hypotheses"
+    hyps, refs, srcs = (lines(folder / f"test.{kind}.txt") for kind in ("hyp", "ref", "src"))
+    assert len(hyps) == len(refs) == len(srcs) > 100  # every test example, line-aligned
+    metrics = json.loads((summary_run / "metrics.json").read_text())["metrics"]
+    recomputed = rouge(hyps, [[r] for r in refs])
+    for name in ("rouge1", "rouge2", "rougeL"):
+        assert metrics[f"test/{name}"] == pytest.approx(recomputed[name], rel=1e-6)
+
+
+def test_the_best_checkpoint_is_chosen_by_validation_rouge(summary_run):
+    saved = json.loads((summary_run / "metrics.json").read_text())
+    assert "best val/rougeL" in saved["metrics"] and saved["objective"] is not None
+
+
+def test_generate_translates_one_input_and_a_file_line_by_line(summary_run, tmp_path):
+    sources = lines(summary_run / "hypotheses" / "test.src.txt")[:5]
+    (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
+    args = [f"ckpt={summary_run}", f"input_file={tmp_path / 'in.txt'}",
+            f"output_file={tmp_path / 'out.txt'}", "beam=1", "batch_size=2"]
+    done = run_cli(*args, module="lmlab.generate", cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outputs = lines(tmp_path / "out.txt")
+    assert len(outputs) == 5
+    one = run_cli(f"ckpt={summary_run}", f"input={sources[2]}", "beam=1",
+                  module="lmlab.generate", cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.stdout.splitlines() == [outputs[2]]  # alone as in a padded batch
+
+
+def test_generate_asks_for_an_input(summary_run):
+    done = run_cli(f"ckpt={summary_run}", module="lmlab.generate", cwd=ROOT)
+    assert done.returncode == 2 and "input=TEXT or input_file=PATH" in done.stderr
+
+
+@needs_data
+@pytest.mark.parametrize("experiment,metric", [("multi30k_transformer", "test/bleu"),
+                                               ("multi30k_lstm_attn", "test/bleu"),
+                                               ("aeslc_transformer", "test/rougeL_annotated")])
+def test_fast_dev_run_of_each_experiment(tmp_path, experiment, metric):
+    result = run(tmp_path, f"experiment={experiment}", "debug=fast_dev_run")
+    assert metric in result.stdout
+
+
+@needs_data
+def test_translation_bleu_equals_sacrebleu_on_the_written_files(tmp_path):
+    run(tmp_path, "experiment=multi30k_transformer", "model=transformer_tiny",
+        "model.net.share_embeddings=true", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=10", "trainer.limit_val_batches=2", "model.beam=2",
+        "data.tokenizer.vocab_size=1000")
+    folder = tmp_path / "hypotheses"
+    hyps, refs = lines(folder / "test.hyp.txt"), lines(folder / "test.ref.txt")
+    assert len(hyps) == len(refs) == 1000  # test_2016_flickr, every sentence
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert metrics["test/bleu"] == pytest.approx(bleu(hyps, [[r] for r in refs])[0], rel=1e-9)
+    assert "tok:13a" in (folder / "test.bleu-signature.txt").read_text()
+
+
+@pytest.mark.distributed
+def test_two_processes_give_the_losses_of_one_and_decode_under_fsdp():
+    overrides = ["model=transformer_tiny", "data=stdlib_summaries",
+                 "data.tokenizer.vocab_size=600", "data.batch_size=32",
+                 "model.net.dropout=0.0"]
+    curves = check(["cpu", "ddp", "fsdp"], steps=4, overrides=overrides, lr=1.0)
+    assert len(curves["fsdp"]) == 4
