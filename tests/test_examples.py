@@ -326,8 +326,16 @@ def check_check_parallel(args: list[str]) -> None:
 def run_for_real(entry: str, args: list[str]) -> None:
     # Few new tokens: the example is checked, not the model.
     args = [re.sub(r"^max_new_tokens=\d+$", "max_new_tokens=8", a) for a in args]
+    # File names are the sandbox's (the working folder here); the command runs from ROOT.
+    args = [re.sub(r"^((?:input|output)_file)=(?!/)", rf"\1={Path.cwd()}/", a) for a in args]
     done = run_cli(*args, module=entry, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+    if entry == "lmlab.generate" and any(a.startswith(("input=", "input_file=")) for a in args):
+        output = next((a.split("=", 1)[1] for a in args if a.startswith("output_file=")), None)
+        written = Path(output).read_text() if output else done.stdout
+        inputs = 1 if any(a.startswith("input=") for a in args) else 3  # in.txt's lines
+        assert written.count("\n") == inputs  # one output a line
+        return
     if entry == "lmlab.evaluate":
         assert "test/loss" in done.stdout
     prompt = next((a.removeprefix("prompt=") for a in args if a.startswith("prompt=")), None)
