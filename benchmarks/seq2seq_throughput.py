@@ -64,7 +64,8 @@ def main() -> None:
         cfg = compose([f"model={MODEL}", f"data={args.corpus}", "strategy=cpu",
                        f"paths.output_dir={out}",
                        f"paths.data_dir={os.environ.get('LMLAB_DATA_DIR', 'data')}",
-                       "model.scheduler=null", "model.weight_decay=0.0"])
+                       "model.scheduler=null", "model.weight_decay=0.0",
+                       "data.joint_vocab=true"])  # the model shares one embedding matrix
         data = instantiate(cfg.data)
         data.setup()
         batches = [b for _, b in zip(range(args.batches), data.train_dataloader())]

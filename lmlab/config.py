@@ -77,6 +77,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += _kind_problems(cfg)
     problems += strategy_problems(cfg)
     problems += _monitor_problems(cfg)
+    problems += _seq2seq_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -170,6 +171,21 @@ def _monitor_problems(cfg: DictConfig) -> list[str]:
         return [f"monitor_mode={cfg.monitor_mode} would keep the worst {cfg.monitor}; "
                 f"use monitor_mode={inferred}, or leave it unset"]
     return []
+
+
+def _seq2seq_problems(cfg: DictConfig) -> list[str]:
+    """A sequence-to-sequence net that shares embeddings needs one joint vocabulary, and
+    its position table must hold the longest source and target."""
+    net, data, problems = cfg.model.get("net") or {}, cfg.data, []
+    if net.get("share_embeddings") and data.get("joint_vocab") is False:
+        problems.append("model.net.share_embeddings=true needs one joint vocabulary; set "
+                        "data.joint_vocab=true, or model.net.share_embeddings=false")
+    table = net.get("max_length")
+    for key in ("max_source_length", "max_target_length"):
+        if isinstance(table, int) and isinstance(data.get(key), int) and data[key] > table:
+            problems.append(f"data.{key}={data[key]} is longer than the model's position "
+                            f"table (model.net.max_length={table}); raise model.net.max_length")
+    return problems
 
 
 def _hardware_problems(trainer: DictConfig) -> list[str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
+from rich.console import Console
 from rich.progress import track
 
 from lmlab.checkpoints import read_state_dict
@@ -129,9 +130,11 @@ def transduce(net: torch.nn.Module, data: DataDescription, cfg: DictConfig,
     search = search_settings(cfg.model, args)
     longest = cfg.data.get("max_source_length") or None  # cut as in training
     outputs = []
+    progress = Console(stderr=True)  # stdout may be the outputs
     for start in track(range(0, len(lines), args.batch_size), description="decoding",
-                       disable=args.input_file is None):
-        batch = [data.source_tokenizer.encode(line)[:longest] or [data.pad_id]
+                       disable=args.input_file is None, console=progress):
+        batch = [data.source_tokenizer.encode(" ".join(line.split()))[:longest]
+                 or [data.source_tokenizer.unk_id]  # as the DataModule encodes it
                  for line in lines[start:start + args.batch_size]]
         source, _ = pad_batch([torch.tensor(ids) for ids in batch], data.pad_id)
         with torch.no_grad():
@@ -147,7 +150,8 @@ def search_settings(model: DictConfig, args: GenerateConfig) -> dict:
               "length_penalty": model.get("length_penalty", 1.0)
               if args.length_penalty is None else args.length_penalty,
               "max_len_a": model.get("max_len_a", 1.2), "max_len_b": model.get("max_len_b", 10),
-              "min_length": model.get("min_length", 1)}
+              "min_length": model.get("min_length", 1),
+              "n_finished": model.get("n_finished"), "use_cache": args.use_cache}
     if args.max_length is not None:
         search.update(max_len_a=0.0, max_len_b=args.max_length)
     return search
@@ -156,7 +160,8 @@ def search_settings(model: DictConfig, args: GenerateConfig) -> dict:
 def read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise LmlabError(f"input_file={path}: no such file")
-    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    text = path.read_text(encoding="utf-8")
+    return text.removesuffix("\n").split("\n")  # line feeds only: one line in, one out
 
 
 def write_lines(lines: list[str], path: str | None) -> None:

@@ -38,7 +38,7 @@ def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
     if _kind_problems(cfg):  # an option of another task kind, with its own counterpart
         kind = get_class((cfg.model if group == "model" else cfg.data)._target_).kind
         data, model = COUNTERPARTS[kind]
-        cfg = make_cfg(f"{group}={option}", data if group == "model" else model)
+        cfg = make_cfg(f"{group}={option}", *(data if group == "model" else model))
     if option in ("files", "translation_files", "summarization_files"):
         with open_dict(cfg):
             cfg.data.files.train = "train.csv"
@@ -52,8 +52,9 @@ def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
     assert trainer.max_epochs == cfg.trainer.max_epochs or cfg.trainer.get("fast_dev_run")
 
 
-COUNTERPARTS = {"lm": ("data=stdlib_source", "model=gpt_tiny"),
-                "seq2seq": ("data=stdlib_summaries", "model=transformer_tiny")}
+COUNTERPARTS = {"lm": (["data=stdlib_source"], ["model=gpt_tiny"]),
+                "seq2seq": (["data=stdlib_summaries", "data.joint_vocab=true"],
+                            ["model=transformer_tiny"])}
 TOKENIZER = WordTokenizer().fit(["a few words make a small vocabulary of some forty tokens "
                                  "or so for every kind of task to be sized by"])
 
@@ -184,3 +185,13 @@ def test_world_size(make_cfg, devices, nodes, expected):
     cfg = make_cfg("strategy=cpu")
     cfg.trainer.devices, cfg.trainer.num_nodes = devices, nodes
     assert world_size(cfg.trainer) == expected
+
+
+def test_seq2seq_nets_are_checked_against_their_data(make_cfg):
+    with pytest.raises(ConfigError, match="needs one joint vocabulary"):
+        check_config(make_cfg("model=transformer_small", "data=stdlib_summaries"))
+    with pytest.raises(ConfigError, match="max_source_length=600 is longer than the model's"):
+        check_config(make_cfg("model=transformer_small", "data=stdlib_summaries",
+                              "data.joint_vocab=true", "data.max_source_length=600"))
+    check_config(make_cfg("model=transformer_small", "data=stdlib_summaries",
+                          "data.joint_vocab=true"))

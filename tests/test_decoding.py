@@ -192,3 +192,9 @@ def test_a_fixed_number_of_steps_changes_no_output(search):
     expected, found = decode(free, source), decode(fixed, source, steps=25)
     assert tokens_of(found) == tokens_of(expected)
     assert free.calls < 25 and fixed.calls == 25
+
+
+def test_too_few_fixed_steps_are_refused():
+    source, _ = batch(lengths=(7, 3))
+    with pytest.raises(ValueError, match="steps=2 is fewer than"):
+        greedy(tiny("transformer"), source, steps=2)

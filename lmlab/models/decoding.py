@@ -87,8 +87,8 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
         length_penalty: alpha of the score, summed log-probability / length ** alpha.
         use_cache: decode from the cache (False recomputes the prefix at every step).
         steps: run the decoder exactly this many steps, even after every row has ended
-            (sharded strategies gather parameters in each step, collectively: every rank
-            must take as many). None: stop when every row has ended.
+            (for callers that must keep several decoders in step); at least the longest
+            row's limit + 1. None: stop when every row has ended.
 
     Returns:
         For each row, one hypothesis in a list (the shape `beam_search` returns).
@@ -102,10 +102,10 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
     total = torch.zeros(B, device=device)
     length = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(steps or int(limits.max()) + 1):
+    for step in range(fixed_steps(steps, limits)):
         logp, cache = _step(net, tokens, history, encoded, cache, use_cache)
         if done.all():
-            continue  # only keeping in step with other ranks
+            continue  # the caller asked for a fixed number of steps
         logp = constrain(logp, step, limits, shortest, min_length, net.eos_id)
         best_logp, best = logp.max(-1)
         total += best_logp.masked_fill(done, 0.0)
@@ -156,7 +156,7 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
                                  torch.arange(B, device=device).repeat_interleave(beam))
     search = _Beams(B, beam, limits, net.bos_id)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    total = steps or int(limits.max()) + 1
+    total = fixed_steps(steps, limits)
     for step in range(total):
         logp, cache = _step(net, search.tokens, search.history, encoded, cache, use_cache)
         shortest = min(search.limits[s] for s in search.sentences)
@@ -175,9 +175,17 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
     return [sorted(hyps, key=lambda h: -h.score) for hyps in finished]
 
 
+def fixed_steps(steps: int | None, limits: torch.Tensor) -> int:
+    """The decoder steps to take: `steps`, or as many as the longest row may need."""
+    needed = int(limits.max()) + 1
+    if steps is not None and steps < needed:
+        raise ValueError(f"steps={steps} is fewer than the {needed} a row may need")
+    return steps or needed
+
+
 def idle(net, search: _Beams, encoded: dict, cache, use_cache: bool, steps: int) -> None:
-    """Runs the decoder `steps` more times on the last beams, discarding what it says, to
-    keep in step with ranks whose sentences need more steps (see `greedy`'s `steps`)."""
+    """Runs the decoder `steps` more times on the last beams, discarding what it says (see
+    `greedy`'s `steps`)."""
     for _ in range(steps):
         _, cache = _step(net, search.tokens, search.history, encoded, cache, use_cache)
 

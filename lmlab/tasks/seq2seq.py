@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lmlab.tasks.base import Task, example_weights
 from lmlab.tasks.causal_lm import parameter_groups
 from lmlab.tasks.text_metrics import bleu, one_line, rouge
 
+log = logging.getLogger(__name__)
 METRICS = ("bleu", "rouge")
 METRIC_OF_TASK = {"translation": "bleu", "summarization": "rouge"}
 
@@ -146,10 +148,12 @@ class Seq2SeqTask(Task):
         (AESLC's annotations), also against the best of those (`..._annotated`)."""
         if self.metric == "bleu":
             value, self.bleu_signature = bleu(texts, references)
+            log.info("BLEU %.2f (%s)", value, self.bleu_signature)
             return {"bleu": value}
         scores = rouge(texts, [refs[:1] for refs in references])
-        if any(len(refs) > 1 for refs in references):
-            extra = rouge(texts, [refs[1:] or refs[:1] for refs in references])
+        annotated = [i for i, refs in enumerate(references) if len(refs) > 1]
+        if annotated:  # over the examples that carry annotations
+            extra = rouge([texts[i] for i in annotated], [references[i][1:] for i in annotated])
             scores.update({f"{name}_annotated": value for name, value in extra.items()})
         return scores
 
@@ -161,6 +165,8 @@ class Seq2SeqTask(Task):
         sources = self.trainer.datamodule.sources(split)
         files = {f"{split}.hyp.txt": texts, f"{split}.ref.txt": [r[0] for r in references],
                  f"{split}.src.txt": [sources[i] for i in indices]}
+        for k in range(1, max(len(r) for r in references)):  # more references, if any
+            files[f"{split}.ref{k}.txt"] = [r[k] if k < len(r) else "" for r in references]
         for name, lines in files.items():
             (folder / name).write_text("".join(one_line(line) + "\n" for line in lines))
         if self.metric == "bleu":
