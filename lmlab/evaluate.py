@@ -143,7 +143,8 @@ def evaluate(run_dir: str | Path, ckpt: str | None = None, overrides: list[str] 
     task = load_task(cfg, data, checkpoint)
     trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1,
                         precision=cfg.trainer.get("precision", "32-true"), logger=False,
-                        enable_checkpointing=False)
+                        enable_checkpointing=False,
+                        default_root_dir=str(run_dir / "evaluate"))  # seq2seq hypotheses
     metrics = trainer.test(task, datamodule=data, verbose=False)[0]
     report(metrics, run_dir, str(checkpoint))
     return metrics
