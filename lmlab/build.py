@@ -16,11 +16,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoints import load_weights
-from lmlab.data.description import DataDescription
 from lmlab.config import monitor_mode
+from lmlab.data.description import DataDescription
 from lmlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """The DataModule (set up and saved with the run), the task it sizes, and the trainer."""
