@@ -137,12 +137,16 @@ def test_sweep_runs_every_job(tmp_path):
 
 
 def start_and_stop(tmp_path, stop: signal.Signals) -> subprocess.Popen:
-    """Starts a long run, waits for its first checkpoint, trains on a little, sends `stop`."""
+    """Starts a long run, waits for its first checkpoint, trains on a little, sends `stop`.
+    The output goes to files (`out.txt`, `err.txt`), never to a pipe that could fill up and
+    block the run."""
     env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR)}
     args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={tmp_path}", "strategy=cpu",
             "trainer.max_epochs=50", "logger=none"]
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with open(tmp_path.parent / f"{tmp_path.name}.out.txt", "w") as out, \
+            open(tmp_path.parent / f"{tmp_path.name}.err.txt", "w") as err:
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=err, text=True,
+                                   start_new_session=True)
     last = tmp_path / "checkpoints" / "last.ckpt"
     try:
         deadline = time.time() + 180
@@ -150,11 +154,15 @@ def start_and_stop(tmp_path, stop: signal.Signals) -> subprocess.Popen:
             time.sleep(0.2)
         time.sleep(1.0)  # let it train on, so the signal lands mid-epoch or mid-save
         os.killpg(process.pid, stop)
-        process.wait(timeout=60)
+        process.wait(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     return process
+
+
+def stderr_of(tmp_path) -> str:
+    return (tmp_path.parent / f"{tmp_path.name}.err.txt").read_text()
 
 
 @pytest.mark.slow
@@ -162,7 +170,7 @@ def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
     process = start_and_stop(tmp_path, signal.SIGINT)
     saved = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert process.returncode != 0
-    assert f"resume with ckpt_path={saved}" in process.stderr.read()
+    assert f"resume with ckpt_path={saved}" in stderr_of(tmp_path)
     assert torch.load(saved, map_location="cpu", weights_only=True)["global_step"] > 0
 
 
