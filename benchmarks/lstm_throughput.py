@@ -99,12 +99,17 @@ def main() -> None:
             rates["plain"].append(examples / plain_loop(copy.deepcopy(initial), batches))
             seconds = lmlab_loop(copy.deepcopy(initial), batches, data.num_classes, out)
             rates["lmlab"].append(examples / seconds)
+    print_rates(rates, "examples/s", f"corpus {args.corpus}: {len(batches)} batches of "
+                f"{args.batch_size}, {args.repeats} alternating repeats")
+
+
+def print_rates(rates: dict[str, list[float]], unit: str, setting: str) -> None:
+    """The machine, the setting, each side's median and runs, and the ratio of medians."""
     plain, lmlab = (statistics.median(rates[k]) for k in ("plain", "lmlab"))
     print(f"machine: {machine()}")
-    print(f"corpus {args.corpus}: {len(batches)} batches of {args.batch_size}, "
-          f"{args.repeats} alternating repeats")
+    print(setting)
     for name in ("plain", "lmlab"):
-        print(f"{name:6s} median {statistics.median(rates[name]):8.1f} examples/s   "
+        print(f"{name:6s} median {statistics.median(rates[name]):8.1f} {unit}   "
               f"runs: {', '.join(f'{r:.0f}' for r in rates[name])}")
     print(f"ratio lmlab / plain: {lmlab / plain:.3f}")
 

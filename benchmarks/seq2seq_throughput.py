@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from benchmarks.lstm_throughput import EpochTimer, machine
+from benchmarks.lstm_throughput import EpochTimer, print_rates
 from lmlab.build import task_for
 from lmlab.config import compose
 
@@ -79,14 +78,9 @@ def main() -> None:
             task = task_for(cfg, data.describe())
             task.net = copy.deepcopy(initial)
             rates["lmlab"].append(tokens / lmlab_loop(cfg, task, batches))
-    plain, lmlab = (statistics.median(rates[k]) for k in ("plain", "lmlab"))
-    print(f"machine: {machine()}")
-    print(f"corpus {args.corpus}, model={MODEL}: {len(batches)} batches of "
-          f"{cfg.data.batch_size}, {args.repeats} alternating repeats")
-    for name in ("plain", "lmlab"):
-        print(f"{name:6s} median {statistics.median(rates[name]):8.1f} target tokens/s   "
-              f"runs: {', '.join(f'{r:.0f}' for r in rates[name])}")
-    print(f"ratio lmlab / plain: {lmlab / plain:.3f}")
+    print_rates(rates, "target tokens/s", f"corpus {args.corpus}, model={MODEL}: "
+                f"{len(batches)} batches of {cfg.data.batch_size}, {args.repeats} "
+                "alternating repeats")
 
 
 if __name__ == "__main__":
