@@ -118,6 +118,12 @@ def test_unknown_language_or_description_fails_at_construction(setting, value):
         Seq2SeqDataModule(ByteBPETokenizer(), corpus="debian_ddtp", **settings)
 
 
+def test_a_translation_into_its_own_language_fails_at_construction():
+    with pytest.raises(LmlabError, match=r"both 'de'.*data.target_lang to another of"):
+        Seq2SeqDataModule(ByteBPETokenizer(), corpus="multi30k", source_lang="de",
+                          target_lang="de")
+
+
 # -- the embedded corpus ------------------------------------------------------------------
 
 def test_embedded_corpus_is_deterministic_and_needs_no_data_dir(tmp_path):

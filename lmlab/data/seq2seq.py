@@ -182,6 +182,10 @@ class Seq2SeqDataModule(TextRecordsDataModule):
             return
         _check_choice("source_lang", self.source_lang, corpus.languages, self.corpus)
         _check_choice("target_lang", self.target_lang, corpus.languages, self.corpus)
+        if self.source_lang == self.target_lang:
+            raise LmlabError(f"data.source_lang and data.target_lang are both "
+                             f"{self.source_lang!r}: a translation goes between two languages; "
+                             f"set data.target_lang to another of {list(corpus.languages)}")
         if corpus.descriptions:
             _check_choice("description", self.description, corpus.descriptions, self.corpus)
         self.source_field = corpus.field_of(self.source_lang, self.description)
