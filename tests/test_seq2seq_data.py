@@ -126,6 +126,15 @@ def test_a_translation_into_its_own_language_fails_at_construction():
 
 # -- the embedded corpus ------------------------------------------------------------------
 
+def test_no_embedded_source_holds_a_summary():
+    """A nested function's docstring is left out of its outer function's source too, or the
+    outer example would carry another example's answer."""
+    pairs = stdlib_summaries()
+    sources = "\0".join(source for source, _ in pairs)
+    leaks = [summary for _, summary in pairs if len(summary) > 40 and summary in sources]
+    assert leaks == []
+
+
 def test_embedded_corpus_is_deterministic_and_needs_no_data_dir(tmp_path):
     pairs = stdlib_summaries()  # the same pairs as each DataModule's below: deterministic
     assert 2_000 <= len(pairs) <= 5_000

@@ -226,8 +226,22 @@ def _documented_functions(path: Path):
         doc = node.body[0]
         if not docstring or len(node.body) < 2 or doc.lineno == node.lineno:
             continue
-        source = lines[node.lineno - 1:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]
+        hidden = _docstring_lines(node)
+        source = [line for number, line in enumerate(lines[node.lineno - 1:node.end_lineno],
+                                                     start=node.lineno)
+                  if number not in hidden]
         yield "\n".join(source), first_sentence(docstring)
+
+
+def _docstring_lines(function: ast.AST) -> set[int]:
+    """The line numbers of a function's docstring and of those of the functions and classes
+    nested in it, so that no example's source holds another example's summary."""
+    hidden = set()
+    for node in ast.walk(function):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+                and ast.get_docstring(node) and node.body[0].lineno != node.lineno:
+            hidden.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    return hidden
 
 
 def first_sentence(docstring: str) -> str:
