@@ -1,11 +1,13 @@
 """The seq2seq task end to end: training, decoding, scores from the written files, generate."""
 
 import json
+import os
+import sys
 
 import pytest
 
-from conftest import ROOT, needs_data, run_cli
-from lmlab.check_parallel import check
+from conftest import DATA_DIR, ROOT, needs_data, run_cli
+from lmlab.check_parallel import check, run_subprocess
 from lmlab.tasks.text_metrics import bleu, rouge
 
 TINY = ["model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=600",
@@ -91,9 +93,33 @@ def test_translation_bleu_equals_sacrebleu_on_the_written_files(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_give_the_losses_of_one_and_decode_under_fsdp():
+def test_two_processes_give_the_losses_of_one_under_every_strategy():
+    """Two processes under each data-parallel, sharded and tensor-parallel strategy follow one
+    process's validation curve (check_parallel raises otherwise), decoding included."""
     overrides = ["model=transformer_tiny", "data=stdlib_summaries",
                  "data.tokenizer.vocab_size=600", "data.batch_size=32",
                  "model.net.dropout=0.0"]
-    curves = check(["cpu", "ddp", "fsdp"], steps=4, overrides=overrides, lr=1.0)
-    assert len(curves["fsdp"]) == 4
+    strategies = ["cpu", "ddp", "fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3", "tp"]
+    curves = check(strategies, steps=4, overrides=overrides, lr=1.0)
+    assert all(len(curves[s]) == 4 for s in strategies)
+
+
+@pytest.mark.distributed
+def test_two_processes_score_and_write_what_one_process_does(tmp_path):
+    """The test split decoded by two processes, gathered, gives the hypotheses and ROUGE of
+    one process decoding it alone with the same weights (lmlab.evaluate)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={run_dir}", *TINY,
+               "trainer.max_epochs=1", "strategy=ddp", "trainer.devices=2"]
+    status, output = run_subprocess(command, 600, cwd=ROOT, env=env)
+    assert status == 0, output[-3000:]
+    done = run_cli(str(run_dir), module="lmlab.evaluate", cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    hyps = lines(run_dir / "hypotheses" / "test.hyp.txt")
+    assert len(hyps) == len(lines(run_dir / "hypotheses" / "test.src.txt"))
+    assert hyps == lines(run_dir / "evaluate" / "hypotheses" / "test.hyp.txt")
+    one = rouge(hyps, [[r] for r in lines(run_dir / "hypotheses" / "test.ref.txt")])
+    for name in ("rouge1", "rouge2", "rougeL"):
+        assert two[f"test/{name}"] == pytest.approx(one[name], rel=1e-6)
