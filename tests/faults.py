@@ -31,8 +31,8 @@ class BreakJob(Callback):
         nan: the number of the job whose weights turn to NaN.
     """
 
-    def __init__(self, job: int, crash: int = -1, nan: int = -1):
-        self.job, self.crash, self.nan = int(job), crash, nan
+    def __init__(self, job: int, crash: int | str = -1, nan: int | str = -1):
+        self.job, self.crash, self.nan = int(job), int(crash), int(nan)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.job == self.crash:
