@@ -56,8 +56,9 @@ def finished_result(output_dir: Path) -> dict | None:
 
 def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) -> float | None:
     """Runs one job of a sweep with `train` (unless it finished before) and returns its
-    objective: the best monitored value, NaN when the job failed, so that the sweep goes
-    on and Optuna records the trial as failed."""
+    objective: the best monitored value, or None when the job failed or diverged, so that
+    the sweep goes on and Optuna records the trial as failed. (None, not NaN: the Optuna
+    sweeper fails on a NaN while recording the trial.)"""
     job = HydraConfig.get()
     output_dir = Path(job.runtime.output_dir)
     saved = finished_result(output_dir)
@@ -73,14 +74,14 @@ def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) 
         log.error("job %s failed: %s", job.job.num, err)
     except Exception:  # noqa: BLE001 - one broken job must not end the sweep
         log.exception("job %s failed; its log is %s", job.job.num, output_dir / "run.log")
-    return math.nan
+    return None
 
 
 def finite(objective: float | None) -> float | None:
-    """The objective, or NaN for an infinite one (a NaN loss is saved as +-inf)."""
+    """The objective, or None for a non-finite one (a NaN loss is saved as +-inf)."""
     if objective is not None and not math.isfinite(objective):
         log.error("the objective is %s: the run diverged", objective)
-        return math.nan
+        return None
     return objective
 
 

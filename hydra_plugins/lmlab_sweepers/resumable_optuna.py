@@ -7,7 +7,7 @@ a fixed `study_name`), so running the same command again continues it:
   `n_trials=8` runs 3 more; finished trials (complete, pruned or failed) are never redone.
 - A trial left running by a killed sweep is marked failed and does not count, so another
   trial takes its place. Job folders are numbered by trial, so none is overwritten.
-- A trial that fails (an exception, or NaN objective: see `lmlab.sweep`) is recorded as
+- A trial that fails (an exception, or a NaN or infinite objective: `lmlab.sweep`) is recorded as
   failed and the sweep goes on (`max_failure_rate: 1.0` by default here).
 """
 
