@@ -84,8 +84,9 @@ def test_two_slurm_tasks_train_as_one_process(tmp_path, one_process):
               f"paths.cache_dir={tmp_path / 'cache'}"]
     command = [sys.executable, "-m", "lmlab.run", *common]
     port = free_port()
-    envs = [environment(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_PROCID=str(rank), SLURM_LOCALID="0",
-                        SLURM_NODEID=str(rank), SLURM_JOB_NAME="lmlab", SLURM_JOB_ID="4242",
+    envs = [environment(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_PROCID=str(rank),
+                        SLURM_LOCALID="0", SLURM_NODEID=str(rank), SLURM_JOB_NAME="lmlab",
+                        SLURM_JOB_ID="4242",
                         SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(port))
             for rank in (0, 1)]
     run_nodes([command, command], envs)
