@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from omegaconf import open_dict
 
 from conftest import DATA_DIR, ROOT
+from lmlab.config import check_config, compose
+from lmlab.errors import ConfigError
 from lmlab.check_parallel import RUN, compare, plain_sgd, run_strategy, run_subprocess, val_losses
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 STEPS = 4
 # A language model, so that the token cache is built by both nodes at once.
@@ -62,6 +64,8 @@ def check_same_curve(one_process: list[float], run_dir: Path) -> None:
     assert compare(curves, tolerance=1e-4, min_change=0.01) == []
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_torchrun_nodes_train_as_one_process(tmp_path, one_process):
     port = free_port()
     common = [*TWO_NODES, f"hydra.run.dir={tmp_path / 'run'}",
@@ -77,6 +81,8 @@ def test_two_torchrun_nodes_train_as_one_process(tmp_path, one_process):
     assert len(caches) == 1 and caches[0].is_dir()  # one published cache, no stray copies
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_slurm_tasks_train_as_one_process(tmp_path, one_process):
     """The ranks as `srun` starts them on two nodes: Lightning's SLURM environment reads
     them from SLURM_* variables (no torchrun, no relaunch)."""
@@ -93,6 +99,8 @@ def test_two_slurm_tasks_train_as_one_process(tmp_path, one_process):
     check_same_curve(one_process, tmp_path / "run")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_the_comparison_catches_a_run_that_is_not_data_parallel(one_process, tmp_path):
     """Negative control: one process at half the global batch (what a node that trained
     alone on its share would see) leaves the curve of the full batch."""
@@ -100,3 +108,26 @@ def test_the_comparison_catches_a_run_that_is_not_data_parallel(one_process, tmp
                                           f"paths.cache_dir={tmp_path}/cache"],
                         tmp_path / "run", timeout=300)
     assert compare({"one process": one_process, "half batch": half}, tolerance=1e-4)
+
+
+def layout_problems(monkeypatch, **slurm: str) -> list[str]:
+    """The pre-flight problems of the two-node run as a SLURM job of this layout sees it."""
+    for name, value in {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "lmlab", **slurm}.items():
+        monkeypatch.setenv(name, value)
+    cfg = compose(TWO_NODES)
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.data_dir = "outputs/x", str(DATA_DIR)
+    try:
+        check_config(cfg)
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def test_preflight_accepts_two_nodes_and_refuses_a_layout_that_is_not_the_jobs(monkeypatch):
+    assert layout_problems(monkeypatch, SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1") == []
+    assert layout_problems(monkeypatch, SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="2") == [
+        "trainer.devices=1 but the SLURM job has --ntasks-per-node=2 (one task a device); "
+        "set trainer.devices=2",
+        "trainer.num_nodes=2 but the SLURM job has --nodes=1 (one task a device); "
+        "set trainer.num_nodes=1"]
