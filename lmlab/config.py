@@ -13,6 +13,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += strategy_problems(cfg)
     problems += _monitor_problems(cfg)
     problems += _seq2seq_problems(cfg)
+    problems += _slurm_problems(cfg.trainer)
     if problems:
         raise ConfigError(problems)
 
@@ -203,6 +205,23 @@ def _hardware_problems(trainer: DictConfig) -> list[str]:
         problems.append(f"precision={precision} is not supported on CPU (Lightning silently "
                         "turns 16-mixed into bf16, and 16-true diverges); use precision=bf16-mixed "
                         "or precision=32-true")
+    return problems
+
+
+def _slurm_problems(trainer: DictConfig) -> list[str]:
+    """Under `srun`, a trainer layout that is not the job's (Lightning stops on it later,
+    with a traceback); `sbatch --nodes` and `--ntasks-per-node` say what it must be."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return []
+    problems = []
+    for key, variable, option in (("devices", "SLURM_NTASKS_PER_NODE", "--ntasks-per-node"),
+                                  ("num_nodes", "SLURM_NNODES", "--nodes")):
+        job, run = os.environ.get(variable), str(trainer.get(key))
+        if job is not None and job.isdigit() and run.isdigit() and int(job) != int(run):
+            problems.append(f"trainer.{key}={run} but the SLURM job has {option}={job} "
+                            f"(one task a device); set trainer.{key}={job}")
     return problems
 
 

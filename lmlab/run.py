@@ -25,7 +25,7 @@ from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
-from lmlab.sweep import needs_own_process, run_in_own_process
+from lmlab.sweep import in_sweep, sweep_job, task_overrides
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     rank_zero_only(report)(metrics, output_dir, best)
     objective = metrics.get(f"best {cfg.monitor}")
-    rank_zero_only(write_json)(output_dir / "metrics.json",
-                               {"metrics": metrics, "objective": objective})
+    # the overrides tell a finished sweep job from another job of the same folder
+    rank_zero_only(write_json)(output_dir / "metrics.json", {
+        "metrics": metrics, "objective": objective, "overrides": task_overrides()})
     return metrics
 
 
@@ -94,9 +95,9 @@ def write_json(path: Path, content: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    if in_sweep():
+        return sweep_job(cfg, train)
     try:
-        if needs_own_process(cfg):
-            return run_in_own_process()
         metrics = train(cfg)
     except LmlabError as err:
         fail(str(err))

@@ -1,29 +1,95 @@
-"""Multi-process jobs of a Hydra sweep, each run once, in a process of its own.
+"""Jobs of a Hydra sweep: skipped when an earlier run of the sweep finished them, kept from
+ending the sweep when they fail, and run in a process of their own when multi-process.
+
+A sweep file names a fixed sweep folder (`outputs/sweeps/NAME`), so running the same
+command again finds the same job folders: a job whose `metrics.json` was written with
+exactly its overrides returns the objective stored there without training; a job that
+crashed or was killed has no such file and runs again.
 
 Lightning starts the other ranks by re-running the command line, which under a sweep would
 make every rank run the whole sweep again (a Hydra and Lightning bug). A multi-process job
-is therefore run as a single run of its own, with exactly its overrides and folder.
+is therefore run as a single run of its own, with exactly its overrides and folder, unless
+its ranks were already started by torchrun or SLURM.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig
 
 from lmlab.errors import LmlabError
 from lmlab.parallel.specs import world_size
 
+log = logging.getLogger(__name__)
 
-def needs_own_process(cfg: DictConfig) -> bool:
-    """A multi-process job of a sweep."""
-    return HydraConfig.get().mode == RunMode.MULTIRUN and world_size(cfg.trainer) > 1
+
+def in_sweep() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def task_overrides() -> list[str]:
+    """This run's command-line overrides, less the `hydra.*` ones (which name folders)."""
+    return list(HydraConfig.get().overrides.task)
+
+
+def finished_result(output_dir: Path) -> dict | None:
+    """The saved `metrics.json` of this job folder if a run with exactly this job's
+    overrides wrote it, else None."""
+    path = output_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("overrides") == task_overrides() else None
+
+
+def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) -> float | None:
+    """Runs one job of a sweep with `train` (unless it finished before) and returns its
+    objective: the best monitored value, or None when the job failed or diverged, so that
+    the sweep goes on and Optuna records the trial as failed. (None, not NaN: the Optuna
+    sweeper fails on a NaN while recording the trial.)"""
+    job = HydraConfig.get()
+    output_dir = Path(job.runtime.output_dir)
+    saved = finished_result(output_dir)
+    if saved is not None:
+        log.info("job %s finished in an earlier run of this sweep (objective %s); not run "
+                 "again", job.job.num, saved["objective"])
+        return finite(saved["objective"])
+    try:
+        if world_size(cfg.trainer) > 1 and not ranks_started():
+            return finite(run_in_own_process())
+        return finite(train(cfg).get(f"best {cfg.monitor}"))
+    except LmlabError as err:
+        log.error("job %s failed: %s", job.job.num, err)
+    except Exception:  # noqa: BLE001 - one broken job must not end the sweep
+        log.exception("job %s failed; its log is %s", job.job.num, output_dir / "run.log")
+    return None
+
+
+def finite(objective: float | None) -> float | None:
+    """The objective, or None for a non-finite one (a NaN loss is saved as +-inf)."""
+    if objective is not None and not math.isfinite(objective):
+        log.error("the objective is %s: the run diverged", objective)
+        return None
+    return objective
+
+
+def ranks_started() -> bool:
+    """Whether torchrun, or SLURM with one task a rank, started this job's ranks already."""
+    if TorchElasticEnvironment.detect():
+        return True
+    return SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def run_in_own_process() -> float | None:

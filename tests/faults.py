@@ -19,3 +19,24 @@ class ScaleGradients(Callback):
             for p in pl_module.parameters():
                 if p.grad is not None:
                     p.grad.mul_(self.factor)
+
+
+class BreakJob(Callback):
+    """Breaks one job of a sweep after its first training step: `crash` raises, `nan` fills
+    the weights with NaN (so every later loss is NaN).
+
+    Args:
+        job: this job's number (`${hydra:job.num}`).
+        crash: the number of the job that raises.
+        nan: the number of the job whose weights turn to NaN.
+    """
+
+    def __init__(self, job: int, crash: int | str = -1, nan: int | str = -1):
+        self.job, self.crash, self.nan = int(job), int(crash), int(nan)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.job == self.crash:
+            raise RuntimeError(f"job {self.job} crashed on purpose")
+        if self.job == self.nan:
+            for p in pl_module.parameters():
+                p.data.fill_(float("nan"))

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -149,6 +150,12 @@ def _line_start(piece: str, position: int) -> int:
         return position
     newline = piece.find("\n", position)
     return len(piece) if newline < 0 else newline + 1
+
+
+def private_name(name: str) -> str:
+    """A name for this process's copy of `name` while it is written: with the host, since
+    processes of two nodes on a shared file system may have the same id."""
+    return f"{name}.{socket.gethostname()}.{os.getpid()}.tmp"
 
 
 def publish(tmp: Path, folder: Path) -> None:
@@ -288,7 +295,7 @@ class LMDataModule(ShardedDataModule):
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             rows = load_hub_dataset(self.corpus[3:])["train"]["text"]
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp = path.with_name(private_name(path.name))
             tmp.write_text("\n".join(rows), encoding="utf-8")
             os.replace(tmp, path)
         return path
@@ -338,7 +345,7 @@ class LMDataModule(ShardedDataModule):
         else:  # trained on the train part alone: held-out text must stay unseen
             parts = cut_at_lines(self._texts(paths), cuts)
             tokenizer = self.tokenizer_spec.fit(text for part, text in parts if part == 0)
-        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        tmp = folder.with_name(private_name(folder.name))
         tmp.mkdir(parents=True, exist_ok=True)
         try:
             parts = cut_at_lines(self._texts(paths), cuts)
