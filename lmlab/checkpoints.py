@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import lightning as L
@@ -104,10 +105,10 @@ def load_checkpoint(path: Path) -> dict:
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise corrupt(path, err) from None
-        found = next((line.strip() for line in str(err).splitlines()
-                      if "Unsupported global" in line), "objects that are not tensors")
-        raise LmlabError(f"{path} was refused: it holds Python objects that could run code "
-                         f"when loaded ({found}); use a checkpoint written by lmlab, or its "
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = found.group(1) if found else "objects other than tensors"
+        raise LmlabError(f"{path} was refused: it holds Python objects ({what}) whose loading "
+                         f"could run code; use a checkpoint written by lmlab, or its "
                          f"{SAFE_WEIGHTS}") from None
     except OSError:
         raise  # unreadable or missing: its own message is right
@@ -121,7 +122,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def corrupt(path: Path, err: Exception) -> LmlabError:
     """The error for a checkpoint that cannot be read: what broke, and what to use instead."""
-    first = (str(err).splitlines() or [type(err).__name__])[0][:120]
+    first = str(err).split(". ")[0].splitlines()[0][:100] if str(err) else "no detail"
     return LmlabError(f"{path} is corrupt or truncated ({type(err).__name__}: {first}); "
                       f"{_instead(path)}")
 
