@@ -105,19 +105,23 @@ def load_checkpoint(path: Path) -> dict:
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):
             raise corrupt(path, err) from None
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = found.group(1) if found else "objects other than tensors"
-        raise LmlabError(f"{path} was refused: it holds Python objects ({what}) whose loading "
-                         f"could run code; use a checkpoint written by lmlab, or its "
-                         f"{SAFE_WEIGHTS}") from None
-    except OSError:
-        raise  # unreadable or missing: its own message is right
-    except Exception as err:  # torch reports damage as RuntimeError, KeyError, EOFError, ...
+        raise LmlabError(refused(path, err)) from None
+    except (FileNotFoundError, PermissionError):
+        raise  # not damage: its own message is right
+    except Exception as err:  # torch reports damage as RuntimeError, OSError, KeyError, ...
         raise corrupt(path, err) from None
     if not isinstance(content, dict):
         raise LmlabError(f"{path} is not a checkpoint (it holds a {type(content).__name__}); "
                          f"{_instead(path)}")
     return content
+
+
+def refused(path, err: pickle.UnpicklingError) -> str:
+    """The message for a checkpoint that `weights_only` loading refused."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    what = found.group(1) if found else "objects other than tensors"
+    return (f"{path} was refused: it holds Python objects ({what}) whose loading could run "
+            f"code; use a checkpoint written by lmlab, or its {SAFE_WEIGHTS}")
 
 
 def corrupt(path: Path, err: Exception) -> LmlabError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import hydra
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 
 from lmlab.build import build, load_task
 from lmlab.checkpoints import (check_fits, disk_full, export_weights, final_checkpoint,
-                               load_checkpoint, load_weights, plan_resume)
+                               load_checkpoint, load_weights, plan_resume, refused)
 from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
@@ -106,6 +107,8 @@ def main(cfg: DictConfig) -> float | None:
         fail(str(err))
     except MisconfigurationException as err:
         fail(f"Lightning refused this configuration: {err}")
+    except pickle.UnpicklingError as err:  # a checkpoint Lightning found and refused itself
+        fail(refused(cfg.ckpt_path, err))
     except OSError as err:
         message = disk_full(err, Path(cfg.paths.output_dir))
         if message is None:
