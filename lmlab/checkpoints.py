@@ -103,8 +103,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise corrupt(path, err) from None
+        if "Unsupported global" not in str(err):  # not a pickle of objects: damage
+            operation = re.search(r"Unsupported operand \d+", str(err))
+            raise corrupt(path, operation.group(0) if operation else err) from None
         raise LmlabError(refused(path, err)) from None
     except (FileNotFoundError, PermissionError):
         raise  # not damage: its own message is right
@@ -124,11 +125,14 @@ def refused(path, err: pickle.UnpicklingError) -> str:
             f"code; use a checkpoint written by lmlab, or its {SAFE_WEIGHTS}")
 
 
-def corrupt(path: Path, err: Exception) -> LmlabError:
+def corrupt(path: Path, err: Exception | str) -> LmlabError:
     """The error for a checkpoint that cannot be read: what broke, and what to use instead."""
-    first = str(err).split(". ")[0].splitlines()[0][:100] if str(err) else "no detail"
-    return LmlabError(f"{path} is corrupt or truncated ({type(err).__name__}: {first}); "
-                      f"{_instead(path)}")
+    if isinstance(err, EOFError):
+        err = "it ends where more was expected"
+    elif isinstance(err, Exception):
+        first = str(err).split(". ")[0].splitlines()[0][:100] if str(err) else "no detail"
+        err = f"{type(err).__name__}: {first}"
+    return LmlabError(f"{path} is corrupt or truncated ({err}); {_instead(path)}")
 
 
 def _instead(path: Path) -> str:

@@ -107,9 +107,22 @@ def payload_checkpoint(path: Path, marker: Path, source: Path) -> Path:
 
 def resume(run: Path, checkpoint: Path, tmp: Path, *extra: str) -> Finished:
     """Trains run's config again, resumed from `checkpoint`."""
-    saved = OmegaConf.load(run / ".hydra" / "overrides.yaml")
+    changed = {arg.partition("=")[0] for arg in extra}
+    saved = [arg for arg in OmegaConf.load(run / ".hydra" / "overrides.yaml")
+             if arg.partition("=")[0] not in changed]
     return entry("lmlab.run", *saved, f"hydra.run.dir={tmp / 'resumed'}",
                  f"ckpt_path={checkpoint}", *extra, tmp=tmp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,longer", [("wide", "trainer.max_epochs=3"),
+                                         ("lm", "trainer.max_steps=3")])
+def test_an_own_checkpoint_resumes_under_weights_only_loading(runs, tmp_path, name, longer):
+    # The control of the refusals below: lmlab's checkpoints (hyperparameters, optimizer,
+    # schedule, callback state) hold nothing that weights_only loading refuses.
+    done = resume(runs[name], runs[name] / "checkpoints" / "last.ckpt", tmp_path, longer)
+    assert done.status == 0, done.stderr[-3000:]
+    assert "Restoring states from the checkpoint path" in done.stderr + done.stdout
 
 
 # -- the output folder -------------------------------------------------------------------
@@ -219,12 +232,19 @@ def test_a_corrupt_checkpoint_is_named_with_the_run_s_other_checkpoints(runs, tm
     assert str(run / SAFE_WEIGHTS) in line
 
 
-def test_a_truncated_checkpoint_is_refused_in_process(tmp_path):
+@pytest.mark.parametrize("damage", ["last 100 bytes cut", "half cut", "empty", "random",
+                                    "zip header then random"])
+def test_a_damaged_checkpoint_is_named_corrupt_in_process(tmp_path, damage):
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
     assert load_checkpoint(path)["state_dict"]["w"].sum() == 1000  # whole, it reads
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(LmlabError, match=r"x.ckpt is corrupt or truncated .*no other "
+    whole, noise = path.read_bytes(), torch.randint(0, 256, (4096,),
+                                                    generator=torch.Generator().manual_seed(0))
+    noise = bytes(noise.to(torch.uint8).tolist())
+    path.write_bytes({"last 100 bytes cut": whole[:-100], "half cut": whole[:len(whole) // 2],
+                      "empty": b"", "random": noise, "zip header then random": b"PK\x03\x04"
+                      + noise}[damage])
+    with pytest.raises(LmlabError, match=r"x.ckpt is corrupt or truncated \(.+\); no other "
                        "checkpoint was found"):
         load_checkpoint(path)
 
