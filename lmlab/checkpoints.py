@@ -87,7 +87,8 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
             raise corrupt(checkpoint, err) from None
     else:
         state = load_checkpoint(checkpoint).get("state_dict")
-        if not isinstance(state, dict):
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                                  for v in state.values()):
             raise LmlabError(f"{checkpoint} holds no state_dict: it is not a checkpoint of "
                              f"lmlab or Lightning; {_instead(checkpoint)}")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -221,17 +222,19 @@ def disk_full(err: OSError, output_dir: Path) -> str | None:
     whole, broken = [], []
     for path in sorted((output_dir / "checkpoints").glob("*.ckpt")):
         try:
-            load_checkpoint(path)
+            if path.is_file():  # a DeepSpeed folder is taken as it is
+                load_checkpoint(path)
             whole.append(path.name)
         except LmlabError:
             broken.append(path.name)
     kept = (f"the checkpoints written before are kept in {output_dir / 'checkpoints'}: "
             f"{', '.join(whole)}" if whole else "no checkpoint was complete before this one")
     lost = f"; incomplete, delete them: {', '.join(broken)}" if broken else ""
+    newest = "last.ckpt" if "last.ckpt" in whole else whole[-1] if whole else None
     return (f"no room to write {where} ({err.strerror}): the disk is full or a size limit "
             f"was reached; {kept}{lost}; free space there, or point hydra.run.dir at a disk "
             "with room"
-            + (f", and resume with ckpt_path={output_dir / 'checkpoints' / whole[-1]}"
+            + (f", and resume with ckpt_path={output_dir / 'checkpoints' / newest}"
                if whole else ""))
 
 
