@@ -55,7 +55,7 @@ def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) ->
     vectors are not read again: the checkpoint holds the trained ones)."""
     if cfg.model.get("pretrained_vectors"):
         cfg = OmegaConf.merge(cfg, {"model": {"pretrained_vectors": None}})
-    return load_weights(build_task(cfg, data), checkpoint)
+    return load_weights(build_task(cfg, data), checkpoint, cfg)
 
 
 def choose_monitor(cfg: DictConfig, task_monitor: tuple[str, str]) -> None:

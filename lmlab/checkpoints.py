@@ -4,24 +4,39 @@ Lightning's checkpoints depend on the strategy: DeepSpeed writes a folder of per
 shards, FSDP can write sharded folders. Every run therefore also writes `weights.ckpt` to
 its folder: the consolidated float32 `state_dict` of its best checkpoint (else its last,
 else its final weights), with the run's resolved config and tokenizer, so that a single
-file is enough to evaluate, sample, fine-tune or resume under another strategy.
-`plan_resume` decides whether a checkpoint resumes exactly or by its weights alone.
+file is enough to evaluate, sample, fine-tune or resume under another strategy; and the
+same tensors as `weights.safetensors` (config, tokenizer and source as its metadata), a
+format that holds tensors only. `plan_resume` decides whether a checkpoint resumes exactly
+or by its weights alone.
+
+Checkpoints may come from elsewhere: every one is read with `weights_only=True`, so a file
+that would run code when unpickled is refused, and a corrupt file, or one whose tensors do
+not fit the model, is a one-line error naming the file and what to use instead.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import pickle
+import re
 from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lmlab.parallel.specs import describe
 from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
 WEIGHTS = "weights.ckpt"
+SAFE_WEIGHTS = "weights.safetensors"  # the same tensors, in a format that cannot hold code
+WEIGHTS_FILES = (WEIGHTS, SAFE_WEIGHTS)
+SHOWN_KEYS = 4  # mismatched tensors or config keys listed in an error, then "and N more"
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def final_checkpoint(trainer: L.Trainer, output_dir: Path) -> Path:
@@ -35,33 +50,192 @@ def final_checkpoint(trainer: L.Trainer, output_dir: Path) -> Path:
 
 
 def export_weights(trainer: L.Trainer, checkpoint: Path, output_dir: Path, config: str) -> Path:
-    """Writes `weights.ckpt` from `checkpoint` (rank 0; the others wait) and returns it."""
+    """Writes `weights.ckpt` and `weights.safetensors` from `checkpoint` (rank 0; the others
+    wait) and returns the first."""
     target = output_dir / WEIGHTS
     if trainer.is_global_zero:
         tokenizer = output_dir / "tokenizer.json"
-        torch.save({"state_dict": read_state_dict(checkpoint), "config": config,
-                    "tokenizer": tokenizer.read_text() if tokenizer.is_file() else None,
-                    "source": str(checkpoint)}, target)
+        state = read_state_dict(checkpoint)
+        extra = {"config": config, "tokenizer": tokenizer.read_text() if tokenizer.is_file()
+                 else None, "source": str(checkpoint)}
+        torch.save({"state_dict": state, **extra}, target)
+        # safetensors refuses tensors that share memory (tied embeddings): store copies
+        save_file({k: v.clone().contiguous() for k, v in state.items()},
+                  output_dir / SAFE_WEIGHTS,
+                  metadata={k: v for k, v in extra.items() if v is not None})
     trainer.strategy.barrier()
     return target
 
 
 def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full float32 state dict of a checkpoint file or of a DeepSpeed ZeRO folder
-    (whose consolidation keeps frozen parameters in their training precision)."""
+    """The full float32 state dict of a checkpoint file, a `weights.safetensors` or a
+    DeepSpeed ZeRO folder (whose consolidation keeps frozen parameters in their training
+    precision).
+
+    Raises:
+        LmlabError: the file is corrupt or truncated, holds no state dict, or holds objects
+            whose unpickling could run code.
+    """
     if checkpoint.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
         state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    elif checkpoint.suffix == ".safetensors":
+        try:
+            state = load_file(checkpoint)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise corrupt(checkpoint, err) from None
     else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        state = load_checkpoint(checkpoint).get("state_dict")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                                  for v in state.values()):
+            raise LmlabError(f"{checkpoint} holds no state_dict: it is not a checkpoint of "
+                             f"lmlab or Lightning; {_instead(checkpoint)}")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_weights(task: L.LightningModule, path: Path) -> L.LightningModule:
-    """`task` with the weights of `path` (any checkpoint `read_state_dict` reads)."""
-    task.load_state_dict(read_state_dict(path))
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint file's content, read without running code (`weights_only=True`).
+
+    Raises:
+        LmlabError: the file is corrupt or truncated, or holds objects other than tensors
+            and plain containers (refused: unpickling them could run code).
+    """
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a pickle of objects: damage
+            operation = re.search(r"Unsupported operand \d+", str(err))
+            raise corrupt(path, operation.group(0) if operation else err) from None
+        raise LmlabError(refused(path, err)) from None
+    except (FileNotFoundError, PermissionError):
+        raise  # not damage: its own message is right
+    except Exception as err:  # torch reports damage as RuntimeError, OSError, KeyError, ...
+        raise corrupt(path, err) from None
+    if not isinstance(content, dict):
+        raise LmlabError(f"{path} is not a checkpoint (it holds a {type(content).__name__}); "
+                         f"{_instead(path)}")
+    return content
+
+
+def refused(path, err: pickle.UnpicklingError) -> str:
+    """The message for a checkpoint that `weights_only` loading refused."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    what = found.group(1) if found else "objects other than tensors"
+    return (f"{path} was refused: it holds Python objects ({what}) whose loading could run "
+            f"code; use a checkpoint written by lmlab, or its {SAFE_WEIGHTS}")
+
+
+def corrupt(path: Path, err: Exception | str) -> LmlabError:
+    """The error for a checkpoint that cannot be read: what broke, and what to use instead."""
+    if isinstance(err, EOFError):
+        err = "it ends where more was expected"
+    elif isinstance(err, Exception):
+        first = str(err).split(". ")[0].splitlines()[0][:100] if str(err) else "no detail"
+        err = f"{type(err).__name__}: {first}"
+    return LmlabError(f"{path} is corrupt or truncated ({err}); {_instead(path)}")
+
+
+def _instead(path: Path) -> str:
+    """Names the run's other checkpoints, for an error about `path`."""
+    run_dir = next((p for p in path.parents if (p / ".hydra").is_dir()), path.parent)
+    others = [p for p in [*sorted((run_dir / "checkpoints").glob("*.ckpt")),
+                          *(run_dir / name for name in WEIGHTS_FILES)]
+              if p.is_file() and p.resolve() != path.resolve()]
+    if not others:
+        return "no other checkpoint was found beside it: retrain, or copy the file again"
+    return "use another checkpoint of the run: " + ", ".join(str(p) for p in others)
+
+
+def load_weights(task: L.LightningModule, path: Path, config: DictConfig | None = None
+                 ) -> L.LightningModule:
+    """`task` with the weights of `path` (any checkpoint `read_state_dict` reads).
+
+    Raises:
+        LmlabError: see `read_state_dict` and `check_fits` (`config`: the task's).
+    """
+    state = read_state_dict(path)
+    check_fits(task, state, path, config)
+    task.load_state_dict(state)
     return task
+
+
+def check_fits(module: torch.nn.Module, state: dict, path: Path,
+               config: DictConfig | None = None) -> None:
+    """Refuses a state dict whose tensors are not the module's: lists the missing,
+    unexpected and differently shaped ones, and the model and data keys whose values differ
+    between `config` and the checkpoint's own config (its run's `.hydra/config.yaml`).
+
+    Raises:
+        LmlabError: the checkpoint does not fit the module.
+    """
+    own = module.state_dict()
+    problems = [f"{k} {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+                for k, v in state.items() if k in own and v.shape != own[k].shape]
+    problems += [f"{k} missing" for k in own if k not in state]
+    problems += [f"{k} unexpected" for k in state if k not in own]
+    if not problems:
+        return
+    message = f"{path} does not fit this model: {_few(problems)}"
+    differ = config_differences(config, path) if config is not None else []
+    if differ:
+        message += f"; its run's config differs in {_few(differ)}"
+    raise LmlabError(message + "; build the model with the config of the run that wrote it "
+                     "(pass that run's folder or a checkpoint of this model's config)")
+
+
+def config_differences(config: DictConfig, checkpoint: Path) -> list[str]:
+    """`key: theirs -> ours` for every model and data key whose value differs between
+    `config` and the saved config of the run that wrote `checkpoint` (none if not found)."""
+    saved = next((p / ".hydra" / "config.yaml" for p in checkpoint.parents
+                  if (p / ".hydra" / "config.yaml").is_file()), None)
+    if saved is None:
+        return []
+    theirs, ours = (_flat(OmegaConf.load(saved)), _flat(config))
+    keys = sorted(k for k in set(theirs) | set(ours)
+                  if k.startswith(("model.", "data.")) and theirs.get(k) != ours.get(k)
+                  and not k.endswith(("_dir", "load_from")))
+    return [f"{k}={theirs.get(k)} there, {ours.get(k)} here" for k in keys]
+
+
+def _flat(cfg: DictConfig, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in OmegaConf.to_container(cfg, resolve=False).items():
+        if isinstance(value, dict):
+            out.update(_flat(OmegaConf.create(value), f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _few(items: list[str]) -> str:
+    more = len(items) - SHOWN_KEYS
+    return ", ".join(items[:SHOWN_KEYS]) + (f" and {more} more" if more > 0 else "")
+
+
+def disk_full(err: OSError, output_dir: Path) -> str | None:
+    """The message for a write that failed because the disk (or a size limit) is full:
+    where, and which of the run's checkpoints are still whole; None for other errors."""
+    if err.errno not in DISK_FULL:
+        return None
+    where = err.filename or output_dir
+    whole, broken = [], []
+    for path in sorted((output_dir / "checkpoints").glob("*.ckpt")):
+        try:
+            if path.is_file():  # a DeepSpeed folder is taken as it is
+                load_checkpoint(path)
+            whole.append(path.name)
+        except LmlabError:
+            broken.append(path.name)
+    kept = (f"the checkpoints written before are kept in {output_dir / 'checkpoints'}: "
+            f"{', '.join(whole)}" if whole else "no checkpoint was complete before this one")
+    lost = f"; incomplete, delete them: {', '.join(broken)}" if broken else ""
+    newest = "last.ckpt" if "last.ckpt" in whole else whole[-1] if whole else None
+    return (f"no room to write {where} ({err.strerror}): the disk is full or a size limit "
+            f"was reached; {kept}{lost}; free space there, or point hydra.run.dir at a disk "
+            "with room"
+            + (f", and resume with ckpt_path={output_dir / 'checkpoints' / newest}"
+               if whole else ""))
 
 
 def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None, Path | None]:
@@ -77,14 +251,14 @@ def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None,
                          "DeepSpeed checkpoint folder of an earlier run")
     saved = next((p / ".hydra" / "config.yaml" for p in path.parents
                   if (p / ".hydra" / "config.yaml").is_file()), None)
-    if path.name != WEIGHTS and saved is not None:
+    if path.name not in WEIGHTS_FILES and saved is not None:
         before = describe(OmegaConf.load(saved).trainer).checkpoint_family
         now = describe(trainer).checkpoint_family
         if before == now:
             return ckpt_path, None
         reason = f"it was written under {before} and this run is {now}"
     else:
-        reason = "it holds weights only" if path.name == WEIGHTS else "its run is unknown"
+        reason = "it holds weights only" if path.name in WEIGHTS_FILES else "its run is unknown"
     log.warning("resuming from %s: %s, so only its weights carry over; the optimizer state, "
                 "learning-rate schedule and step count start afresh", ckpt_path, reason)
     return None, path

@@ -21,4 +21,4 @@ class DataError(LmlabError):
 
     def __init__(self, path, message: str, line: int | None = None, fix: str = ""):
         where = f"{path}:{line}" if line is not None else f"{path}"
-        super().__init__(f"{where}: {message}" + (f"\n  fix: {fix}" if fix else ""))
+        super().__init__(f"{where}: {message}" + (f"; fix: {fix}" if fix else ""))

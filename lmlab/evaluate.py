@@ -18,10 +18,11 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.checkpoints import WEIGHTS
+from lmlab.checkpoints import SAFE_WEIGHTS, WEIGHTS
 from lmlab.build import load_task
 from lmlab.cli import convert, did_you_mean, fail, parse_known_args, report, unknown_key
 from lmlab.errors import LmlabError
+from lmlab.safety import check_targets
 
 USAGE = ("python -m lmlab.evaluate RUN_DIR [ckpt=best|last|weights|PATH] "
          "[data.batch_size=N ...]")
@@ -44,6 +45,7 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
         raise LmlabError(f"{run_dir} is not an lmlab run folder (no .hydra/config.yaml); "
                          "pass the folder that `python -m lmlab.run` printed as `run files`")
     cfg = OmegaConf.load(saved)
+    check_targets(cfg, saved)  # a run folder may come from elsewhere
     cfg.paths.output_dir = str(run_dir)
     for arg in overrides:
         override(cfg, arg)
@@ -90,11 +92,12 @@ def _read(key: str, text: str, current: object) -> object:
 
 def run_checkpoints(run_dir: Path) -> dict[str, Path]:
     """The checkpoints `run_dir` holds (files, or DeepSpeed folders), by name, in the order
-    the default tries them."""
+    the default tries them; `weights` is `weights.ckpt`, else `weights.safetensors`."""
     folder = run_dir / "checkpoints"
     best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)  # newest last
+    weights = run_dir / WEIGHTS
     paths = {"best": best[-1] if best else None, "last": folder / "last.ckpt",
-             "weights": run_dir / WEIGHTS}
+             "weights": weights if weights.exists() else run_dir / SAFE_WEIGHTS}
     return {name: path for name, path in paths.items() if path and path.exists()}
 
 

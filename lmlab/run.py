@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import hydra
@@ -20,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from lmlab.build import build, load_task
-from lmlab.checkpoints import export_weights, final_checkpoint, load_weights, plan_resume
+from lmlab.checkpoints import (check_fits, disk_full, export_weights, final_checkpoint,
+                               load_checkpoint, load_weights, plan_resume, refused)
 from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
@@ -40,8 +42,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume, weights = plan_resume(cfg.ckpt_path, cfg.trainer)
     data, task, trainer = build(cfg)
     if weights is not None:
-        load_weights(task, weights)
-    trainer.fit(task, datamodule=data, ckpt_path=resume)
+        load_weights(task, weights, cfg)
+    if resume is not None and Path(resume).is_file():  # refused here, in one line, if unfit
+        check_fits(task, load_checkpoint(Path(resume)).get("state_dict", {}), Path(resume), cfg)
+    # weights_only: a checkpoint from elsewhere must not run code as it loads
+    trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)
     metrics, best = test_best(trainer, cfg, data)
     output_dir = Path(cfg.paths.output_dir)
     rank_zero_only(report)(metrics, output_dir, best)
@@ -103,6 +108,13 @@ def main(cfg: DictConfig) -> float | None:
         fail(str(err))
     except MisconfigurationException as err:
         fail(f"Lightning refused this configuration: {err}")
+    except pickle.UnpicklingError as err:  # a checkpoint Lightning found and refused itself
+        fail(refused(cfg.ckpt_path, err))
+    except OSError as err:
+        message = disk_full(err, Path(cfg.paths.output_dir))
+        if message is None:
+            raise
+        fail(message)
     return metrics.get(f"best {cfg.monitor}")  # the objective of hyperparameter sweeps
 
 

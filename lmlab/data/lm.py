@@ -33,7 +33,8 @@ from lmlab.errors import DataError, LmlabError
 log = logging.getLogger(__name__)
 EMBEDDED = "stdlib_source"
 CHUNK_CHARS = 1 << 20  # text is tokenized in pieces of about 1 MB, cut at line ends
-FORMAT = 2  # the cache layout's version, part of its key: bump it when the layout changes
+FORMAT = 3  # the cache layout's version, part of its key: bump it when the layout or the
+# encoding changes (3: special-token names in text stay text)
 SPLITS = ("train", "val", "test")
 
 

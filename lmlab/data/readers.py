@@ -9,6 +9,7 @@ or skipped and reported in one warning.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
@@ -16,6 +17,7 @@ import io
 import itertools
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,18 +87,42 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
-def open_text(path: Path) -> io.TextIOBase:
-    """Opens a text file, gzip-compressed or not.
+@contextlib.contextmanager
+def open_text(path: Path) -> Iterator[io.TextIOBase]:
+    """Opens a text file, gzip-compressed or not, for a `with` block.
 
-    A UTF-8 byte-order mark is dropped (Excel writes one), undecodable bytes become U+FFFD,
-    and line ends are passed through untranslated, as the csv module needs.
+    UTF-8, with undecodable bytes made U+FFFD; a UTF-8 byte-order mark is dropped (Excel
+    writes one), and a UTF-16 or UTF-32 one (Windows "Unicode" text) decodes the file in
+    that encoding. Line ends are passed through untranslated, as the csv module needs.
+
+    Raises:
+        DataError: the file is missing, or a .gz file is not gzip data or is cut short
+            (raised where the reading fails, inside the `with` block).
     """
     if not path.is_file():
         raise DataError(path, "file not found", fix="check the path, or point paths.data_dir "
                         "(env LMLAB_DATA_DIR) at the folder that holds the corpus")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
-    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            encoding = _encoding(f.read(4))
+        with opener(path, "rt", encoding=encoding, errors="replace", newline="") as f:
+            yield f
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        if path.suffix != ".gz":
+            raise
+        raise DataError(path, f"is not a complete gzip file ({err})",
+                        fix="compress it again (gzip FILE), or drop the .gz suffix of a plain "
+                        "text file") from None
+
+
+def _encoding(head: bytes) -> str:
+    """The encoding a file's first bytes announce by a byte-order mark; else UTF-8."""
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if head.startswith(bom):
+            return encoding
+    return "utf-8-sig"
 
 
 def guess_format(path: Path) -> str:
@@ -206,6 +232,10 @@ def _json_lines(f, path: str, bad: BadRecords) -> Iterator[Record]:
         except json.JSONDecodeError as err:
             bad(path, number, f"not valid JSON ({err.msg})",
                 fix="each line must be one JSON object")
+            continue
+        except (ValueError, RecursionError) as err:  # a number of 4,300+ digits, deep nesting
+            bad(path, number, f"not readable JSON ({str(err)[:80] or type(err).__name__})",
+                fix="each line must be one JSON object, of ordinary numbers and depth")
             continue
         if not isinstance(value, dict):
             bad(path, number, f"expected a JSON object, found {type(value).__name__}",

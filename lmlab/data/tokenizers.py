@@ -27,6 +27,9 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
+        # Text is text: a corpus line or prompt holding "<eos>" must not end a sequence.
+        # The post-processor still adds <bos>/<eos> by id.
+        hf.encode_special_tokens = True
         self.pad_id = hf.token_to_id(PAD)
         self.unk_id = hf.token_to_id(UNK)
         self.bos_id = hf.token_to_id(BOS)

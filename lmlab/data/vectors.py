@@ -31,7 +31,9 @@ def load_vectors(path: str | Path, vocab: list[str], dim: int) -> tuple[torch.Te
     vectors, found = torch.zeros(len(vocab), dim), torch.zeros(len(vocab), dtype=torch.bool)
     with open_text(Path(path)) as f:
         for number, line in enumerate(f, start=1):
-            word, *values = line.rstrip("\n").rstrip().split(" ")
+            if not line.strip():
+                continue
+            word, *values = line.rstrip("\r\n").rstrip(" ").split(" ")
             if number == 1 and len(values) == 1:
                 continue  # word2vec header: "count dim"
             if len(values) != dim:
@@ -40,6 +42,24 @@ def load_vectors(path: str | Path, vocab: list[str], dim: int) -> tuple[torch.Te
                                 "width of these vectors, or check the file")
             row = index.get(word)
             if row is not None:
-                vectors[row] = torch.tensor([float(v) for v in values])
+                vectors[row] = _numbers(values, path, number)
                 found[row] = True
     return vectors, found
+
+
+def _numbers(values: list[str], path, line: int) -> torch.Tensor:
+    try:
+        return torch.tensor([float(v) for v in values])
+    except ValueError:
+        bad = next(v for v in values if not _is_number(v))
+        raise DataError(path, f"{bad[:20]!r} is not a number", line,
+                        fix="a line holds a word and its values, separated by single spaces"
+                        ) from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,105 @@
+"""Checks on what comes from outside the project before it is used: the `_target_`s of a
+saved run config, and the folder a run writes to.
+
+A run folder may come from elsewhere (shared, downloaded), and `lmlab.evaluate` and
+`lmlab.generate` instantiate its saved `.hydra/config.yaml`: a `_target_` there is code
+that runs. Only lmlab's own classes, its schedules and strategy factories, and the
+optimizers, modules and Lightning objects a config may name are allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lmlab.cli import fail
+from lmlab.errors import LmlabError
+
+# Classes from these modules may be instantiated from a saved config ...
+CLASS_MODULES = ("lmlab.", "torch.optim.", "torch.nn.", "lightning.pytorch.",
+                 "deepspeed.ops.")
+# ... and functions from these (the schedules and strategy factories configs name).
+FUNCTION_MODULES = ("lmlab.tasks.schedules.", "lmlab.parallel.strategies.")
+
+
+def check_targets(cfg: DictConfig, source: Path) -> None:
+    """Refuses a config that names a `_target_` other than the allowed ones, before any
+    is imported.
+
+    Raises:
+        LmlabError: naming the key, the target and the file it came from.
+    """
+    for key, target in targets(OmegaConf.to_container(cfg, resolve=False)):
+        if not allowed(str(target)):
+            raise LmlabError(f"{source}: {key}={target} is not a class of lmlab, torch.optim, "
+                             "torch.nn or Lightning; refused, since instantiating it could run "
+                             "any code: use a run folder written by lmlab, or fix the key")
+
+
+def targets(node, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every `_target_` in a plain container."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=False)
+    found = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) \
+        if isinstance(node, list) else ()
+    for key, value in items:
+        if key == "_target_":
+            found.append((f"{prefix}{key}", value))
+        else:
+            found += targets(value, f"{prefix}{key}.")
+    return found
+
+
+def allowed(target: str) -> bool:
+    """Whether `target` names an allowed class or function; imports only allowed modules."""
+    if not target.startswith(CLASS_MODULES + FUNCTION_MODULES):
+        return False
+    try:
+        obj = get_object(target)
+    except Exception:  # not importable: instantiating it would fail with its own message
+        return True
+    if inspect.isclass(obj):
+        return target.startswith(CLASS_MODULES)
+    return target.startswith(FUNCTION_MODULES) and inspect.isfunction(obj)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Creates `folder` and a file in it, as the run will.
+
+    Raises:
+        LmlabError: naming the folder, why it cannot be written, and the key to change.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        blocking = next((p for p in [folder, *folder.parents] if p.exists()), folder)
+        why = f"{blocking} is a file, not a folder" if not blocking.is_dir() \
+            else err.strerror or str(err)
+        raise LmlabError(f"cannot write the run's files to {folder}: {why}; set {key} to a "
+                         "folder you can write (e.g. under outputs/)") from None
+
+
+class OutputFolderCheck(Callback):
+    """A Hydra callback: checks that the run (or sweep) folder can be written before Hydra
+    creates it, so that a bad one is a one-line error rather than Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        try:
+            check_writable(Path(str(OmegaConf.select(config, key))), key)
+        except LmlabError as err:
+            fail(str(err))
