@@ -221,4 +221,4 @@ def test_only_global_rank_zero_creates_a_wandb_run_under_ddp(tmp_path):
 def test_instantiated_loggers_write_into_the_run_folder(make_cfg):
     cfg = make_cfg("logger=csv_tensorboard")
     found = {type(x).__name__: x for x in loggers(cfg)}
-    assert found["TensorBoardLogger"].log_dir == f"{cfg.paths.output_dir}/tensorboard"
+    assert found["TensorBoardLogger"].log_dir.rstrip("/") == f"{cfg.paths.output_dir}/tensorboard"
