@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from hydra.types import RunMode
 from lightning.fabric.loggers.logger import _DummyExperiment
+from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
 from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch import Callback, loggers
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -55,6 +56,27 @@ MODES = (None, "online", "offline", "disabled")
 MAX_TAG = 64  # W&B refuses longer tags
 
 
+class TensorBoardLogger(loggers.TensorBoardLogger):
+    """Lightning's TensorBoardLogger, refusing with the fix when TensorBoard is missing."""
+
+    def __init__(self, *args, **kwargs):
+        if not (_TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE):
+            raise LmlabError("logger=tensorboard needs the tensorboard package; install it with "
+                             "pip install -e \".[tensorboard]\", or pick another logger")
+        super().__init__(*args, **kwargs)
+
+
+class _NoRun(_DummyExperiment):
+    """Stands in for the W&B run on the other ranks: any attribute, call or item of it is
+    itself, so `experiment.config.update(...)` does nothing."""
+
+    def __getattr__(self, _):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
 class WandbLogger(loggers.WandbLogger):
     """Lightning's WandbLogger with W&B's settings as arguments, only on global rank zero,
     numbering W&B's steps by the trainer's so that a resumed run continues its step axis.
@@ -90,7 +112,7 @@ class WandbLogger(loggers.WandbLogger):
         # Lightning creates the run where rank_zero_only.rank is 0, which before the strategy
         # has set ranks up is also the first process of every other node
         if not launched_as_rank_zero():
-            return _DummyExperiment()
+            return _NoRun()
         with redacted_argv():
             return super().experiment
 
@@ -177,6 +199,15 @@ def sweep_group(cfg: DictConfig) -> str | None:
         return None
     sweep = Path(HydraConfig.get().sweep.dir)
     return f"{cfg.task_name}-{'_'.join(sweep.parts[-2:])}"
+
+
+def sweep_overrides(cfg: DictConfig) -> list[str]:
+    """What a sweep job run in a process of its own (lmlab.sweep) needs to stay in its
+    sweep's W&B group, which that process cannot tell."""
+    group = sweep_group(cfg)
+    return [f"logger.{name}.group='{group}'" for name, node in (cfg.get("logger") or {}).items()
+            if node is not None and str(node.get("_target_", "")).endswith("WandbLogger")
+            and group and not node.get("group")]
 
 
 def override_tags(overrides: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
-from lmlab.loggers import finish
+from lmlab.loggers import finish, sweep_overrides
 from lmlab.redact import redacted
 from lmlab.sweep import needs_own_process, run_in_own_process
 
@@ -99,7 +99,7 @@ def write_json(path: Path, content: dict) -> None:
 def main(cfg: DictConfig) -> float | None:
     try:
         if needs_own_process(cfg):
-            return run_in_own_process()
+            return run_in_own_process(sweep_overrides(cfg))  # the sweep's W&B group
         metrics = train(cfg)
     except LmlabError as err:
         fail(str(err))

@@ -115,6 +115,7 @@ def hydra_files(output_dir: Path) -> list[Path]:
     from hydra.core.hydra_config import HydraConfig
 
     files = list((output_dir / ".hydra").glob("*.yaml"))
+    files.append(output_dir.parent / "multirun.yaml")  # a sweep job run in a process of its own
     if HydraConfig.initialized():
         hydra = HydraConfig.get()
         if hydra.output_subdir:

@@ -26,12 +26,13 @@ def needs_own_process(cfg: DictConfig) -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN and world_size(cfg.trainer) > 1
 
 
-def run_in_own_process() -> float | None:
-    """Runs this sweep job as `python -m lmlab.run` with its overrides and output folder;
-    its ranks are then relaunched from that command. Returns its objective."""
+def run_in_own_process(extra: list[str] = ()) -> float | None:
+    """Runs this sweep job as `python -m lmlab.run` with its overrides (and `extra` ones)
+    and output folder; its ranks are then relaunched from that command. Returns its
+    objective."""
     job = HydraConfig.get()
     output_dir = Path(job.runtime.output_dir)
-    command = [sys.executable, "-m", "lmlab.run", *job.overrides.task, "hydra.mode=RUN",
+    command = [sys.executable, "-m", "lmlab.run", *job.overrides.task, *extra, "hydra.mode=RUN",
                f"hydra.run.dir={output_dir}", "hydra.output_subdir=null"]
     done = subprocess.run(command, cwd=hydra.utils.get_original_cwd())
     if done.returncode:

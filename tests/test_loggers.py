@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from lightning.fabric.loggers.logger import _DummyExperiment
 from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli
@@ -18,7 +19,7 @@ from lmlab.check_parallel import run_subprocess
 from lmlab.errors import LmlabError
 from lmlab.loggers import WandbLogger, override_tags, resumed_wandb_id, shorten_tag
 from lmlab.redact import REDACTED, is_secret_name, redact, redact_yaml_files, secret_values
-from lmlab.run_info import git_state
+from lmlab.run_info import RANK_VARIABLES, git_state, launched_as_rank_zero
 from lmlab.wandb_offline import offline_runs, read_run
 
 FEW_BATCHES = ["trainer.max_epochs=1", "trainer.limit_train_batches=3",
@@ -216,6 +217,22 @@ def test_only_global_rank_zero_creates_a_wandb_run_under_ddp(tmp_path):
     wb = read_run(path)
     assert wb.config["machine"]["world_size"] == 2 and wb.history
     assert json.loads((tmp_path / "run_info.json").read_text())["wandb"]["id"] == wb.id
+
+
+@pytest.mark.parametrize("variable", ["NODE_RANK", "LOCAL_RANK", "RANK", "SLURM_PROCID"])
+def test_no_wandb_run_outside_global_rank_zero_even_before_ranks_are_set(tmp_path, monkeypatch,
+                                                                          variable):
+    """The first process of the second node has rank_zero_only.rank 0 until the strategy
+    sets ranks up: its logger must not start a run then either."""
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert launched_as_rank_zero()  # negative control: this process alone would start one
+    monkeypatch.setenv(variable, "1")
+    assert not launched_as_rank_zero()
+    logger = WandbLogger(save_dir=str(tmp_path), mode="offline")
+    assert isinstance(logger.experiment, _DummyExperiment)
+    logger.log_hyperparams({"a": 1})
+    assert not (tmp_path / "wandb").exists()
 
 
 def test_instantiated_loggers_write_into_the_run_folder(make_cfg):
