@@ -1,4 +1,6 @@
-"""Loggers of lmlab's own."""
+"""Loggers of lmlab's own, and how a W&B run follows resumes and sweeps: its id (the
+resumed checkpoint's run, else a new one), its group (one per multirun) and its tags (the
+run's overrides)."""
 
 from __future__ import annotations
 
@@ -120,11 +122,11 @@ class WandbLogger(loggers.WandbLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         # W&B counts its own steps from 0 in each process: a resumed run's steps would go
         # back, and W&B drops rows whose step is below one already logged
+        metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
         if step is not None:
             self._last_step = step
             metrics = {**metrics, "trainer/global_step": step}
-        metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
-        self.experiment.log(dict(metrics), step=self._last_step)
+        self.experiment.log(dict(metrics), step=self._last_step)  # tables: the last step
 
     @rank_zero_only
     def finish(self) -> None:
