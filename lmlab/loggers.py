@@ -107,7 +107,6 @@ class WandbLogger(loggers.WandbLogger):
                          log_model=log_model, **{k: v for k, v in kwargs.items() if v is not None})
         if self._wandb_init.get("anonymous") is None:  # W&B warns about the setting itself
             self._wandb_init.pop("anonymous", None)
-        self._last_step = 0
 
     @property
     def experiment(self):
@@ -123,10 +122,12 @@ class WandbLogger(loggers.WandbLogger):
         # W&B counts its own steps from 0 in each process: a resumed run's steps would go
         # back, and W&B drops rows whose step is below one already logged
         metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+        # tables come without a step, and a test in processes of their own (ddp_spawn)
+        # restarts Lightning's count at 0: both go to the run's current step
+        wandb_step = max(step or 0, self.experiment.step)
         if step is not None:
-            self._last_step = step
-            metrics = {**metrics, "trainer/global_step": step}
-        self.experiment.log(dict(metrics), step=self._last_step)  # tables: the last step
+            metrics = {**metrics, "trainer/global_step": wandb_step}
+        self.experiment.log(dict(metrics), step=wandb_step)
 
     @rank_zero_only
     def finish(self) -> None:

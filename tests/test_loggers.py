@@ -207,16 +207,35 @@ def test_the_jobs_of_a_multirun_share_a_group_and_carry_their_overrides(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_only_global_rank_zero_creates_a_wandb_run_under_ddp(tmp_path):
-    command = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={tmp_path}", "strategy=ddp",
-               "trainer.devices=2", "logger=wandb", *FEW_BATCHES]
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_only_global_rank_zero_creates_a_wandb_run_under_ddp(tmp_path, strategy):
+    command = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={tmp_path}",
+               f"strategy={strategy}", "trainer.devices=2", "logger=wandb", *FEW_BATCHES]
     env = {**os.environ, "WANDB_MODE": "offline"}
     status, output = run_subprocess(command, timeout=600, cwd=ROOT, env=env)
     assert status == 0, output[-3000:]
     [path] = offline_runs(tmp_path)
     wb = read_run(path)
-    assert wb.config["machine"]["world_size"] == 2 and wb.history
+    assert wb.config["machine"]["world_size"] == 2 and "val/loss" in wb.summary
+    assert "test/acc" in wb.summary  # ddp_spawn tests in new processes, at Lightning's step 0
+    assert "monotonically" not in output
     assert json.loads((tmp_path / "run_info.json").read_text())["wandb"]["id"] == wb.id
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_multi_process_sweep_job_keeps_its_sweep_group(tmp_path):
+    """Such a job runs in a process of its own (lmlab.sweep), which is not a multirun."""
+    command = [sys.executable, "-m", "lmlab.run", "-m", f"hydra.sweep.dir={tmp_path}",
+               "strategy=ddp", "trainer.devices=2", "logger=wandb", *FEW_BATCHES,
+               "model.optimizer.lr=0.002"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    status, output = run_subprocess(command, timeout=600, cwd=ROOT, env=env)
+    assert status == 0, output[-3000:]
+    [path] = offline_runs(tmp_path)
+    wb = read_run(path)
+    assert wb.group == f"train-{tmp_path.parent.name}_{tmp_path.name}"
+    assert "model.optimizer.lr=0.002" in wb.tags and not [t for t in wb.tags if "group" in t]
 
 
 @pytest.mark.parametrize("variable", ["NODE_RANK", "LOCAL_RANK", "RANK", "SLURM_PROCID"])
