@@ -19,12 +19,16 @@ from lmlab.checkpoints import load_weights
 from lmlab.config import monitor_mode
 from lmlab.data.description import DataDescription
 from lmlab.errors import ConfigError
+from lmlab.loggers import WandbIdInCheckpoint, WandbLogger, wandb_arguments
+from lmlab.run_info import record_run
 
 log = logging.getLogger(__name__)
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """The DataModule (set up and saved with the run), the task it sizes, and the trainer."""
+def build(cfg: DictConfig, resume: str | None = None
+          ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """The DataModule (set up and saved with the run), the task it sizes, and the trainer;
+    `resume` is the checkpoint that training resumes from, whose W&B run continues."""
     data = instantiate(cfg.data)
     data.setup("fit")
     check_schedule(cfg, len(data.train_dataloader()))
@@ -33,9 +37,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     rank_zero_only(data.save)(output_dir)
     task = build_task(cfg, data)
     choose_monitor(cfg, task.monitor)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks(cfg), logger=loggers(cfg))
-    for logger in trainer.loggers:  # so runs can be compared by any config value
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    found = loggers(cfg, resume)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks(cfg) + logger_callbacks(found),
+                          logger=found)
+    record_run(cfg, trainer, wandb_record(found))
     return data, task, trainer
 
 
@@ -109,6 +114,28 @@ def callbacks(cfg: DictConfig) -> list:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
 
-def loggers(cfg: DictConfig) -> list | bool:
-    found = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+def loggers(cfg: DictConfig, resume: str | None = None) -> list | bool:
+    """The loggers of `cfg`; a W&B one continues the run of the `resume` checkpoint, is
+    grouped with its sweep and tagged with the overrides (lmlab.loggers.wandb_arguments)."""
+    found = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None:
+            continue
+        wandb = str(node.get("_target_", "")).endswith("WandbLogger")
+        found.append(instantiate(node, **(wandb_arguments(cfg, node, resume) if wandb else {})))
     return found or False
+
+
+def logger_callbacks(found: list | bool) -> list:
+    """What the loggers need in the checkpoints: the W&B run's id."""
+    return [WandbIdInCheckpoint(logger.version) for logger in found or []
+            if isinstance(logger, WandbLogger)]
+
+
+def wandb_record(found: list | bool) -> dict | None:
+    """The W&B run's id, project, group and tags, for run_info.json."""
+    logger = next((x for x in found or [] if isinstance(x, WandbLogger)), None)
+    if logger is None:
+        return None
+    init = logger._wandb_init
+    return {"id": logger.version, **{k: init.get(k) for k in ("project", "group", "tags")}}

@@ -27,6 +27,8 @@ from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
+from lmlab.loggers import finish
+from lmlab.redact import redacted
 from lmlab.sweep import in_sweep, sweep_job, task_overrides
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
     resume, weights = plan_resume(cfg.ckpt_path, cfg.trainer)
-    data, task, trainer = build(cfg)
+    data, task, trainer = build(cfg, resume)
     if weights is not None:
         load_weights(task, weights, cfg)
     if resume is not None and Path(resume).is_file():  # refused here, in one line, if unfit
@@ -54,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # the overrides tell a finished sweep job from another job of the same folder
     rank_zero_only(write_json)(output_dir / "metrics.json", {
         "metrics": metrics, "objective": objective, "overrides": task_overrides()})
+    finish(trainer.loggers)
     return metrics
 
 
@@ -64,7 +67,7 @@ def test_best(trainer: L.Trainer, cfg: DictConfig, data) -> tuple[dict[str, floa
     wrap the model again for testing, and a trained FSDP model holds only its rank's shard."""
     output_dir = Path(cfg.paths.output_dir)
     checkpoint = final_checkpoint(trainer, output_dir)
-    weights = export_weights(trainer, checkpoint, output_dir, to_yaml(cfg))
+    weights = export_weights(trainer, checkpoint, output_dir, to_yaml(redacted(cfg)))
     task = load_task(cfg, data, weights)
     metrics = trainer.test(task, datamodule=data, verbose=False)[0]  # `report` prints them
     best = best_score(trainer.checkpoint_callback)

@@ -30,6 +30,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElastic
 from omegaconf import DictConfig
 
 from lmlab.errors import LmlabError
+from lmlab.loggers import sweep_overrides
 from lmlab.parallel.specs import world_size
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) 
         return finite(saved["objective"])
     try:
         if world_size(cfg.trainer) > 1 and not ranks_started():
-            return finite(run_in_own_process())
+            return finite(run_in_own_process(sweep_overrides(cfg)))  # the sweep's W&B group
         return finite(train(cfg).get(f"best {cfg.monitor}"))
     except LmlabError as err:
         log.error("job %s failed: %s", job.job.num, err)
@@ -92,12 +93,13 @@ def ranks_started() -> bool:
     return SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
-def run_in_own_process() -> float | None:
-    """Runs this sweep job as `python -m lmlab.run` with its overrides and output folder;
-    its ranks are then relaunched from that command. Returns its objective."""
+def run_in_own_process(extra: list[str] = ()) -> float | None:
+    """Runs this sweep job as `python -m lmlab.run` with its overrides (and `extra` ones)
+    and output folder; its ranks are then relaunched from that command. Returns its
+    objective."""
     job = HydraConfig.get()
     output_dir = Path(job.runtime.output_dir)
-    command = [sys.executable, "-m", "lmlab.run", *job.overrides.task, "hydra.mode=RUN",
+    command = [sys.executable, "-m", "lmlab.run", *job.overrides.task, *extra, "hydra.mode=RUN",
                f"hydra.run.dir={output_dir}", "hydra.output_subdir=null"]
     done = subprocess.run(command, cwd=hydra.utils.get_original_cwd())
     if done.returncode:
