@@ -25,6 +25,7 @@ from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
+from lmlab.resume import checkpoint_to_resume
 from lmlab.sweep import needs_own_process, run_in_own_process
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return dry_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
-    resume, weights = plan_resume(cfg.ckpt_path, cfg.trainer)
+    resume, weights = plan_resume(checkpoint_to_resume(cfg), cfg.trainer)
     data, task, trainer = build(cfg)
     if weights is not None:
         load_weights(task, weights)

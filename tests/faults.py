@@ -1,6 +1,16 @@
-"""Faults injected on purpose, to show that a check can fail (negative controls)."""
+"""Faults injected on purpose, to show that a check can fail (negative controls), and
+crashes at chosen moments (`+callbacks.kill._target_=tests.faults.KillAtStep`)."""
 
+import io
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
 from lightning.pytorch import Callback
+
+from lmlab.resume import AtomicCheckpointIO
 
 
 class ScaleGradients(Callback):
@@ -19,3 +29,57 @@ class ScaleGradients(Callback):
             for p in pl_module.parameters():
                 if p.grad is not None:
                     p.grad.mul_(self.factor)
+
+
+class KillAtStep(Callback):
+    """SIGKILLs every process of the run as training step `step` begins, that is right after
+    step `step`'s checkpoint (if one is due then) is written: a deterministic crash.
+
+    Args:
+        step: the number of optimizer steps taken when the processes die.
+    """
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StallingCheckpointIO(AtomicCheckpointIO):
+    """lmlab's atomic writer that, from the checkpoint of step `step` on, writes half of the
+    file, creates `marker` and sleeps: the moment for a test to kill the process mid-write.
+
+    Args:
+        step: the first `global_step` whose checkpoint stalls.
+        marker: the file created once half is written.
+    """
+
+    def __init__(self, step: int, marker: str):
+        super().__init__()
+        self.step, self.marker = step, Path(marker)
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.stall = checkpoint["global_step"] >= self.step
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def write(self, file, data) -> None:
+        if not self.stall:
+            return file.write(data)
+        file.write(data[:len(data) // 2])
+        file.flush()
+        self.marker.touch()
+        time.sleep(600)
+
+
+class TornCheckpointIO(StallingCheckpointIO):
+    """The negative control of the atomic writer: writes in place, as a plain
+    `torch.save(checkpoint, path)` does, and stalls in the middle the same way."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.stall = checkpoint["global_step"] >= self.step
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with open(path, "wb") as f:
+            self.write(f, buffer.getbuffer())
