@@ -1,5 +1,6 @@
 """Faults injected on purpose, to show that a check can fail (negative controls), and
-crashes at chosen moments (`+callbacks.kill._target_=tests.faults.KillAtStep`)."""
+crashes at chosen moments. With `tests/` on PYTHONPATH they go on the command line, e.g.
+`+callbacks.kill._target_=faults.KillAtStep +callbacks.kill.step=13`."""
 
 import io
 import os
@@ -83,3 +84,20 @@ class TornCheckpointIO(StallingCheckpointIO):
         torch.save(checkpoint, buffer)
         with open(path, "wb") as f:
             self.write(f, buffer.getbuffer())
+
+
+class ForgetDataOrder(Callback):
+    """Leaves the training loader's position out of every checkpoint: a resumed run then
+    starts its epoch over (the negative control of the saved data order)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["loops"]["fit_loop"]["state_dict"].pop("combined_loader", None)
+
+
+class ForgetRandomState(Callback):
+    """Leaves the random generators out of every checkpoint (the negative control of
+    `lmlab.resume.ExactResume`)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["callbacks"] = {key: state for key, state in checkpoint["callbacks"].items()
+                                   if not key.startswith("ExactResume")}
