@@ -82,6 +82,7 @@ class TornCheckpointIO(StallingCheckpointIO):
         self.stall = checkpoint["global_step"] >= self.step
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             self.write(f, buffer.getbuffer())
 

@@ -17,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import numpy as np
 import pytest
 import torch
 from conftest import DATA_DIR, ROOT
+from test_data import ROWS, BatchRecorder, module, write
 from lmlab.data.batching import BucketBatchSampler, ResumableLoader, Skip
 from lmlab.data.lm import RandomOffsets
 from lmlab.errors import ConfigError, LmlabError
@@ -90,6 +93,30 @@ def test_a_finished_epoch_resumes_at_the_next_ones_start():
     loader = bucket_loader(epoch=1)
     loader.load_state_dict({"epoch": 1, "batches": len(loader)})
     assert as_lists(loader) == as_lists(bucket_loader(epoch=1))
+
+
+def fit_recording(dm, ckpt_path=None, callbacks=()) -> BatchRecorder:
+    model = BatchRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, max_epochs=2,
+                        callbacks=list(callbacks), enable_checkpointing=bool(callbacks),
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_lightning_resumes_the_loader_mid_epoch(tmp_path, workers):
+    train = str(write(tmp_path / "train.csv", "csv", ROWS * 2))
+    make = lambda: module({"train": train}, num_workers=workers)  # noqa: E731
+    whole = fit_recording(make())
+    assert len(whole.seen[0]) > 5
+    steps = len(whole.seen[0]) + 3  # three batches into the second epoch
+    mid = ModelCheckpoint(tmp_path, "mid", every_n_train_steps=steps, save_top_k=1)
+    assert fit_recording(make(), callbacks=[mid]).seen == whole.seen
+    resumed = fit_recording(make(), ckpt_path=tmp_path / "mid.ckpt")
+    assert list(resumed.seen) == [1]
+    assert resumed.seen[1] == whole.seen[1][3:]
 
 
 # --- which checkpoint -----------------------------------------------------------------------
