@@ -114,11 +114,18 @@ class ExactResume(Callback):
 
     def __init__(self):
         self.loaded: list[dict] | None = None
+        self.trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        # Every rank builds a checkpoint's state (rank 0 writes it), so this is collective.
+        # Every rank builds a checkpoint's state (rank 0 writes it), so the ranks' states
+        # are gathered; not on the way out of a failure, which another rank may not share.
         states = [random_state()]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        interrupted = self.trainer is not None and self.trainer.interrupted
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+                and not interrupted:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, random_state())
         return {"ranks": states}
