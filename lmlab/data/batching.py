@@ -17,7 +17,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
     `pool_batches` batches, cut the pools into batches and shuffle the batches. Evaluation
     order (`shuffle=False`): sort everything by length. An epoch's order comes from
     `seed + epoch` alone, the epoch being the last one given to `set_epoch`, so a run
-    resumed at epoch k sees the batches an uninterrupted run sees at epoch k; `resume_at`
+    resumed at epoch k sees the batches an uninterrupted run sees at epoch k; `skip`
     skips the batches of that epoch that were trained before the checkpoint.
 
     The global batches are the same whatever the world size, and every rank gets the same
