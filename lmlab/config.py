@@ -34,7 +34,8 @@ class RunConfig:
 
     task_name: str = "train"  # names the run in logs and loggers
     seed: int = 42  # seeds Python, NumPy, torch and the data order
-    ckpt_path: str | None = None  # resume training from this checkpoint
+    ckpt_path: str | None = None  # resume training from this checkpoint; last: this run's newest
+    resume: str | None = None  # auto: continue this run folder's newest checkpoint, if any
     monitor: str | None = None  # metric that picks the best checkpoint; None: the task's
     monitor_mode: str | None = None  # max or min; None: the task's
     dry_run: bool = False  # check and print the config, then stop
@@ -80,6 +81,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += _monitor_problems(cfg)
     problems += _seq2seq_problems(cfg)
     problems += _slurm_problems(cfg.trainer)
+    problems += _resume_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -188,6 +190,17 @@ def _seq2seq_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"data.{key}={data[key]} is longer than the model's position "
                             f"table (model.net.max_length={table}); raise model.net.max_length")
     return problems
+
+
+def _resume_problems(cfg: DictConfig) -> list[str]:
+    resume = cfg.get("resume")
+    if resume not in (None, "auto"):
+        return [f"resume={resume} is not an option; use resume=auto (continue this run "
+                "folder's newest checkpoint), or ckpt_path=PATH"]
+    if resume and cfg.ckpt_path is not None:
+        return [f"resume=auto and ckpt_path={cfg.ckpt_path} both say where to resume from; "
+                "keep one"]
+    return []
 
 
 def _hardware_problems(trainer: DictConfig) -> list[str]:

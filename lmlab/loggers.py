@@ -27,7 +27,11 @@ from lmlab.run_info import hydra_overrides, launched_as_rank_zero, read_run_info
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Takes the columns of an existing metrics file as its own before adding new ones."""
+    """Adds to an existing metrics file (Lightning's writer deletes it): takes its columns
+    as its own before adding new ones. A run resumed in its folder continues its file."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass
 
     def _record_new_keys(self) -> set[str]:
         if self._fs.isfile(self.metrics_file_path):

@@ -29,6 +29,7 @@ from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
 from lmlab.loggers import finish
 from lmlab.redact import redacted
+from lmlab.resume import checkpoint_to_resume
 from lmlab.sweep import in_sweep, sweep_job, task_overrides
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return dry_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
-    resume, weights = plan_resume(cfg.ckpt_path, cfg.trainer)
+    resume, weights = plan_resume(checkpoint_to_resume(cfg), cfg.trainer)
     data, task, trainer = build(cfg, resume)
     if weights is not None:
         load_weights(task, weights, cfg)

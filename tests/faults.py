@@ -1,11 +1,20 @@
-"""Faults injected on purpose, to show that a check can fail (negative controls), and the
-hostile inputs and full disks the entry points must survive."""
+"""Faults injected on purpose, to show that a check can fail (negative controls), crashes at
+chosen moments, and the hostile inputs and full disks the entry points must survive. With
+`tests/` on PYTHONPATH they go on the command line, e.g.
+`+callbacks.kill._target_=faults.KillAtStep +callbacks.kill.step=13`."""
 
+import io
+import os
 import resource
 import signal
+import time
+from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lmlab.resume import AtomicCheckpointIO
 
 
 class ScaleGradients(Callback):
@@ -47,8 +56,8 @@ class BreakJob(Callback):
                 p.data.fill_(float("nan"))
 
 
-class DiskFullAfter(TorchCheckpointIO):
-    """Lightning's own checkpoint writer, on a disk that fills up: from the `saves`+1-th
+class DiskFullAfter(AtomicCheckpointIO):
+    """lmlab's checkpoint writer, on a disk that fills up: from the `saves`+1-th
     checkpoint on, the process may write no file larger than `limit` bytes (RLIMIT_FSIZE),
     so the kernel fails the real write, as it does on a full disk.
 
@@ -78,3 +87,75 @@ class Payload:
 
     def __reduce__(self):
         return open, (self.marker, "w")
+
+
+class KillAtStep(Callback):
+    """SIGKILLs every process of the run as training step `step` begins, that is right after
+    step `step`'s checkpoint (if one is due then) is written: a deterministic crash.
+
+    Args:
+        step: the number of optimizer steps taken when the processes die.
+    """
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StallingCheckpointIO(AtomicCheckpointIO):
+    """lmlab's atomic writer that, from the checkpoint of step `step` on, writes half of the
+    file, creates `marker` and sleeps: the moment for a test to kill the process mid-write.
+
+    Args:
+        step: the first `global_step` whose checkpoint stalls.
+        marker: the file created once half is written.
+    """
+
+    def __init__(self, step: int, marker: str):
+        super().__init__()
+        self.step, self.marker = step, Path(marker)
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.stall = checkpoint["global_step"] >= self.step
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def write(self, file, data) -> None:
+        if not self.stall:
+            return file.write(data)
+        file.write(data[:len(data) // 2])
+        file.flush()
+        self.marker.touch()
+        time.sleep(600)
+
+
+class TornCheckpointIO(StallingCheckpointIO):
+    """The negative control of the atomic writer: writes in place, as a plain
+    `torch.save(checkpoint, path)` does, and stalls in the middle the same way."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.stall = checkpoint["global_step"] >= self.step
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            self.write(f, buffer.getbuffer())
+
+
+class ForgetDataOrder(Callback):
+    """Leaves the training loader's position out of every checkpoint: a resumed run then
+    starts its epoch over (the negative control of the saved data order)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["loops"]["fit_loop"]["state_dict"].pop("combined_loader", None)
+
+
+class ForgetRandomState(Callback):
+    """Leaves the random generators out of every checkpoint (the negative control of
+    `lmlab.resume.ExactResume`)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["callbacks"] = {key: state for key, state in checkpoint["callbacks"].items()
+                                   if not key.startswith("ExactResume")}

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import lightning as L
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
@@ -17,7 +17,8 @@ class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
     `pool_batches` batches, cut the pools into batches and shuffle the batches. Evaluation
     order (`shuffle=False`): sort everything by length. An epoch's order comes from
     `seed + epoch` alone, the epoch being the last one given to `set_epoch`, so a run
-    resumed at epoch k sees the batches an uninterrupted run sees at epoch k.
+    resumed at epoch k sees the batches an uninterrupted run sees at epoch k; `skip`
+    skips the batches of that epoch that were trained before the checkpoint.
 
     The global batches are the same whatever the world size, and every rank gets the same
     number of batches with the same number of examples at each step: a global batch is
@@ -43,7 +44,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
         self.lengths = torch.as_tensor(lengths, dtype=torch.long)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.num_replicas, self.rank, self.pool_batches = num_replicas, rank, pool_batches
-        self.epoch = 0
+        self.epoch, self.skip = 0, Skip()
 
     @property
     def sampler(self) -> BucketBatchSampler:
@@ -68,7 +69,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, float]]]:
         # A generator: the order is drawn at the first batch, after set_epoch.
-        for batch in self._batches():
+        for batch in self._batches()[self.skip.take(self.epoch):]:
             real = len(batch)
             padded = -(-real // self.num_replicas) * self.num_replicas
             copies = batch[torch.arange(padded) % real].tolist()  # real ones first, then copies
@@ -77,6 +78,73 @@ class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
+
+
+class Skip:
+    """Batches a sampler leaves out of one epoch's order, once: those a resumed run had
+    trained before its checkpoint."""
+
+    def __init__(self):
+        self.epoch, self.batches = None, 0
+
+    def set(self, epoch: int, batches: int) -> None:
+        self.epoch, self.batches = epoch, batches
+
+    def take(self, epoch: int) -> int:
+        """The batches to leave out of `epoch`'s order (0 for any other epoch); then none."""
+        batches = self.batches if epoch == self.epoch else 0
+        self.epoch, self.batches = None, 0
+        return batches
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position Lightning saves with each checkpoint.
+
+    Lightning's fit loop saves `state_dict()` of a loader that has one (under `loops ->
+    fit_loop -> state_dict -> combined_loader`) and, resuming mid-epoch, gives it back to
+    `load_state_dict` (see `lmlab.resume.ExactResume` for when it does not). The position
+    is the sampler's epoch and the batches this loader has given in it, counted as they
+    leave (not as workers prefetch them), so a resumed run continues with the batch after
+    the last one trained. The sampler (`sampler`, or `batch_sampler` for a batch sampler)
+    needs `set_epoch` and a `skip` (`Skip`).
+
+    Iterating starts at the first batch, not at `iter()`: Lightning creates the iterator
+    before it restores the position when a schedule asks `trainer.estimated_stepping_batches`.
+    The workers' base seed comes from `generator`, not from the global generator, whose
+    state a checkpoint restores for dropout (the workers draw nothing at random).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(*args, **kwargs)
+        self.given = 0
+
+    @property
+    def order(self):
+        """The sampler that draws the epoch's order; None for one that cannot skip (the
+        sequential sampler Lightning puts in for `overfit_batches`)."""
+        return next((s for s in (self.sampler, self.batch_sampler) if hasattr(s, "skip")), None)
+
+    def __iter__(self):
+        order = self.order
+        resumed = order is not None and order.skip.epoch == order.epoch
+        self.given = order.skip.batches if resumed else 0
+        for batch in super().__iter__():
+            self.given += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        order = self.order
+        return {} if order is None else {"epoch": order.epoch, "batches": self.given}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        order = self.order
+        if order is None or not state_dict:
+            return
+        epoch, batches = state_dict["epoch"], state_dict["batches"]
+        order.set_epoch(epoch)
+        if batches < len(self):  # an epoch that ended resumes at the next one's start
+            order.skip.set(epoch, batches)
 
 
 class ShardedDataModule(L.LightningDataModule):

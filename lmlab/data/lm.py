@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lmlab.data.batching import ShardedDataModule
+from lmlab.data.batching import ResumableLoader, ShardedDataModule, Skip
 from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, load_hub_dataset, stdlib_files
 from lmlab.data.description import DataDescription
 from lmlab.data.readers import open_text
@@ -98,13 +98,15 @@ class RandomOffsets(Sampler[int]):
     The global batches are drawn from `seed + epoch` alone, the same on every rank; each rank
     yields its share of each (examples rank, rank + world, ...), so N processes train on the
     same blocks as one. Lightning sets the epoch before each training epoch (`set_epoch`),
-    resumed runs included, so a run resumed at epoch k draws epoch k's blocks.
+    resumed runs included, so a run resumed at epoch k draws epoch k's blocks; `skip`
+    leaves out the batches of that epoch that were trained before the checkpoint.
     """
 
     def __init__(self, num_offsets: int, num_batches: int, batch_size: int, seed: int,
                  num_replicas: int = 1, rank: int = 0):
         self.num_offsets, self.num_batches, self.batch_size = num_offsets, num_batches, batch_size
         self.seed, self.num_replicas, self.rank, self.epoch = seed, num_replicas, rank, 0
+        self.skip = Skip()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,6 +115,7 @@ class RandomOffsets(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         size = (self.num_batches, self.batch_size)
         offsets = torch.randint(self.num_offsets, size, generator=generator)
+        offsets = offsets[self.skip.take(self.epoch):]  # whole global batches
         yield from offsets[:, self.rank::self.num_replicas].flatten().tolist()
 
     def __len__(self) -> int:
@@ -371,8 +374,8 @@ class LMDataModule(ShardedDataModule):
         world, rank = self.world()
         sampler = RandomOffsets(len(blocks), self.train_batches, self.batch_size, self.seed,
                                 world, rank)
-        return DataLoader(blocks, batch_size=self.per_device_batch_size(), sampler=sampler,
-                          num_workers=self.num_workers, drop_last=True)
+        return ResumableLoader(blocks, batch_size=self.per_device_batch_size(), sampler=sampler,
+                               num_workers=self.num_workers, drop_last=True)
 
     def _sweep(self, split: str, shard: tuple[int, int] | None = None) -> DataLoader:
         """The split's non-overlapping blocks in order, padded and sharded across ranks.

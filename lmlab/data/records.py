@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmlab.data.batching import BucketBatchSampler, ShardedDataModule, pad_batch
+from lmlab.data.batching import BucketBatchSampler, ResumableLoader, ShardedDataModule, pad_batch
 from lmlab.data.corpora import Corpus, load_hub_dataset
 from lmlab.data.readers import BadRecords, Record, read_aligned, read_records
 from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
@@ -269,9 +269,9 @@ class TextRecordsDataModule(ShardedDataModule):
             # Worker processes prefetch batches as soon as the loader is iterated, which a
             # resumed run does before Lightning's set_epoch: start from the trainer's epoch.
             sampler.set_epoch(self.trainer.current_epoch)
-        return DataLoader(PaddedExamples(examples), batch_sampler=sampler,
-                          collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return ResumableLoader(PaddedExamples(examples), batch_sampler=sampler,
+                               collate_fn=self.collate, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Pads each text into (B, T) with its (B,) lengths; stacks every other value."""

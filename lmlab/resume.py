@@ -1,0 +1,179 @@
+"""What it takes to continue a run exactly: which checkpoint, written how, holding what.
+
+- `checkpoint_to_resume`: `resume=auto` and `ckpt_path=last` mean the newest checkpoint of
+  the run's own folder (`hydra.run.dir=...` names it, so that a second start finds it).
+- `LastCheckpoint`: `last.ckpt` at every validation and, optionally, every N training steps.
+- `ExactResume`: the random generators of every rank, saved with each checkpoint and set
+  back when training resumes, so that dropout draws the masks it would have drawn.
+- `AtomicCheckpointIO`: a checkpoint is written to a temporary file beside its target,
+  flushed to disk and renamed over it, so a crash mid-write leaves the previous one whole.
+
+The data order is saved by the training DataLoader itself (`lmlab.data.batching.ResumableLoader`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from lmlab.errors import LmlabError
+
+log = logging.getLogger(__name__)
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The most recently written checkpoint (file, or DeepSpeed folder) in `folder`."""
+    found = [p for p in folder.glob("*.ckpt")] if folder.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """The `ckpt_path` to give `plan_resume`: `resume=auto` and `ckpt_path=last` become the
+    newest checkpoint of this run's folder; `resume=auto` without one starts afresh (what a
+    requeued job does the first time), `ckpt_path=last` without one is an error."""
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    if cfg.get("resume") == "auto":
+        newest = newest_checkpoint(folder)
+        log.info("resume=auto: %s", f"resuming from {newest}" if newest else
+                 f"no checkpoint in {folder} yet, starting afresh")
+        return None if newest is None else str(newest)
+    if cfg.ckpt_path == "last":
+        newest = newest_checkpoint(folder)
+        if newest is None:
+            raise LmlabError(f"ckpt_path=last: no checkpoint in {folder}; name the run folder "
+                             "of the run to continue with hydra.run.dir=..., or use resume=auto "
+                             "to start afresh when there is none")
+        return str(newest)
+    return cfg.ckpt_path
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` for `last.ckpt`, also written every
+    `every_n_train_steps` training steps when that is set (Lightning's own option of that
+    name would stop the writes at validation).
+
+    Args:
+        every_n_train_steps: write mid-epoch every this many steps; None: only at validation
+            (or at the end of an epoch without one).
+        **kwargs: `ModelCheckpoint`'s arguments.
+    """
+
+    passes_to = (ModelCheckpoint,)
+
+    def __init__(self, every_n_train_steps: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.every_steps = every_n_train_steps or 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.every_steps or trainer.global_step % self.every_steps \
+                or self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def random_state() -> dict[str, Any]:
+    """The state of every random generator this process draws from, in types that
+    `torch.load(..., weights_only=True)` reads."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ExactResume(Callback):
+    """Saves every rank's random generators with each checkpoint (Lightning saves none) and,
+    when training resumes, sets them back, so dropout draws the masks it would have drawn.
+
+    They are set back when training starts, after the sanity check, which may draw from
+    them. Then too the training loader gets its saved position if Lightning has not given
+    it yet: Lightning does so only when it builds the loader after reading the checkpoint,
+    and a schedule that asks `trainer.estimated_stepping_batches` builds it before."""
+
+    def __init__(self):
+        self.loaded: list[dict] | None = None
+        self.trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        # Every rank builds a checkpoint's state (rank 0 writes it), so the ranks' states
+        # are gathered; not on the way out of a failure, which another rank may not share.
+        states = [random_state()]
+        interrupted = self.trainer is not None and self.trainer.interrupted
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+                and not interrupted:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, random_state())
+        return {"ranks": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loaded = state_dict["ranks"]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.fit_loop._load_combined_loader_states()  # a no-op once Lightning has done it
+        if self.loaded:
+            if len(self.loaded) != trainer.world_size:
+                log.warning("the checkpoint holds the random state of %d processes and this run "
+                            "has %d: dropout will not draw the same masks",
+                            len(self.loaded), trainer.world_size)
+            set_random_state(self.loaded[min(trainer.global_rank, len(self.loaded) - 1)])
+            self.loaded = None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its folder, flushes it to disk and
+    renames it over the target; then flushes the folder, so the rename survives a power cut.
+
+    Lightning's own writer goes through a temporary file in the system's temp folder and
+    `shutil.move`, which copies into the target when that folder is another file system
+    (a node-local /tmp), without flushing: a crash then leaves a torn checkpoint. Remote
+    paths (`s3://...`) are left to Lightning."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.ckpt: never resumed
+        try:
+            with open(temp, "wb") as f:
+                self.write(f, buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    def write(self, file, data: memoryview) -> None:
+        file.write(data)
