@@ -165,7 +165,8 @@ def test_a_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(tmp_path)
     run = tmp_path / "run"
     # Epoch 0 writes best and last; in epoch 1 the file size limit fails the real write.
     done = entry("lmlab.run", f"hydra.run.dir={run}", *TINY, "trainer.max_epochs=3",
-                 "trainer.plugins={_target_: faults.DiskFullAfter, saves: 2}", tmp=tmp_path)
+                 "~trainer.plugins", "+trainer.plugins={_target_: faults.DiskFullAfter, saves: 2}",
+                 tmp=tmp_path)
     line = done.error_line()
     assert "the disk is full or a size limit was reached" in line
     assert f"kept in {run / 'checkpoints'}: best-epoch00.ckpt, last.ckpt" in line
