@@ -26,6 +26,7 @@ from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
 from lmlab.sweep import needs_own_process, run_in_own_process
+from lmlab.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(task, datamodule=data, ckpt_path=resume)
     metrics, best = test_best(trainer, cfg, data)
     output_dir = Path(cfg.paths.output_dir)
-    rank_zero_only(report)(metrics, output_dir, best)
+    speed = throughput(trainer)
+    rank_zero_only(report)(metrics, output_dir, best, speed)
     objective = metrics.get(f"best {cfg.monitor}")
     rank_zero_only(write_json)(output_dir / "metrics.json",
-                               {"metrics": metrics, "objective": objective})
+                               {"metrics": metrics, "objective": objective, "throughput": speed})
     return metrics
 
 
@@ -81,6 +83,13 @@ def best_score(callback) -> float | None:
     state = states.get(callback.state_key, {})
     score = state.get("best_model_score")
     return None if score is None else float(score)
+
+
+def throughput(trainer: L.Trainer) -> dict[str, float]:
+    """The training speed the `Throughput` callback measured over the run (none under
+    ddp_spawn, where the callback lived in the spawned processes, or without it)."""
+    found = [c for c in trainer.callbacks if isinstance(c, Throughput)]
+    return found[0].summary if found else {}
 
 
 def fingerprint(cfg: DictConfig) -> str:
