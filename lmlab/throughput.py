@@ -53,9 +53,7 @@ class Throughput(Callback):
     def __init__(self, flops: bool = True, cpu_peak_file: str = "~/.cache/lmlab/cpu_peak.json"):
         self.flops = flops
         self.cpu_peak_file = Path(cpu_peak_file).expanduser()
-        self.counter: FlopCounterMode | None = None
-        self.rnn_tokens: dict[nn.Module, int] = {}
-        self.hooks: list = []
+        self.counter: StepFlops | None = None
         self.flops_per_step: int | None = None
         self.peak: float | None = None
         self.summary: dict[str, float] = {}
@@ -130,31 +128,53 @@ class Throughput(Callback):
         return figures
 
     def start_counting(self, pl_module) -> None:
-        """Counts the FLOPs of this training step, forward and backward; the recurrent
-        layers' are counted by their formula (`rnn_flops`)."""
-        self.rnn_tokens = {}
-        self.hooks = [m.register_forward_pre_hook(self.count_rnn_input)
-                      for m in pl_module.modules() if type(m) in GATES]
-        self.counter = FlopCounterMode(display=False)
+        self.counter = StepFlops(pl_module)
         self.counter.__enter__()
-
-    def count_rnn_input(self, module: nn.Module, args: tuple) -> None:
-        self.rnn_tokens[module] = self.rnn_tokens.get(module, 0) + input_tokens(module, args[0])
 
     def stop_counting(self) -> None:
         counter, self.counter = self.counter, None
         counter.__exit__(None, None, None)
+        self.flops_per_step, self.counted = counter.total, True
+        self.flops_per_token = counter.total / max(self.counted_tokens, 1)
+        log.info("model FLOPs of one training step (forward and backward): %.4g", counter.total)
+
+
+class StepFlops:
+    """Counts the FLOPs of what runs inside it (forward and backward) with torch's
+    `FlopCounterMode`, except in LSTM, GRU and RNN layers: their fused kernels have no
+    formula there (an unpacked LSTM counts 0 on CPU), and a packed sequence's steps are counted
+    op by op; theirs come from `rnn_flops`, the backward twice the forward.
+
+    Args:
+        model: the module whose recurrent layers are counted by formula.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.total = 0
+
+    def __enter__(self) -> StepFlops:
+        self.rnn_tokens: dict[nn.Module, int] = {}
+        self.hooks = [m.register_forward_pre_hook(self.count_rnn_input)
+                      for m in self.model.modules() if type(m) in GATES]
+        self.counter = FlopCounterMode(display=False)
+        self.counter.__enter__()
+        return self
+
+    def count_rnn_input(self, module: nn.Module, args: tuple) -> None:
+        self.rnn_tokens[module] = self.rnn_tokens.get(module, 0) + input_tokens(module, args[0])
+
+    def __exit__(self, *exc) -> None:
+        self.counter.__exit__(*exc)
         for hook in self.hooks:
             hook.remove()
-        names = counter.mod_tracker._known_modules  # module -> the name its counts are under
-        counts = counter.get_flop_counts()
-        total = counter.get_total_flops()
+        names = self.counter.mod_tracker._known_modules  # module -> the name of its counts
+        counts = self.counter.get_flop_counts()
+        total = self.counter.get_total_flops()
         for module, tokens in self.rnn_tokens.items():
-            total -= sum(counts.get(names.get(module), {}).values())  # fused kernels: 0
+            total -= sum(counts.get(names.get(module), {}).values())
             total += 3 * rnn_flops(module, tokens)
-        self.flops_per_step, self.counted = total, True
-        self.flops_per_token = total / max(self.counted_tokens, 1)
-        log.info("model FLOPs of one training step (forward and backward): %.4g", total)
+        self.total = total
 
 
 class Window:
