@@ -60,7 +60,7 @@ class Throughput(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.window = Window(pl_module.device)
-        self.total = Window(pl_module.device)
+        self.total = Window(torch.device("cpu"))  # the run's, added up when logging
         self.last_end: float | None = None
         self.batch_start = 0.0
         self.counted = not self.flops
@@ -92,14 +92,14 @@ class Throughput(Callback):
             self.stop_counting()
         now = time.perf_counter()
         if self.last_end is not None:  # the first step also counted the FLOPs: left out
-            for window in (self.window, self.total):
-                window.add(now - self.last_end, self.batch_start - self.last_end,
-                           pl_module.count_tokens(batch), pl_module.count_examples(batch))
+            self.window.add(now - self.last_end, self.batch_start - self.last_end,
+                            pl_module.count_tokens(batch), pl_module.count_examples(batch))
         self.last_end = now
         every = trainer.log_every_n_steps
         if every > 0 and trainer.global_step % every == 0 and self.window.steps:
             # Reading the counts syncs with the device: only on the steps that are logged.
             rates = self.rates(self.window, pl_module.device)
+            self.total.merge(self.window)
             self.window = Window(pl_module.device)
             pl_module.log_dict({f"perf/{k}": v for k, v in rates.items() if k != "tokens_per_s"},
                                batch_size=1)
@@ -107,6 +107,7 @@ class Throughput(Callback):
                           batch_size=1)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.total.merge(self.window)
         if self.total.steps:
             self.summary = self.rates(self.total, pl_module.device)
 
@@ -191,6 +192,14 @@ class Window:
         self.wait += wait
         self.tokens += tokens.to(self.tokens.device)
         self.samples += samples.to(self.samples.device)
+
+    def merge(self, other: Window) -> None:
+        """Adds up `other`'s steps (reading its counts: a sync with its device)."""
+        self.steps += other.steps
+        self.seconds += other.seconds
+        self.wait += other.wait
+        self.tokens += int(other.tokens)
+        self.samples += int(other.samples)
 
 
 def input_tokens(module: nn.RNNBase, x) -> int:
