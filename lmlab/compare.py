@@ -2,8 +2,8 @@
 between them, their best and final metric, test metrics, throughput and wall time, sorted
 by the metric; and a PNG of their curves.
 
-    python -m lmlab.compare outputs/2026-11-29/12-00-00 outputs/2026-11-29/12-30-00
-    python -m lmlab.compare outputs/multirun/2026-11-29/12-00-00 --metric val/acc --format csv
+    python -m lmlab.compare outputs/<date>/<time> outputs/2026-01-01/12-00-00
+    python -m lmlab.compare outputs/<date>/<time> --metric val/ppl --format csv
 
 A path is a run folder of `lmlab.run` (it holds `.hydra/config.yaml`; its curves come from
 `csv/metrics.csv`, its test metrics and throughput from `metrics.json`), a W&B offline run
