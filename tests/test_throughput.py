@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import DATA_DIR, ROOT, run_cli
+from lmlab.check_parallel import run_subprocess
 from lmlab.build import callbacks
 from lmlab.loggers import CSVLogger
 from lmlab.models.rnn import RNNClassifier
@@ -217,3 +218,21 @@ def read_all(fd: int, chunks: list) -> None:
             return
         chunks.append(chunk)
 
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_only_rank_zero_shows_a_progress_bar(tmp_path):
+    """Two DDP processes, each measuring its own device; the bar only on rank 0."""
+    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={tmp_path / 'run'}", *TINY,
+            "strategy=ddp", "trainer.devices=2", "data.batch_size=16",
+            f"callbacks.throughput.cpu_peak_file={tmp_path / 'peak.json'}",
+            "+callbacks.probe._target_=probes.ProgressProbe", f"+callbacks.probe.folder={tmp_path}"]
+    status, output = run_subprocess(args, 300, cwd=ROOT, env=env)
+    assert status == 0, output[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["disabled"] for r in ranks] == [False, True]
+    assert ranks[0]["bar"] == "TQDMProgressBar"  # the output is a pipe
+    assert all(r["flops_per_step"] > 0 and r["tokens"] > 0 for r in ranks)
