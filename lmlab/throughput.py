@@ -254,8 +254,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cpu_peak_file: Path) ->
     return known[key]
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` square matmuls at the current thread count."""
+def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of the fastest of `repeats` square matmuls at the current thread count (the
+    fastest: on a machine shared with other work, the one least slowed by it)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")

@@ -99,6 +99,9 @@ def test_flops_of_an_lstm_equal_the_hand_count():
     # A packed sequence runs op by op (counted by torch, without the input gradient of the
     # first step); the formula replaces that count, over the real time steps only.
     packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
+    with FlopCounterMode(display=False) as plain:
+        lstm(packed)[0].data.sum().backward()
+    assert 0 < plain.get_total_flops() < lstm_hand_count(5 + 3)
     with StepFlops(lstm) as flops:
         lstm(packed)[0].data.sum().backward()
     assert flops.total == lstm_hand_count(5 + 3)
