@@ -54,6 +54,7 @@ class Throughput(Callback):
         self.flops = flops
         self.cpu_peak_file = Path(cpu_peak_file).expanduser()
         self.counter: StepFlops | None = None
+        self.last_end: float | None = None  # when the last training step ended
         self.flops_per_step: int | None = None
         self.peak: float | None = None
         self.summary: dict[str, float] = {}
@@ -61,7 +62,7 @@ class Throughput(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.window = Window(pl_module.device)
         self.total = Window(torch.device("cpu"))  # the run's, added up when logging
-        self.last_end: float | None = None
+        self.last_end = None
         self.batch_start = 0.0
         self.counted = not self.flops
         self.peak = peak_flops(pl_module.device, compute_dtype(trainer.precision),
@@ -74,7 +75,7 @@ class Throughput(Callback):
         self.paused = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.training and self.last_end is not None:  # mid-epoch: the pause is left out
+        if self.last_end is not None:  # mid-epoch (or the epoch's last): the pause is left out
             self.last_end += time.perf_counter() - self.paused
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -122,9 +122,10 @@ def train_with_throughput(tmp_path, batches: list[dict], steps: int, peak: float
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, log_every_n_steps=1,
                         callbacks=[throughput], logger=CSVLogger(tmp_path, name="csv", version=""),
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, val_check_interval=2, limit_val_batches=1)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    trainer.fit(classifier(), train_dataloaders=loader)
+    # With a sanity check and a validation in the middle of the epoch, left out of the steps.
+    trainer.fit(classifier(), train_dataloaders=loader, val_dataloaders=loader)
     return throughput
 
 
