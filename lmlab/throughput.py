@@ -246,13 +246,23 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cpu_peak_file: Path) ->
     if device.type != "cpu":
         return None
     key = f"{cpu_model()} | {torch.get_num_threads()} threads | {dtype}"
-    known = json.loads(cpu_peak_file.read_text()) if cpu_peak_file.is_file() else {}
+    known = read_peaks(cpu_peak_file)
     if key not in known:
         known[key] = matmul_peak(dtype)
         cpu_peak_file.parent.mkdir(parents=True, exist_ok=True)
-        cpu_peak_file.write_text(json.dumps(known, indent=1))
+        # Written whole, then renamed: the ranks of a run may all measure at once.
+        partial = cpu_peak_file.with_name(f"{cpu_peak_file.name}.{os.getpid()}")
+        partial.write_text(json.dumps({**read_peaks(cpu_peak_file), **known}, indent=1))
+        os.replace(partial, cpu_peak_file)
         log.info("measured this CPU's matmul peak: %.1f GFLOP/s (%s)", known[key] / 1e9, key)
     return known[key]
+
+
+def read_peaks(path: Path) -> dict[str, float]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or not readable: measure again
+        return {}
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 512, repeats: int = 50) -> float:

@@ -159,6 +159,9 @@ def test_cpu_peak_is_measured_once_and_kept(tmp_path):
     assert value == measured > 1e8 and "threads" in key and cpu_model() in key
     path.write_text(json.dumps({key: 123.0}))  # read back, not measured again
     assert peak_flops(torch.device("cpu"), torch.float32, path) == 123.0
+    path.write_text('{"half written')  # unreadable: measured again, the file rewritten whole
+    assert peak_flops(torch.device("cpu"), torch.float32, path) > 1e8
+    assert key in json.loads(path.read_text())
     assert compute_dtype("bf16-mixed") == torch.bfloat16
     assert compute_dtype("32-true") == torch.float32
 
