@@ -111,7 +111,8 @@ def check_schedule(cfg: DictConfig, batches_per_epoch: int) -> None:
 
 
 def callbacks(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    found = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return [c for c in found if c is not None]  # a factory may decide on none
 
 
 def loggers(cfg: DictConfig, resume: str | None = None) -> list | bool:

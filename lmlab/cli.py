@@ -38,14 +38,19 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def report(metrics: dict[str, float], output_dir, checkpoint: str) -> None:
-    """Prints a table of test metrics, where the run's files are, and which checkpoint's
-    weights were tested."""
+def report(metrics: dict[str, float], output_dir, checkpoint: str,
+           throughput: dict[str, float] | None = None) -> None:
+    """Prints a table of test metrics (and of the training throughput, if measured), where
+    the run's files are, and which checkpoint's weights were tested."""
     table = Table(title="test metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in sorted(metrics.items()):
         table.add_row(name, f"{value:.4f}")
+    if throughput:
+        table.add_section()
+        for name, value in throughput.items():
+            table.add_row(f"throughput/{name}", f"{value:.4g}")
     console = Console()
     console.print(table)
     console.print(f"run files:  {output_dir}")

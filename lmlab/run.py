@@ -31,6 +31,7 @@ from lmlab.loggers import finish
 from lmlab.redact import redacted
 from lmlab.resume import checkpoint_to_resume
 from lmlab.sweep import in_sweep, sweep_job, task_overrides
+from lmlab.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)
     metrics, best = test_best(trainer, cfg, data)
     output_dir = Path(cfg.paths.output_dir)
-    rank_zero_only(report)(metrics, output_dir, best)
+    speed = throughput(trainer)
+    rank_zero_only(report)(metrics, output_dir, best, speed)
     objective = metrics.get(f"best {cfg.monitor}")
     # the overrides tell a finished sweep job from another job of the same folder
     rank_zero_only(write_json)(output_dir / "metrics.json", {
-        "metrics": metrics, "objective": objective, "overrides": task_overrides()})
+        "metrics": metrics, "objective": objective, "overrides": task_overrides(),
+        "throughput": speed})
     finish(trainer.loggers)
     return metrics
 
@@ -91,6 +94,13 @@ def best_score(callback) -> float | None:
     state = states.get(callback.state_key, {})
     score = state.get("best_model_score")
     return None if score is None else float(score)
+
+
+def throughput(trainer: L.Trainer) -> dict[str, float]:
+    """The training speed the `Throughput` callback measured over the run (none under
+    ddp_spawn, where the callback lived in the spawned processes, or without it)."""
+    found = [c for c in trainer.callbacks if isinstance(c, Throughput)]
+    return found[0].summary if found else {}
 
 
 def fingerprint(cfg: DictConfig) -> str:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lmlab.resume import AtomicCheckpointIO
 

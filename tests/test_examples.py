@@ -180,7 +180,7 @@ def variants(command: str) -> list[tuple[str, str]]:
 
 EXAMPLES = [(example, label, command) for example in harvest()
             for label, command in variants(example.command)]
-SLOW_ENTRIES = ("lmlab.evaluate", "lmlab.generate")
+SLOW_ENTRIES = ("lmlab.evaluate", "lmlab.generate", "lmlab.compare")
 
 
 def params():
@@ -328,8 +328,14 @@ def run_for_real(entry: str, args: list[str]) -> None:
     args = [re.sub(r"^max_new_tokens=\d+$", "max_new_tokens=8", a) for a in args]
     # File names are the sandbox's (the working folder here); the command runs from ROOT.
     args = [re.sub(r"^((?:input|output)_file)=(?!/)", rf"\1={Path.cwd()}/", a) for a in args]
+    if entry == "lmlab.compare" and "--out" not in args:  # the plot goes to the sandbox
+        args = [*args, "--out", f"{Path.cwd()}/compare.png"]
     done = run_cli(*args, module=entry, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+    if entry == "lmlab.compare":
+        assert "| run |" in done.stdout or done.stdout.startswith("run,")
+        assert "plot: " in done.stdout
+        return
     if entry == "lmlab.generate" and any(a.startswith(("input=", "input_file=")) for a in args):
         output = next((a.split("=", 1)[1] for a in args if a.startswith("output_file=")), None)
         written = Path(output).read_text() if output else done.stdout

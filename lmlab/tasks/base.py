@@ -23,6 +23,12 @@ def example_weights(batch: dict, size: int, device: torch.device) -> torch.Tenso
     return torch.ones(size, device=device) if weight is None else weight.to(device)
 
 
+def real_examples(batch: dict, size: int) -> torch.Tensor:
+    """(B,) True for a batch's real examples, False for the copies that pad it."""
+    weight = batch.get("weight")
+    return torch.ones(size, dtype=torch.bool) if weight is None else weight > 0
+
+
 class Task(L.LightningModule):
     """A LightningModule around a plain `net`.
 
@@ -91,6 +97,16 @@ class Task(L.LightningModule):
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def count_tokens(self, batch: dict) -> torch.Tensor:
+        """The batch's real tokens, as a tensor on its device (reading it would sync): no
+        padding, nothing of the copies that pad a batch across ranks."""
+        raise NotImplementedError
+
+    def count_examples(self, batch: dict) -> torch.Tensor:
+        """The batch's real examples (not the copies that pad it across ranks), as a tensor."""
+        size = len(next(t for t in batch.values() if isinstance(t, torch.Tensor)))
+        return real_examples(batch, size).sum()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.step(batch, "train")

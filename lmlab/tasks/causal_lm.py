@@ -59,6 +59,10 @@ class CausalLMTask(Task):
         weight = example_weights(batch, len(logits), logits.device)
         return self.log_loss(split, losses.mean(dim=1), weight)  # blocks are equally long
 
+    def count_tokens(self, batch: dict) -> torch.Tensor:
+        """Predicted target tokens (blocks have no padding)."""
+        return self.count_examples(batch) * batch["targets"].size(1)
+
     def log_epoch(self, split: str) -> None:
         """Loss, perplexity and bits per character over the whole split (all ranks)."""
         if split == "train":

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lmlab.data.description import DataDescription
 from lmlab.data.vectors import load_vectors
-from lmlab.tasks.base import Task, example_weights
+from lmlab.tasks.base import Task, example_weights, real_examples
 
 IGNORE = -100  # the label of padding copies: metrics skip it
 
@@ -69,6 +69,11 @@ class ClassificationTask(Task):
             labels = labels.masked_fill(weight == 0, IGNORE)  # copies count nowhere
         getattr(self, f"{split}_metrics").update(logits, labels)
         return self.log_loss(split, losses, weight)
+
+    def count_tokens(self, batch: dict) -> torch.Tensor:
+        """Input tokens, not padding."""
+        lengths = batch["lengths"]
+        return (lengths * real_examples(batch, len(lengths)).to(lengths.device)).sum()
 
     def log_epoch(self, split: str) -> None:
         # Computed once an epoch (over all ranks), not logged per step: logging metric

@@ -13,7 +13,7 @@ from torch import nn
 
 from lmlab.data.description import DataDescription
 from lmlab.models.decoding import best_tokens, max_lengths
-from lmlab.tasks.base import Task, example_weights
+from lmlab.tasks.base import Task, example_weights, real_examples
 from lmlab.tasks.causal_lm import parameter_groups
 from lmlab.tasks.text_metrics import bleu, one_line, rouge
 
@@ -97,6 +97,12 @@ class Seq2SeqTask(Task):
         if split != "train" and self.beams[split] and self.tokenizer is not None:
             self.collect(batch, split, weight)
         return loss
+
+    def count_tokens(self, batch: dict) -> torch.Tensor:
+        """Predicted target tokens: the target's after `<bos>`, up to `<eos>`, no padding
+        (the source tokens are not counted)."""
+        lengths = batch["target_lengths"] - 1
+        return (lengths * real_examples(batch, len(lengths)).to(lengths.device)).sum()
 
     def collect(self, batch: dict, split: str, weight: torch.Tensor) -> None:
         """Decodes the batch's sources (through the strategy's wrapper: sharded parameters
