@@ -17,8 +17,6 @@ import csv
 import io
 import json
 import math
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from omegaconf import OmegaConf
 
 from lmlab.cli import fail
 from lmlab.config import monitor_mode
+from lmlab import wandb_offline
 from lmlab.errors import LmlabError
 
 TRAIN_CURVE = "train/loss"
@@ -109,46 +108,23 @@ def wandb_file(path: Path) -> Path | None:
 
 
 def read_wandb_run(path: Path) -> Run:
-    """A W&B offline run, from its `.wandb` log (`wandb_history` and `wandb_summary`: the
-    seam for another reader of these logs)."""
-    summary = wandb_summary(path)
+    """A W&B offline run, from its `.wandb` log (read by `lmlab.wandb_offline`)."""
+    run = wandb_offline.read_run(path)
     root = str(path.parent.parent)  # the lmlab run folder that holds wandb/
-    config = {k: v for k, v in flatten(summary.get("config") or {}).items()
+    config = {k: v for k, v in flatten(run.config).items()
               if not (isinstance(v, str) and root in v)}  # the run's own paths always differ
     curves: dict[str, list[tuple[int, float]]] = {}
-    for item in wandb_history(path):
+    for item in run.history:
         step = int(item.get("trainer/global_step", item.get("_step", 0)))
         for name, value in item.items():
             if not name.startswith("_") and name not in ("epoch", "trainer/global_step") \
                     and isinstance(value, (int, float)):
                 curves.setdefault(name, []).append((step, float(value)))
-    values = summary.get("summary") or {}
+    values = run.summary
     final = {k: float(v) for k, v in values.items() if k.startswith("test/")}
     speed = {k.removeprefix("perf/"): float(v) for k, v in values.items()
              if k.startswith("perf/")}  # the last logged, not the run's averages
     return Run(str(path), config, curves, final, speed, values.get("_runtime"))
-
-
-def wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline run: `wandb leet inspect --json` prints its records."""
-    lines = run_wandb("leet", "inspect", "--json", str(path)).splitlines()
-    records = [json.loads(line) for line in lines if line.startswith("{")]
-    return [r["history"]["item"] for r in records if r.get("type") == "history"]
-
-
-def wandb_summary(path: Path) -> dict:
-    """An offline run's config and summary (`wandb leet inspect --summary --json`)."""
-    return json.loads(run_wandb("leet", "inspect", "--summary", "--json", str(path)))
-
-
-def run_wandb(*args: str) -> str:
-    command = shutil.which("wandb", path=str(Path(sys.executable).parent)) or shutil.which("wandb")
-    if command is None:
-        raise LmlabError("reading W&B offline runs needs the `wandb` command (pip install wandb)")
-    done = subprocess.run([command, *args], capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise LmlabError(f"wandb {' '.join(args)} failed: {done.stderr.strip()[-300:]}")
-    return done.stdout
 
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:
