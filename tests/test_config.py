@@ -195,3 +195,16 @@ def test_seq2seq_nets_are_checked_against_their_data(make_cfg):
                               "data.joint_vocab=true", "data.max_source_length=600"))
     check_config(make_cfg("model=transformer_small", "data=stdlib_summaries",
                           "data.joint_vocab=true"))
+
+
+def test_every_target_of_the_configs_may_be_loaded_from_a_saved_run():
+    """A run folder's saved config is instantiated only through lmlab.safety's allow-list,
+    so every `_target_` lmlab's own configs name must be on it (hydra's sweepers and
+    launchers excepted: they are never instantiated from a run folder)."""
+    from lmlab.safety import allowed
+    named = {line.split("_target_:")[1].split("#")[0].strip()
+             for path in Path(CONF_DIR).rglob("*.yaml") if "hydra" not in path.parts
+             for line in path.read_text().splitlines() if "_target_:" in line}
+    assert len(named) > 20
+    assert [t for t in sorted(named) if not allowed(t)] == []
+    assert not allowed("os.system")  # negative control

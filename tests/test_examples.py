@@ -42,6 +42,8 @@ COMMAND = re.compile(r"python3? -m\s+lmlab\.\w+")
 PLACEHOLDERS = {
     "outputs/<date>/<time>": "{run}",
     "outputs/2026-01-01/12-00-00": "{run}",
+    "outputs/sweeps/lstm_cells/JOB": "{run}",  # a sweep's job folder is a run folder
+    "outputs/sweeps/lstm_cells": "{run}",
     "outputs/.../checkpoints/last.ckpt": "{run}/checkpoints/last.ckpt",
     "paths.data_dir=...": "paths.data_dir={data}",
 }
