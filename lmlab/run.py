@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 from pathlib import Path
 
 import hydra
@@ -41,8 +42,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     data, task, trainer = build(cfg)
     if weights is not None:
         load_weights(task, weights)
-    trainer.fit(task, datamodule=data, ckpt_path=resume)
-    metrics, best = test_best(trainer, cfg, data)
+    try:
+        trainer.fit(task, datamodule=data, ckpt_path=resume)
+        metrics, best = test_best(trainer, cfg, data)
+    except SystemExit as stop:
+        raise SystemExit(signal_status(trainer, stop)) from None
     output_dir = Path(cfg.paths.output_dir)
     rank_zero_only(report)(metrics, output_dir, best)
     objective = metrics.get(f"best {cfg.monitor}")
@@ -65,6 +69,16 @@ def test_best(trainer: L.Trainer, cfg: DictConfig, data) -> tuple[dict[str, floa
     if best is not None:
         metrics[f"best {cfg.monitor}"] = best
     return metrics, str(checkpoint)
+
+
+def signal_status(trainer: L.Trainer, stop: SystemExit) -> int | str | None:
+    """The exit status of a run stopped by a signal: 128 + its number, as shells report it
+    (Lightning itself exits with 1 after Ctrl-C, and with 0 after its own SIGTERM stop)."""
+    if trainer.received_sigterm:
+        return 128 + signal.SIGTERM
+    if trainer.interrupted and stop.code == 1:
+        return 128 + signal.SIGINT
+    return stop.code
 
 
 def best_score(callback) -> float | None:
@@ -99,7 +113,9 @@ def main(cfg: DictConfig) -> float | None:
             return run_in_own_process()
         metrics = train(cfg)
     except LmlabError as err:
-        fail(str(err))
+        fail(str(err), err.exit_code)
+    except KeyboardInterrupt:  # before or after training: nothing to save
+        fail("interrupted (Ctrl-C) outside training: nothing was saved", 128 + signal.SIGINT)
     except MisconfigurationException as err:
         fail(f"Lightning refused this configuration: {err}")
     return metrics.get(f"best {cfg.monitor}")  # the objective of hyperparameter sweeps
