@@ -26,6 +26,7 @@ from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
+from lmlab.parallel.failures import peer_lost
 from lmlab.sweep import needs_own_process, run_in_own_process
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics, best = test_best(trainer, cfg, data)
     except SystemExit as stop:
         raise SystemExit(signal_status(trainer, stop)) from None
+    except RuntimeError as err:  # how gloo and NCCL report a lost peer
+        raise peer_lost(trainer, err) or err
     output_dir = Path(cfg.paths.output_dir)
     rank_zero_only(report)(metrics, output_dir, best)
     objective = metrics.get(f"best {cfg.monitor}")
