@@ -42,7 +42,7 @@ class Run:
             self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_for(self, path, timeout: float = 300) -> None:
+    def wait_for(self, path, timeout: float = 600) -> None:  # a first DeepSpeed run compiles
         deadline = time.time() + timeout
         while not path.exists() and time.time() < deadline and self.process.poll() is None:
             time.sleep(0.2)
