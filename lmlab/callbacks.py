@@ -102,6 +102,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             force_exit(f"second signal ({signal.Signals(signum).name}): exiting without "
                        "waiting for the save", self.received)
         self.received = signal.Signals(signum)
+        # DataLoader workers die of the same SIGTERM (torch sets their handler), and torch's
+        # SIGCHLD handler would fail the step that is finishing: the workers are done anyway
+        signal.signal(signal.SIGCHLD, ignore)
         watchdog = threading.Timer(self.grace, force_exit, (
             f"still running {self.grace:g} s after {self.received.name}: exiting without waiting "
             "for the save (raise callbacks.on_exception.grace for longer saves)", self.received))
@@ -131,6 +134,11 @@ def resume_hint(received: signal.Signals, step: int, checkpoint: str, run_dir: s
     return (f"stopped by {received.name} at step {step}; the state is saved to {checkpoint}. "
             f"Resume with the same command and hydra.run.dir={run_dir} resume=auto, "
             f"or with ckpt_path={checkpoint}")
+
+
+def ignore(signum: int, frame) -> None:
+    """A handler that does nothing (SIG_DFL in its place would be reported, as a race, when
+    the signal is already pending)."""
 
 
 def say(line: str) -> None:

@@ -96,9 +96,12 @@ def assert_resumable(checkpoint) -> dict:
 # -- preemption and Ctrl-C -----------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigterm_saves_the_state_says_how_to_resume_and_exits_143(tmp_path):
-    run = Run(tmp_path / "run", "strategy=cpu", *LONG_RUN)
-    assert stop_mid_training(run, signal.SIGTERM, "SIGTERM, one process") == 143
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_saves_the_state_says_how_to_resume_and_exits_143(tmp_path, workers):
+    # with DataLoader workers, which SIGTERM kills too, torch failed the step: exit 1, no save
+    run = Run(tmp_path / "run", "strategy=cpu", *LONG_RUN, f"data.num_workers={workers}")
+    label = f"SIGTERM, one process, {workers} data workers"
+    assert stop_mid_training(run, signal.SIGTERM, label) == 143
     saved = run.dir / "checkpoints" / "interrupted.ckpt"
     assert_resumable(saved)
     assert f"stopped by SIGTERM at step" in run.text()
