@@ -49,7 +49,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except SystemExit as stop:
         raise SystemExit(signal_status(trainer, stop)) from None
     except RuntimeError as err:  # how gloo and NCCL report a lost peer
-        raise peer_lost(trainer, err) or err
+        lost = peer_lost(trainer, err)
+        if lost is None:
+            raise
+        raise lost from err
     output_dir = Path(cfg.paths.output_dir)
     rank_zero_only(report)(metrics, output_dir, best)
     objective = metrics.get(f"best {cfg.monitor}")

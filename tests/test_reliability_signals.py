@@ -34,7 +34,8 @@ class Run:
         self.dir = run_dir
         self.output = run_dir.parent / f"{run_dir.name}.out.txt"
         env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1",
-               "WANDB_MODE": "offline", "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+               "WANDB_MODE": "offline",
+               "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                               os.environ.get("PYTHONPATH", "")])}
         args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={run_dir}", *overrides]
@@ -104,7 +105,7 @@ def test_sigterm_saves_the_state_says_how_to_resume_and_exits_143(tmp_path, work
     assert stop_mid_training(run, signal.SIGTERM, label) == 143
     saved = run.dir / "checkpoints" / "interrupted.ckpt"
     assert_resumable(saved)
-    assert f"stopped by SIGTERM at step" in run.text()
+    assert "stopped by SIGTERM at step" in run.text()
     assert f"hydra.run.dir={run.dir} resume=auto, or with ckpt_path={saved}" in run.text()
     assert "Traceback" not in run.text()
 
@@ -224,7 +225,7 @@ def test_a_non_finite_loss_is_skipped_when_so_configured():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_non_finite_gradient_stops_before_the_step():
+def test_an_infinite_loss_stops_before_the_step():
     model = Regression()
     with pytest.raises(NumericalFault, match="at step 5"):
         fit(NumericalGuard(), ScaleOutputAt(step=5, factor=math.inf), model=model)
