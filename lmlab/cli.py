@@ -31,11 +31,11 @@ TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
 
 
-def fail(message: str) -> NoReturn:
-    """Prints `error: message` in red to stderr and exits with status 2."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Prints `error: message` in red to stderr and exits with status `code`."""
     console = Console(stderr=True, soft_wrap=True)
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def report(metrics: dict[str, float], output_dir, checkpoint: str,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import pickle
+import signal
 from pathlib import Path
 
 import hydra
@@ -28,6 +29,7 @@ from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
 from lmlab.loggers import finish
+from lmlab.parallel.failures import peer_lost
 from lmlab.redact import redacted
 from lmlab.resume import checkpoint_to_resume
 from lmlab.sweep import in_sweep, sweep_job, task_overrides
@@ -49,9 +51,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_weights(task, weights, cfg)
     if resume is not None and Path(resume).is_file():  # refused here, in one line, if unfit
         check_fits(task, load_checkpoint(Path(resume)).get("state_dict", {}), Path(resume), cfg)
-    # weights_only: a checkpoint from elsewhere must not run code as it loads
-    trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)
-    metrics, best = test_best(trainer, cfg, data)
+    try:
+        # weights_only: a checkpoint from elsewhere must not run code as it loads
+        trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)
+        metrics, best = test_best(trainer, cfg, data)
+    except SystemExit as stop:
+        raise SystemExit(signal_status(trainer, stop)) from None
+    except RuntimeError as err:  # how gloo and NCCL report a lost peer
+        lost = peer_lost(trainer, err)
+        if lost is None:
+            raise
+        raise lost from err
     output_dir = Path(cfg.paths.output_dir)
     speed = throughput(trainer)
     rank_zero_only(report)(metrics, output_dir, best, speed)
@@ -78,6 +88,16 @@ def test_best(trainer: L.Trainer, cfg: DictConfig, data) -> tuple[dict[str, floa
     if best is not None:
         metrics[f"best {cfg.monitor}"] = best
     return metrics, str(checkpoint)
+
+
+def signal_status(trainer: L.Trainer, stop: SystemExit) -> int | str | None:
+    """The exit status of a run stopped by a signal: 128 + its number, as shells report it
+    (Lightning itself exits with 1 after Ctrl-C, and with 0 after its own SIGTERM stop)."""
+    if trainer.received_sigterm:
+        return 128 + signal.SIGTERM
+    if trainer.interrupted and stop.code == 1:
+        return 128 + signal.SIGINT
+    return stop.code
 
 
 def best_score(callback) -> float | None:
@@ -119,7 +139,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except LmlabError as err:
-        fail(str(err))
+        fail(str(err), err.exit_code)
+    except KeyboardInterrupt:  # before or after training: nothing to save
+        fail("interrupted (Ctrl-C) outside training: nothing was saved", 128 + signal.SIGINT)
     except MisconfigurationException as err:
         fail(f"Lightning refused this configuration: {err}")
     except pickle.UnpicklingError as err:  # a checkpoint Lightning found and refused itself

@@ -169,8 +169,8 @@ def stderr_of(tmp_path) -> str:
 def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
     process = start_and_stop(tmp_path, signal.SIGINT)
     saved = tmp_path / "checkpoints" / "interrupted.ckpt"
-    assert process.returncode != 0
-    assert f"resume with ckpt_path={saved}" in stderr_of(tmp_path)
+    assert process.returncode == 130  # 128 + SIGINT, as a shell reports it
+    assert f"hydra.run.dir={tmp_path} resume=auto, or with ckpt_path={saved}" in stderr_of(tmp_path)
     assert torch.load(saved, map_location="cpu", weights_only=True)["global_step"] > 0
 
 
