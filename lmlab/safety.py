@@ -23,8 +23,10 @@ from lmlab.errors import LmlabError
 # Classes from these modules may be instantiated from a saved config ...
 CLASS_MODULES = ("lmlab.", "torch.optim.", "torch.nn.", "lightning.pytorch.",
                  "deepspeed.ops.")
-# ... and functions from these (the schedules, strategy factories and progress bar configs name).
-FUNCTION_MODULES = ("lmlab.tasks.schedules.", "lmlab.parallel.strategies.", "lmlab.throughput.")
+# ... and functions from these (the schedules, strategy factories, collective timeout and
+# progress bar that configs name).
+FUNCTION_MODULES = ("lmlab.tasks.schedules.", "lmlab.parallel.strategies.",
+                    "lmlab.parallel.failures.", "lmlab.throughput.")
 
 
 def check_targets(cfg: DictConfig, source: Path) -> None:
