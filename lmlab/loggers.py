@@ -134,11 +134,11 @@ class WandbLogger(loggers.WandbLogger):
         self.experiment.log(dict(metrics), step=wandb_step)
 
     @rank_zero_only
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         """Ends the W&B run, so that the next run of the same process (the next job of a
         sweep) gets a run of its own instead of continuing this one."""
         if self._experiment is not None:
-            self._experiment.finish()
+            self._experiment.finish(exit_code=exit_code)
             self._experiment = None
 
 
@@ -193,8 +193,11 @@ def resumed_wandb_id(resume: str | None, output_dir: Path) -> str | None:
 def _id_in_checkpoint(path: Path) -> str | None:
     if not path.is_file():  # a DeepSpeed folder: its run folder says
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get(WandbIdInCheckpoint.KEY)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: refused later, in one line
+        return None
+    return checkpoint.get(WandbIdInCheckpoint.KEY) if isinstance(checkpoint, dict) else None
 
 
 def sweep_group(cfg: DictConfig) -> str | None:
@@ -239,8 +242,9 @@ def shorten_tag(tag: str) -> str:
     return tag if len(tag) <= MAX_TAG else tag[:MAX_TAG - 1] + "…"
 
 
-def finish(found: list) -> None:
-    """Ends the runs of the loggers that have one to end (W&B)."""
+def finish(found: list, exit_code: int = 0) -> None:
+    """Ends the runs of the loggers that have one to end (W&B); a non-zero `exit_code`
+    marks them failed."""
     for logger in found:
         if hasattr(logger, "finish"):
-            logger.finish()
+            logger.finish(exit_code)

@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from lmlab.errors import LmlabError
@@ -122,10 +124,12 @@ class ExactResume(Callback):
     def state_dict(self) -> dict[str, Any]:
         # Every rank builds a checkpoint's state (rank 0 writes it), so the ranks' states
         # are gathered; not on the way out of a failure, which another rank may not share.
+        # A signal's stop is shared: every rank raises it at the same step (callbacks.py).
         states = [random_state()]
-        interrupted = self.trainer is not None and self.trainer.interrupted
+        failing = self.trainer is not None and self.trainer.interrupted \
+            and not isinstance(sys.exc_info()[1], SIGTERMException)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
-                and not interrupted:
+                and not failing:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, random_state())
         return {"ranks": states}

@@ -52,16 +52,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if resume is not None and Path(resume).is_file():  # refused here, in one line, if unfit
         check_fits(task, load_checkpoint(Path(resume)).get("state_dict", {}), Path(resume), cfg)
     try:
-        # weights_only: a checkpoint from elsewhere must not run code as it loads
-        trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)
-        metrics, best = test_best(trainer, cfg, data)
-    except SystemExit as stop:
-        raise SystemExit(signal_status(trainer, stop)) from None
-    except RuntimeError as err:  # how gloo and NCCL report a lost peer
-        lost = peer_lost(trainer, err)
-        if lost is None:
-            raise
-        raise lost from err
+        metrics, best = fit_and_test(trainer, task, data, resume, cfg)
+    except BaseException:
+        finish(trainer.loggers, exit_code=1)  # a sweep's next job must not log into this run
+        raise
     output_dir = Path(cfg.paths.output_dir)
     speed = throughput(trainer)
     rank_zero_only(report)(metrics, output_dir, best, speed)
@@ -72,6 +66,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "throughput": speed})
     finish(trainer.loggers)
     return metrics
+
+
+def fit_and_test(trainer: L.Trainer, task, data, resume: str | None,
+                 cfg: DictConfig) -> tuple[dict[str, float], str]:
+    """Trains, then tests the best checkpoint; a signal's stop exits with its status, and a
+    lost peer of a multi-process run is one line."""
+    try:
+        # weights_only: a checkpoint from elsewhere must not run code as it loads
+        trainer.fit(task, datamodule=data, ckpt_path=resume, weights_only=True)
+        return test_best(trainer, cfg, data)
+    except SystemExit as stop:
+        raise SystemExit(signal_status(trainer, stop)) from None
+    except RuntimeError as err:  # how gloo and NCCL report a lost peer
+        lost = peer_lost(trainer, err)
+        if lost is None:
+            raise
+        raise lost from err
 
 
 def test_best(trainer: L.Trainer, cfg: DictConfig, data) -> tuple[dict[str, float], str]:
@@ -145,7 +156,7 @@ def main(cfg: DictConfig) -> float | None:
     except MisconfigurationException as err:
         fail(f"Lightning refused this configuration: {err}")
     except pickle.UnpicklingError as err:  # a checkpoint Lightning found and refused itself
-        fail(refused(cfg.ckpt_path, err))
+        fail(refused(checkpoint_to_resume(cfg), err))
     except OSError as err:
         message = disk_full(err, Path(cfg.paths.output_dir))
         if message is None:

@@ -105,4 +105,8 @@ def run_in_own_process(extra: list[str] = ()) -> float | None:
     if done.returncode:
         raise LmlabError(f"sweep job {job.job.num} failed (exit {done.returncode}); its log "
                          f"is {output_dir / 'run.log'}")
-    return json.loads((output_dir / "metrics.json").read_text())["objective"]
+    # the job's own overrides, as a re-run of the sweep compares them (not `extra`)
+    path = output_dir / "metrics.json"
+    result = json.loads(path.read_text())
+    path.write_text(json.dumps({**result, "overrides": task_overrides()}, indent=1))
+    return result["objective"]

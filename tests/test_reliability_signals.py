@@ -118,8 +118,11 @@ def test_sigterm_to_every_rank_saves_once_and_exits_143(tmp_path, strategy):
     # rank signalled, the ranks' collectives mismatched and this run hung (> 120 s)
     run = Run(tmp_path / "run", f"strategy={strategy}", "trainer.devices=2", *LONG_RUN)
     assert stop_mid_training(run, signal.SIGTERM, f"SIGTERM, {strategy} x2") == 143
-    assert_resumable(run.dir / "checkpoints" / "interrupted.ckpt")
+    state = assert_resumable(run.dir / "checkpoints" / "interrupted.ckpt")
     assert run.text().count("stopped by SIGTERM at step") == 1  # rank 0 says it
+    # every rank's random state, so that the resumed run draws the same dropout masks
+    saved = next(v for k, v in state["callbacks"].items() if k.startswith("ExactResume"))
+    assert len(saved["ranks"]) == 2
 
 
 @pytest.mark.slow
