@@ -82,6 +82,11 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        self.restore()
+
+    def restore(self) -> None:
+        """Puts back the handlers this callback replaced (the next job of a sweep, in the
+        same process, must not find them)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
@@ -125,8 +130,10 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             super().on_exception(trainer)
             rank_zero_only(say)(resume_hint(self.received, trainer.global_step, self.ckpt_path,
                                             self.run_dir))
-        elif not isinstance(exception, NumericalFault) and trainer.world_size == 1:
-            super().on_exception(trainer)
+        else:
+            if not isinstance(exception, NumericalFault) and trainer.world_size == 1:
+                super().on_exception(trainer)
+            self.restore()  # Lightning calls no teardown after a failure
 
 
 def resume_hint(received: signal.Signals, step: int, checkpoint: str, run_dir: str) -> str:

@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from lmlab.errors import PeerLost
 
-# How gloo and NCCL word a lost or silent peer.
-SIGNS = ("connection reset", "connection closed", "broken pipe", "timed out", "timeout",
-         "gloo", "nccl")
+# How gloo and NCCL word a lost or silent peer (their timeouts name the library: a bare
+# "timed out" could be a DataLoader's)
+SIGNS = ("connection reset", "connection closed", "broken pipe", "gloo", "nccl")
 
 
 def timeout(seconds: float) -> timedelta:
