@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmlab.config import flatten
 from lmlab.parallel.specs import describe
 from lmlab.errors import LmlabError
 
@@ -191,21 +192,12 @@ def config_differences(config: DictConfig, checkpoint: Path) -> list[str]:
                   if (p / ".hydra" / "config.yaml").is_file()), None)
     if saved is None:
         return []
-    theirs, ours = (_flat(OmegaConf.load(saved)), _flat(config))
+    theirs, ours = (flatten(OmegaConf.to_container(c, resolve=False))
+                    for c in (OmegaConf.load(saved), config))
     keys = sorted(k for k in set(theirs) | set(ours)
                   if k.startswith(("model.", "data.")) and theirs.get(k) != ours.get(k)
                   and not k.endswith(("_dir", "load_from")))
     return [f"{k}={theirs.get(k)} there, {ours.get(k)} here" for k in keys]
-
-
-def _flat(cfg: DictConfig, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in OmegaConf.to_container(cfg, resolve=False).items():
-        if isinstance(value, dict):
-            out.update(_flat(OmegaConf.create(value), f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _few(items: list[str]) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lmlab.cli import fail
-from lmlab.config import monitor_mode
+from lmlab.config import flatten, monitor_mode
 from lmlab import wandb_offline
 from lmlab.errors import LmlabError
 
@@ -125,17 +125,6 @@ def read_wandb_run(path: Path) -> Run:
     speed = {k.removeprefix("perf/"): float(v) for k, v in values.items()
              if k.startswith("perf/")}  # the last logged, not the run's averages
     return Run(str(path), config, curves, final, speed, values.get("_runtime"))
-
-
-def flatten(tree, prefix: str = "") -> dict[str, object]:
-    """Nested dicts as `a.b.c` keys; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
-                    else {f"{prefix}{key}": value})
-    return flat
 
 
 def differing_keys(runs: list[Run]) -> list[str]:

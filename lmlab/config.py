@@ -274,3 +274,14 @@ def _kind_problems(cfg: DictConfig) -> list[str]:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(tree, prefix: str = "") -> dict[str, object]:
+    """Nested dicts as `a.b.c` keys; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
+                    else {f"{prefix}{key}": value})
+    return flat
