@@ -32,7 +32,7 @@ from lmlab.loggers import finish
 from lmlab.parallel.failures import peer_lost
 from lmlab.redact import redacted
 from lmlab.resume import checkpoint_to_resume
-from lmlab.run_info import hydra_overrides
+from lmlab.run_info import recorded_overrides
 from lmlab.sweep import in_sweep, sweep_job
 from lmlab.throughput import Throughput
 
@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     objective = metrics.get(f"best {cfg.monitor}")
     # the overrides tell a finished sweep job from another job of the same folder
     rank_zero_only(write_json)(output_dir / "metrics.json", {
-        "metrics": metrics, "objective": objective, "overrides": hydra_overrides(),
+        "metrics": metrics, "objective": objective, "overrides": recorded_overrides(),
         "throughput": speed})
     finish(trainer.loggers)
     return metrics

@@ -95,6 +95,12 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+def recorded_overrides() -> list[str]:
+    """The overrides as a run's files record them (metrics.json): secrets redacted."""
+    overrides = hydra_overrides()
+    return redact(overrides, secret_values(overrides))
+
+
 def record_run(cfg: DictConfig, trainer: L.Trainer, wandb: dict | None = None) -> dict:
     """Writes RUN/run_info.json, redacts the run's Hydra files (rank zero) and logs the
     config, the git state, the versions and the machine to every logger."""

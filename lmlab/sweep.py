@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from lmlab.errors import LmlabError
 from lmlab.loggers import sweep_overrides
-from lmlab.run_info import hydra_overrides
+from lmlab.run_info import recorded_overrides
 from lmlab.parallel.specs import world_size
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def finished_result(output_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return saved if saved.get("overrides") == hydra_overrides() else None
+    return saved if saved.get("overrides") == recorded_overrides() else None
 
 
 def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) -> float | None:
@@ -104,5 +104,5 @@ def run_in_own_process(extra: list[str] = ()) -> float | None:
     # the job's own overrides, as a re-run of the sweep compares them (not `extra`)
     path = output_dir / "metrics.json"
     result = json.loads(path.read_text())
-    path.write_text(json.dumps({**result, "overrides": hydra_overrides()}, indent=1))
+    path.write_text(json.dumps({**result, "overrides": recorded_overrides()}, indent=1))
     return result["objective"]
