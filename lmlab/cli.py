@@ -53,9 +53,9 @@ def report(metrics: dict[str, float], output_dir, checkpoint: str,
             table.add_row(f"throughput/{name}", f"{value:.4g}")
     console = Console()
     console.print(table)
-    console.print(f"run files:  {output_dir}")
+    console.print(f"run files:  {output_dir}", soft_wrap=True)  # one line, to copy whole
     if checkpoint:
-        console.print(f"tested:     {checkpoint}")
+        console.print(f"tested:     {checkpoint}", soft_wrap=True)
 
 
 def did_you_mean(word: str, choices: Sequence[str], prefix: str = "") -> str:
