@@ -107,8 +107,8 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             force_exit(f"second signal ({signal.Signals(signum).name}): exiting without "
                        "waiting for the save", self.received)
         self.received = signal.Signals(signum)
-        # DataLoader workers die of the same SIGTERM (torch sets their handler), and torch's
-        # SIGCHLD handler would fail the step that is finishing: the workers are done anyway
+        # lmlab's DataLoader workers ignore the signal; one of another loader dies of it, and
+        # torch's SIGCHLD handler would fail the step that is finishing
         signal.signal(signal.SIGCHLD, ignore)
         watchdog = threading.Timer(self.grace, force_exit, (
             f"still running {self.grace:g} s after {self.received.name}: exiting without waiting "

@@ -20,6 +20,7 @@ from torch import nn
 from conftest import DATA_DIR, ROOT
 from faults import ScaleOutputAt
 from lmlab.callbacks import NumericalGuard
+from lmlab.data.batching import ResumableLoader
 from lmlab.errors import NumericalFault
 
 HARD_TIMEOUT = 240  # seconds from the fault to the exit, past which the run is called hung
@@ -108,6 +109,20 @@ def test_sigterm_saves_the_state_says_how_to_resume_and_exits_143(tmp_path, work
     assert "stopped by SIGTERM at step" in run.text()
     assert f"hydra.run.dir={run.dir} resume=auto, or with ckpt_path={saved}" in run.text()
     assert "Traceback" not in run.text()
+
+
+class WorkerHandlers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)]
+
+
+def test_data_workers_leave_sigterm_and_ctrl_c_to_the_main_process():
+    # killed by the signal, a worker failed the step the main process was finishing
+    loader = ResumableLoader(WorkerHandlers(), batch_size=None, num_workers=1)
+    assert list(loader) == [[True, True], [True, True]]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 
 import lightning as L
@@ -97,6 +98,15 @@ class Skip:
         return batches
 
 
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker's `worker_init_fn`: SIGTERM and Ctrl-C reach the whole process
+    group, and a worker they killed would fail the step it serves. The main process stops
+    the run at the end of the step (`lmlab.callbacks.InterruptCheckpoint`) and then ends its
+    workers; a worker whose main process is gone exits by itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ResumableLoader(DataLoader):
     """A training DataLoader whose position Lightning saves with each checkpoint.
 
@@ -116,6 +126,7 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("generator", torch.Generator())
+        kwargs.setdefault("worker_init_fn", leave_signals_to_the_trainer)
         super().__init__(*args, **kwargs)
         self.given = 0
 

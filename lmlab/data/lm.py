@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lmlab.data.batching import ResumableLoader, ShardedDataModule, Skip
+from lmlab.data.batching import ResumableLoader, ShardedDataModule, Skip, leave_signals_to_the_trainer
 from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, load_hub_dataset, stdlib_files
 from lmlab.data.description import DataDescription
 from lmlab.data.readers import open_text
@@ -388,7 +388,8 @@ class LMDataModule(ShardedDataModule):
         per_device = max(1, self.batch_size // world)  # as per_device_batch_size, for `world`
         sweep = Sweep(Blocks(self.splits[split], self.block_size), per_device, world, rank,
                       self.val_batches)
-        return DataLoader(sweep, batch_size=per_device, num_workers=self.num_workers)
+        return DataLoader(sweep, batch_size=per_device, num_workers=self.num_workers,
+                          worker_init_fn=leave_signals_to_the_trainer)
 
     def val_dataloader(self) -> DataLoader:
         return self._sweep("val")

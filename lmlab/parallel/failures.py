@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -54,9 +55,13 @@ def reason(text: str) -> str:
     return first.split(". ")[0].rstrip(".")
 
 
-def exited_ranks(trainer) -> list[str]:
-    """The ranks this process launched that have exited, with how."""
+def exited_ranks(trainer, settle: float = 3.0) -> list[str]:
+    """The ranks this process launched that have exited, with how. A peer's socket closes
+    before its process is reaped: a lost connection waits up to `settle` seconds for that."""
     procs = getattr(trainer.strategy.launcher, "procs", None) or []
+    deadline = time.monotonic() + settle
+    while procs and all(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
     gone = []
     for local_rank, proc in enumerate(procs, start=1):
         code = proc.poll()
