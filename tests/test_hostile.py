@@ -210,8 +210,8 @@ def test_generate_with_a_checkpoint_of_another_size_lists_the_shapes(runs, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-@pytest.mark.parametrize("how", ["resume", "evaluate", "generate"])
+@pytest.mark.parametrize("damage,how", [("truncated", "resume"), ("garbage", "evaluate"),
+                                        ("empty", "generate")])  # each damage: in process below
 def test_a_corrupt_checkpoint_is_named_with_the_run_s_other_checkpoints(runs, tmp_path,
                                                                          damage, how):
     run = tmp_path / "run"
