@@ -53,10 +53,16 @@ def stamps(sweep_dir) -> dict[str, int]:
 
 # -- configs ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["lstm_cells", "lstm_optuna"])
+@pytest.mark.parametrize("name", ["lstm_cells", "lstm_optuna", "seq2seq_regularization"])
 def test_a_sweep_file_names_a_fixed_folder(name):
     hydra = compose_hydra(f"sweep={name}").hydra
     assert hydra.sweep.dir == f"outputs/sweeps/{name}"  # the same command finds it again
+
+
+def test_the_seq2seq_sweep_sets_keys_the_models_take():
+    cfg = compose_hydra("experiment=multi30k_transformer", "sweep=seq2seq_regularization")
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None, key  # a typo would add a new key
 
 
 def test_the_optuna_study_lives_in_the_sweep_folder_under_a_fixed_name():
