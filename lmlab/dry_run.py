@@ -12,12 +12,14 @@ from lmlab.build import build_task, check_schedule
 from lmlab.config import to_yaml
 from lmlab.parallel.memory import estimate, local_batch
 from lmlab.parallel.specs import describe
+from lmlab.redact import redacted
 
 
 def dry_run(cfg: DictConfig) -> dict[str, float]:
-    """Prints what the run would be; returns the memory estimate in bytes per part."""
+    """Prints what the run would be (secrets redacted, as in the run's files); returns the
+    memory estimate in bytes per part."""
     console = Console()
-    console.print(to_yaml(cfg), markup=False, highlight=False)
+    console.print(to_yaml(redacted(cfg)), markup=False, highlight=False)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     spec = describe(cfg.trainer)
     console.print(f"strategy:  {type(trainer.strategy).__name__} on "

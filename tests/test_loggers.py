@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT, run_cli
 from lmlab.build import loggers
 from lmlab.check_parallel import run_subprocess
+from lmlab.dry_run import dry_run
 from lmlab.errors import LmlabError
 from lmlab.loggers import WandbLogger, override_tags, resumed_wandb_id, shorten_tag
 from lmlab.redact import REDACTED, is_secret_name, redact, redact_yaml_files, secret_values
@@ -83,6 +84,13 @@ def test_redaction_of_keys_overrides_urls_and_known_values():
     assert cleaned["data"]["url"].startswith("https://user:<redacted>@host/x.csv?sig=<redacted>")
     # negative control: without the known value, the free text keeps it
     assert "abc123xyz" in json.dumps(redact(config["note"], set()))
+
+
+def test_a_dry_run_prints_the_config_without_its_secrets(make_cfg, capsys):
+    dry_run(make_cfg("+extra.hf_token=abc123xyz", "+extra.note=kept"))
+    printed = capsys.readouterr().out
+    assert "hf_token: <redacted>" in printed and "note: kept" in printed
+    assert "abc123xyz" not in printed
 
 
 def test_hydra_files_are_rewritten_without_secrets(tmp_path):
