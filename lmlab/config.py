@@ -178,12 +178,16 @@ def _monitor_problems(cfg: DictConfig) -> list[str]:
 
 
 def _seq2seq_problems(cfg: DictConfig) -> list[str]:
-    """A sequence-to-sequence net that shares embeddings needs one joint vocabulary, and
-    its position table must hold the longest source and target."""
+    """A sequence-to-sequence net that shares embeddings needs one joint vocabulary, one that
+    copies needs shared embeddings, and its position table must hold the longest source and
+    target."""
     net, data, problems = cfg.model.get("net") or {}, cfg.data, []
     if net.get("share_embeddings") and data.get("joint_vocab") is False:
         problems.append("model.net.share_embeddings=true needs one joint vocabulary; set "
                         "data.joint_vocab=true, or model.net.share_embeddings=false")
+    if net.get("copy") and not net.get("share_embeddings"):
+        problems.append("model.net.copy=true copies source ids as output ids: set "
+                        "model.net.share_embeddings=true and data.joint_vocab=true")
     table = net.get("max_length")
     for key in ("max_source_length", "max_target_length"):
         if isinstance(table, int) and isinstance(data.get(key), int) and data[key] > table:

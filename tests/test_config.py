@@ -193,6 +193,9 @@ def test_seq2seq_nets_are_checked_against_their_data(make_cfg):
     with pytest.raises(ConfigError, match="max_source_length=600 is longer than the model's"):
         check_config(make_cfg("model=transformer_small", "data=stdlib_summaries",
                               "data.joint_vocab=true", "data.max_source_length=600"))
+    with pytest.raises(ConfigError, match="copy=true copies source ids as output ids"):
+        check_config(make_cfg("model=transformer_tiny", "data=stdlib_summaries",
+                              "model.net.copy=true"))
     check_config(make_cfg("model=transformer_small", "data=stdlib_summaries",
                           "data.joint_vocab=true"))
 

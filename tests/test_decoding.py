@@ -150,8 +150,10 @@ def copy_batch(generator: torch.Generator, n: int = 32) -> tuple[torch.Tensor, t
 @pytest.mark.parametrize("cls, args, steps", [
     (Seq2SeqTransformer, dict(d_model=32, n_head=2, n_encoder_layers=2, n_decoder_layers=2,
                               d_ff=64), 500),
+    (Seq2SeqTransformer, dict(d_model=32, n_head=2, n_encoder_layers=1, n_decoder_layers=1,
+                              d_ff=64, share_embeddings=True, copy=True), 300),
     (RNNSeq2Seq, dict(embed_dim=32, hidden_size=64), 600),
-], ids=["transformer", "lstm"])
+], ids=["transformer", "transformer-copy", "lstm"])
 def test_a_net_trained_to_copy_decodes_the_copy(cls, args, steps):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

@@ -24,6 +24,8 @@ NETS = {
                                            n_encoder_layers=1, n_decoder_layers=2, d_ff=24,
                                            positions="learned", activation="relu",
                                            share_embeddings=True),
+    "transformer-copy": dict(cls=Seq2SeqTransformer, d_model=16, n_head=2, n_encoder_layers=1,
+                             n_decoder_layers=2, d_ff=24, share_embeddings=True, copy=True),
     "lstm-luong": dict(cls=RNNSeq2Seq, embed_dim=12, hidden_size=16, num_layers=2),
     "lstm-bahdanau": dict(cls=RNNSeq2Seq, embed_dim=12, hidden_size=16, num_layers=1,
                           attention="bahdanau"),
@@ -64,6 +66,30 @@ def test_shapes_and_tied_embeddings():
         assert net.lm_head.weight is net.tgt_embed.weight
         joint = NETS[name].get("share_embeddings", False)
         assert (net.src_embed is net.tgt_embed) == joint
+
+
+def test_the_copying_net_gives_log_probabilities_that_can_only_copy_when_the_gate_says_so():
+    net = tiny("transformer-copy")
+    source, target = batch(vocab=TGT_VOCAB)
+    logp = net(source, target)
+    assert torch.allclose(logp.logsumexp(-1), torch.zeros(()), atol=1e-5)  # normalized
+    with torch.no_grad():
+        net.copier.gate.bias.fill_(-50.0)  # all to the copy distribution
+        p = net(source, target).exp()
+    for row, ids in enumerate(source):
+        held = torch.zeros(TGT_VOCAB, dtype=torch.bool)
+        held[ids[ids != PAD]] = True
+        assert torch.allclose(p[row][:, held].sum(-1), torch.ones(()), atol=1e-5)
+        assert p[row][:, ~held].max() < 1e-6  # never an id the source lacks, nor padding
+    with torch.no_grad():
+        net.copier.gate.bias.fill_(50.0)  # negative control: the vocabulary alone
+        assert net(source, target).exp()[0][:, PAD].max() > 1e-6
+
+
+def test_copy_needs_one_joint_vocabulary():
+    with pytest.raises(ValueError, match="copy needs one joint vocabulary"):
+        Seq2SeqTransformer(SRC_VOCAB, TGT_VOCAB, PAD, BOS, EOS, share_embeddings=False,
+                           copy=True)
 
 
 @pytest.mark.parametrize("name", NETS)

@@ -9,6 +9,12 @@ mask alone keeps the target padding out, and SDPA's causal path stays available.
 Decoding uses `encode` once per sentence, then `decode_step` one token at a time with a
 cache (the self-attention keys and values so far, and the cross-attention keys and values
 of the memory, computed on the first step), and `reorder` to follow beams.
+
+With `copy=true` the output is a pointer-generator's (See et al., 2017): a gate mixes the
+vocabulary distribution with an attention distribution over the source tokens, which needs
+one joint vocabulary (a source id is then an output id). The net then returns
+log-probabilities where it otherwise returns logits; both go through `log_softmax` and
+`cross_entropy` unchanged, since log-probabilities are their own `log_softmax`.
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class Seq2SeqTransformer(nn.Module):
             source has its own embedding and the target embedding is tied to the output layer.
         activation: `gelu` or `relu` in the MLPs.
         bias: biases in linear layers and LayerNorms.
+        copy: a pointer-generator output that can copy source tokens (needs
+            `share_embeddings`); the net then returns log-probabilities, not logits.
     """
 
     block_classes = (EncoderBlock, DecoderBlock)  # FSDP units, activation-checkpointing units
@@ -119,10 +127,14 @@ class Seq2SeqTransformer(nn.Module):
                  eos_id: int, d_model: int = 256, n_head: int = 4, n_encoder_layers: int = 3,
                  n_decoder_layers: int = 3, d_ff: int = 1024, dropout: float = 0.1,
                  positions: str = "sinusoidal", max_length: int = 256,
-                 share_embeddings: bool = True, activation: str = "gelu", bias: bool = True):
+                 share_embeddings: bool = True, activation: str = "gelu", bias: bool = True,
+                 copy: bool = False):
         super().__init__()
         check_arguments(src_vocab_size, tgt_vocab_size, d_model, n_head, positions,
                         share_embeddings, activation)
+        if copy and not share_embeddings:
+            raise ValueError("copy needs one joint vocabulary shared by source and target: "
+                             "set share_embeddings=true (and a joint tokenizer)")
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.d_model, self.max_length = d_model, max_length
         self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
@@ -141,6 +153,7 @@ class Seq2SeqTransformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_model, bias=bias)
         self.lm_head = nn.Linear(d_model, tgt_vocab_size, bias=False)
         self.lm_head.weight = self.tgt_embed.weight  # tied target input/output embeddings
+        self.copier = Copier(d_model) if copy else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -173,15 +186,27 @@ class Seq2SeqTransformer(nn.Module):
         x = self.embed(self.tgt_embed, target_in)  # (B, T, C)
         for block in self.decoder_blocks:
             x, _ = block(x, encoded["memory"], encoded["memory_mask"])
-        return self.lm_head(self.decoder_norm(x))  # (B, T, V)
+        return self.output(self.decoder_norm(x), encoded)  # (B, T, V)
+
+    def output(self, x: torch.Tensor, encoded: dict) -> torch.Tensor:
+        """(B, T, C) decoder states to (B, T, V) logits, or log-probabilities with `copy`."""
+        logits = self.lm_head(x)
+        if self.copier is None:
+            return logits
+        return self.copier(x, logits, encoded["memory"], encoded["memory_mask"],
+                           encoded["source"])
 
     def encode(self, source: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The memory (B, S, C) and its mask (B, S), True at real source tokens."""
+        """The memory (B, S, C) and its mask (B, S), True at real source tokens (and, with
+        `copy`, the source ids)."""
         mask = source != self.pad_id  # (B, S)
         x = self.embed(self.src_embed, source)
         for block in self.encoder_blocks:
             x = block(x, mask)
-        return {"memory": self.encoder_norm(x), "memory_mask": mask}
+        encoded = {"memory": self.encoder_norm(x), "memory_mask": mask}
+        if self.copier is not None:
+            encoded["source"] = source
+        return encoded
 
     def decode_step(self, tokens: torch.Tensor, encoded: dict, cache: dict | None
                     ) -> tuple[torch.Tensor, dict]:
@@ -198,7 +223,7 @@ class Seq2SeqTransformer(nn.Module):
             x, layer = block(x, encoded["memory"], encoded["memory_mask"],
                              cache["layers"][i] if cache else None)
             layers.append(layer)
-        logits = self.lm_head(self.decoder_norm(x))[:, -1]  # (B, V)
+        logits = self.output(self.decoder_norm(x[:, -1:]), encoded)[:, 0]  # (B, V)
         return logits, {"step": step + tokens.size(1), "layers": layers}
 
     @staticmethod
@@ -214,6 +239,37 @@ class Seq2SeqTransformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class Copier(nn.Module):
+    """A pointer-generator output: p = g * softmax(logits) + (1 - g) * attention over the
+    source ids, with the gate g from the decoder state and its source context.
+    Returns log p (B, T, V).
+
+    Only the ids a source holds get copy mass, so the mixture is computed at the source
+    positions (B, T, S), not over the whole vocabulary: a position's copy mass is the
+    attention on every position that holds the same id."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.query = nn.Linear(d_model, d_model, bias=False)
+        self.gate = nn.Linear(2 * d_model, 1)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, memory: torch.Tensor,
+                memory_mask: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        scores = self.query(x) @ memory.transpose(1, 2) / math.sqrt(x.size(-1))  # (B, T, S)
+        scores = scores.masked_fill(~memory_mask[:, None, :], float("-inf"))
+        attention = scores.float().softmax(-1)
+        context = attention.to(memory.dtype) @ memory  # (B, T, C)
+        gate = self.gate(torch.cat([x, context], -1)).float()  # (B, T, 1)
+        generated = F.logsigmoid(gate) + logits.float().log_softmax(-1)  # (B, T, V)
+        same_id = (source[:, :, None] == source[:, None, :]).float()  # (B, S, S)
+        copied = attention @ same_id  # (B, T, S): padding gets none (its attention is 0)
+        ids = source[:, None, :].expand(-1, x.size(1), -1)  # (B, T, S)
+        # clamped: a padding position (copy mass 0) must not give an infinite gradient
+        mixed = torch.logaddexp(generated.gather(-1, ids),
+                                F.logsigmoid(-gate) + copied.clamp_min(1e-30).log())
+        return generated.scatter(-1, ids, mixed)
 
 
 def check_arguments(src_vocab_size: int, tgt_vocab_size: int, d_model: int, n_head: int,
