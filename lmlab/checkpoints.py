@@ -95,15 +95,16 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint file's content, read without running code (`weights_only=True`).
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint file's content, read without running code (`weights_only=True`);
+    with `mmap`, tensors are mapped rather than read (for a look at names and shapes).
 
     Raises:
         LmlabError: the file is corrupt or truncated, or holds objects other than tensors
             and plain containers (refused: unpickling them could run code).
     """
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not a pickle of objects: damage
             operation = re.search(r"Unsupported operand \d+", str(err))

@@ -51,7 +51,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if weights is not None:
         load_weights(task, weights, cfg)
     if resume is not None and Path(resume).is_file():  # refused here, in one line, if unfit
-        check_fits(task, load_checkpoint(Path(resume)).get("state_dict", {}), Path(resume), cfg)
+        state = load_checkpoint(Path(resume), mmap=True).get("state_dict", {})  # Lightning reads it
+        check_fits(task, state, Path(resume), cfg)
     try:
         metrics, best = fit_and_test(trainer, task, data, resume, cfg)
     except BaseException:

@@ -233,9 +233,10 @@ def test_a_corrupt_checkpoint_is_named_with_the_run_s_other_checkpoints(runs, tm
     assert str(run / SAFE_WEIGHTS) in line
 
 
+@pytest.mark.parametrize("mmap", [False, True])
 @pytest.mark.parametrize("damage", ["last 100 bytes cut", "half cut", "empty", "random",
                                     "zip header then random"])
-def test_a_damaged_checkpoint_is_named_corrupt_in_process(tmp_path, damage):
+def test_a_damaged_checkpoint_is_named_corrupt_in_process(tmp_path, damage, mmap):
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
     assert load_checkpoint(path)["state_dict"]["w"].sum() == 1000  # whole, it reads
@@ -247,7 +248,7 @@ def test_a_damaged_checkpoint_is_named_corrupt_in_process(tmp_path, damage):
                       + noise}[damage])
     with pytest.raises(LmlabError, match=r"x.ckpt is corrupt or truncated \(.+\); no other "
                        "checkpoint was found"):
-        load_checkpoint(path)
+        load_checkpoint(path, mmap=mmap)
 
 
 def test_a_mismatch_lists_a_few_tensors_then_how_many_more(tmp_path):
@@ -287,6 +288,8 @@ def test_the_payload_runs_code_when_loaded_the_unsafe_way(tmp_path):
     with pytest.raises(LmlabError, match=r"p.ckpt was refused: it holds Python objects "
                        r"\(io.open\) whose loading could run code"):
         read_state_dict(path)
+    with pytest.raises(LmlabError, match="was refused"):
+        load_checkpoint(path, mmap=True)  # as a resume's pre-check reads it
     assert not marker.exists()
     torch.load(path, weights_only=False)
     assert marker.exists()
