@@ -33,7 +33,7 @@ from lmlab.parallel.failures import peer_lost
 from lmlab.redact import redacted
 from lmlab.resume import checkpoint_to_resume
 from lmlab.run_info import recorded_overrides
-from lmlab.sweep import in_sweep, sweep_job
+from lmlab.sweep import exit_if_jobs_failed, in_sweep, sweep_job
 from lmlab.throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -170,3 +170,4 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     register_schema()
     main()
+    exit_if_jobs_failed()

@@ -29,6 +29,7 @@ from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig
 
+from lmlab.cli import fail
 from lmlab.errors import LmlabError
 from lmlab.loggers import sweep_overrides
 from lmlab.run_info import recorded_overrides
@@ -51,35 +52,52 @@ def finished_result(output_dir: Path) -> dict | None:
     return saved if saved.get("overrides") == recorded_overrides() else None
 
 
+FAILED: list[int] = []  # the numbers of the jobs that failed in this process's sweep
+
+
 def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) -> float | None:
     """Runs one job of a sweep with `train` (unless it finished before) and returns its
     objective: the best monitored value, or None when the job failed or diverged, so that
     the sweep goes on and Optuna records the trial as failed. (None, not NaN: the Optuna
-    sweeper fails on a NaN while recording the trial.)"""
+    sweeper fails on a NaN while recording the trial.) A failed job's number goes to
+    `FAILED`, for `exit_if_jobs_failed`."""
     job = HydraConfig.get()
     output_dir = Path(job.runtime.output_dir)
     saved = finished_result(output_dir)
     if saved is not None:
         log.info("job %s finished in an earlier run of this sweep (objective %s); not run "
                  "again", job.job.num, saved["objective"])
-        return finite(saved["objective"])
+        return finite(saved["objective"], job.job.num)
     try:
         if world_size(cfg.trainer) > 1 and not ranks_started():
-            return finite(run_in_own_process(sweep_overrides(cfg)))  # the sweep's W&B group
-        return finite(train(cfg).get(f"best {cfg.monitor}"))
+            return finite(run_in_own_process(sweep_overrides(cfg)), job.job.num)
+        return finite(train(cfg).get(f"best {cfg.monitor}"), job.job.num)
     except LmlabError as err:
         log.error("job %s failed: %s", job.job.num, err)
     except Exception:  # noqa: BLE001 - one broken job must not end the sweep
         log.exception("job %s failed; its log is %s", job.job.num, output_dir / "run.log")
+    FAILED.append(job.job.num)
     return None
 
 
-def finite(objective: float | None) -> float | None:
-    """The objective, or None for a non-finite one (a NaN loss is saved as +-inf)."""
+def finite(objective: float | None, job: int) -> float | None:
+    """The objective, or None for a non-finite one (a NaN loss is saved as +-inf), which
+    counts as a failed job."""
     if objective is not None and not math.isfinite(objective):
-        log.error("the objective is %s: the run diverged", objective)
+        log.error("job %s failed: its objective is %s (the run diverged)", job, objective)
+        FAILED.append(job)
         return None
     return objective
+
+
+def exit_if_jobs_failed() -> None:
+    """After a sweep whose jobs ran in this process: exit status 1, naming the failed jobs,
+    if any failed (every job has run by then; a re-run of the command re-runs them)."""
+    if FAILED:
+        jobs = ", ".join(str(n) for n in FAILED)
+        fail(f"{len(FAILED)} job(s) of the sweep failed ({jobs}; each logged why above); the "
+             "other jobs finished, and the same command re-runs only the failed jobs of a grid",
+             1)
 
 
 def ranks_started() -> bool:

@@ -140,8 +140,9 @@ def test_the_wandb_sweep_command_with_sampled_values_composes_with_lmlab():
 def test_a_rerun_skips_finished_jobs_and_reruns_the_failed_one(tmp_path):
     command = ["hydra.mode=MULTIRUN", "model.optimizer.lr=1e-3,3e-3,1e-2", *TINY, *BREAK]
     first = sweep(tmp_path, *command, CRASH_JOB="1")
-    assert first.returncode == 0, first.stderr[-3000:]  # job 1 crashed, job 2 still ran
+    assert first.returncode == 1, first.stderr[-3000:]  # job 1 crashed, job 2 still ran
     assert "job 1 failed" in first.stdout + first.stderr
+    assert "error: 1 job(s) of the sweep failed (1;" in first.stderr
     assert set(stamps(tmp_path)) == {"0", "2"}
     before = stamps(tmp_path)
 
@@ -164,7 +165,8 @@ def test_optuna_records_failed_trials_goes_on_and_resumes_up_to_n_trials(tmp_pat
     command = ["sweep=lstm_optuna", "monitor=val/loss", "hydra.sweeper.direction=minimize",
                *TINY, *BREAK]
     first = sweep(tmp_path, *command, "hydra.sweeper.n_trials=3", CRASH_JOB="1", NAN_JOB="2")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "error: 2 job(s) of the sweep failed (1, 2;" in first.stderr
     storage = f"sqlite:///{tmp_path}/optuna.db"
 
     def states():
