@@ -3,9 +3,11 @@ with lmlab's ROUGE under the two protocols of docs/results.md.
 
 P1: against the original subject only (as published systems report it); P2: the best
 over the three human annotations ann0..ann2. Sentences end at a line break or at `.!?`
-followed by a space, as the corpus's e-mails are written one sentence a line.
+followed by a space, as the corpus's e-mails are written one sentence a line. With `--run`,
+a trained run's test hypotheses (RUN/hypotheses/test.hyp.txt) are scored the same way, from
+the reference files written beside them.
 
-    LMLAB_DATA_DIR=../shared/data python -m benchmarks.lead1_baseline [--split test]
+    LMLAB_DATA_DIR=../shared/data python -m benchmarks.lead1_baseline [--split test] [--run RUN]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def lead(email: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="test", help="dev or test")
+    parser.add_argument("--run", type=Path, help="a trained aeslc run folder to score too")
     args = parser.parse_args()
     path = Path(os.environ.get("LMLAB_DATA_DIR", "data")) / "summarization" / "aeslc" / \
         f"{args.split}.jsonl.gz"
@@ -40,9 +43,26 @@ def main() -> None:
     protocols = {"P1 (original subject)": [[row["subject"]] for row in rows],
                  "P2 (best of ann0..ann2)": [[row[f"ann{i}"] for i in range(3)] for row in rows]}
     print(f"AESLC {args.split}: {len(rows)} e-mails, lead-1 baseline, ROUGE-1/2/L F (0-100)")
+    table(leads, protocols)
+    if args.run is not None:
+        folder = args.run / "hypotheses"
+        split = "test" if args.split == "test" else "val"
+        hypotheses = lines(folder / f"{split}.hyp.txt")
+        annotations = zip(*(lines(folder / f"{split}.ref{k}.txt") for k in (1, 2, 3)))
+        print(f"{args.run}: {len(hypotheses)} hypotheses")
+        table(hypotheses, {"P1 (original subject)": [[r] for r in lines(folder /
+                                                                         f"{split}.ref.txt")],
+                           "P2 (best of ann0..ann2)": [list(refs) for refs in annotations]})
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def table(texts: list[str], protocols: dict[str, list[list[str]]]) -> None:
     for name, references in protocols.items():
         for stem in (False, True):
-            scores = rouge(leads, references, stem=stem)
+            scores = rouge(texts, references, stem=stem)
             figures = " / ".join(f"{scores[k]:.1f}" for k in ("rouge1", "rouge2", "rougeL"))
             print(f"  {name:26s} {'stemmed' if stem else 'unstemmed':9s} {figures}")
 
