@@ -1,0 +1,35 @@
+"""The baselines of benchmarks/ that docs/results.md quotes."""
+
+import gzip
+import json
+import sys
+
+from conftest import DATA_DIR, needs_data
+from benchmarks import lead1_baseline
+from benchmarks.lead1_baseline import lead
+
+
+def test_lead_1_is_the_first_sentence_or_line():
+    assert lead("Hi all.  The meeting moved to 3 pm. Bring slides") == "Hi all."
+    assert lead("\n\nPlease review\nthe attached draft") == "Please review"
+    assert lead("No end mark at all") == "No end mark at all"
+
+
+@needs_data
+def test_a_run_that_wrote_lead_1_scores_as_lead_1(tmp_path, monkeypatch, capsys):
+    # the run's files (hypotheses and references) against the corpus read directly
+    with gzip.open(DATA_DIR / "summarization" / "aeslc" / "dev.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    folder = tmp_path / "hypotheses"
+    folder.mkdir()
+    files = {"val.hyp.txt": [lead(r["email"]) for r in rows],
+             "val.ref.txt": [r["subject"] for r in rows],
+             **{f"val.ref{k + 1}.txt": [r[f"ann{k}"] for r in rows] for k in range(3)}}
+    for name, lines in files.items():
+        (folder / name).write_text("".join(f"{line}\n" for line in lines))
+    monkeypatch.setenv("LMLAB_DATA_DIR", str(DATA_DIR))
+    monkeypatch.setattr(sys, "argv", ["lead1_baseline", "--split", "dev", "--run", str(tmp_path)])
+    lead1_baseline.main()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[5] == f"{tmp_path}: {len(rows)} hypotheses"
+    assert printed[1:5] == printed[6:10]  # the same four rows of figures
