@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lmlab.data.batching import ResumableLoader, ShardedDataModule, Skip, leave_signals_to_the_trainer
+from lmlab.data.batching import (ResumableLoader, ShardedDataModule, Skip,
+                                 leave_signals_to_the_trainer)
 from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, load_hub_dataset, stdlib_files
 from lmlab.data.description import DataDescription
 from lmlab.data.readers import open_text
