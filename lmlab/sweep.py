@@ -70,7 +70,8 @@ def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) 
         return finite(saved["objective"], job.job.num)
     try:
         if world_size(cfg.trainer) > 1 and not ranks_started():
-            return finite(run_in_own_process(sweep_overrides(cfg)), job.job.num)
+            objective = run_in_own_process(sweep_overrides(cfg))  # the sweep's W&B group
+            return finite(objective, job.job.num)
         return finite(train(cfg).get(f"best {cfg.monitor}"), job.job.num)
     except LmlabError as err:
         log.error("job %s failed: %s", job.job.num, err)
