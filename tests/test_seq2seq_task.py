@@ -98,7 +98,9 @@ def test_two_processes_give_the_losses_of_one_under_every_strategy():
     process's validation curve (check_parallel raises otherwise), decoding included."""
     overrides = ["model=transformer_tiny", "data=stdlib_summaries",
                  "data.tokenizer.vocab_size=600", "data.batch_size=32",
-                 "model.net.dropout=0.0"]
+                 "model.net.dropout=0.0", "data.joint_vocab=true",
+                 # the experiments' output: one embedding matrix, and copying
+                 "model.net.share_embeddings=true", "model.net.copy=true"]
     strategies = ["cpu", "ddp", "fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3", "tp"]
     curves = check(strategies, steps=4, overrides=overrides, lr=1.0)
     assert all(len(curves[s]) == 4 for s in strategies)
