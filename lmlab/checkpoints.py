@@ -56,7 +56,7 @@ def export_weights(trainer: L.Trainer, checkpoint: Path, output_dir: Path, confi
     target = output_dir / WEIGHTS
     if trainer.is_global_zero:
         tokenizer = output_dir / "tokenizer.json"
-        state = read_state_dict(checkpoint)
+        state = with_tied_names(read_state_dict(checkpoint), trainer.lightning_module)
         extra = {"config": config, "tokenizer": tokenizer.read_text() if tokenizer.is_file()
                  else None, "source": str(checkpoint)}
         torch.save({"state_dict": state, **extra}, target)
@@ -156,10 +156,27 @@ def load_weights(task: L.LightningModule, path: Path, config: DictConfig | None 
     Raises:
         LmlabError: see `read_state_dict` and `check_fits` (`config`: the task's).
     """
-    state = read_state_dict(path)
+    state = with_tied_names(read_state_dict(path), task)
     check_fits(task, state, path, config)
     task.load_state_dict(state)
     return task
+
+
+def with_tied_names(state: dict[str, torch.Tensor], module: torch.nn.Module
+                    ) -> dict[str, torch.Tensor]:
+    """`state` with every name under which `module` shares a tensor (tied embeddings) that
+    it lacks: DeepSpeed's consolidation of a ZeRO checkpoint keeps some names of a tied
+    matrix only."""
+    names = {}
+    for name, tensor in [*module.named_parameters(remove_duplicate=False),
+                         *module.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    state = dict(state)
+    for aliases in names.values():
+        present = next((name for name in aliases if name in state), None)
+        for name in aliases if present else ():
+            state.setdefault(name, state[present])
+    return state
 
 
 def check_fits(module: torch.nn.Module, state: dict, path: Path,

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
-from lmlab.checkpoints import check_fits, read_state_dict
+from lmlab.checkpoints import check_fits, read_state_dict, with_tied_names
 from lmlab.cli import fail, parse_args
 from lmlab.data.description import DataDescription
 from lmlab.data.tokenizers import Tokenizer
@@ -77,8 +77,8 @@ def load_model(ckpt: str, device: str = "cpu"
     data = saved_description(run_dir)
     sizes = get_class(cfg.model._target_).config_from_data(data)
     net = instantiate(cfg.model.net, **sizes.get("net", {}))
-    state = {k.removeprefix("net."): v for k, v in read_state_dict(checkpoint).items()
-             if k.startswith("net.")}
+    state = with_tied_names({k.removeprefix("net."): v for k, v in
+                             read_state_dict(checkpoint).items() if k.startswith("net.")}, net)
     check_fits(net, state, checkpoint, cfg)
     net.load_state_dict(state)
     return net.to(device).eval(), data, cfg

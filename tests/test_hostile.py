@@ -28,9 +28,10 @@ from safetensors import safe_open
 from conftest import DATA_DIR, ROOT
 from faults import Payload
 from lmlab.checkpoints import (SAFE_WEIGHTS, WEIGHTS, check_fits, load_checkpoint,
-                               read_state_dict)
+                               read_state_dict, with_tied_names)
 from lmlab.config import compose
 from lmlab.errors import LmlabError
+from lmlab.models.seq2seq import Seq2SeqTransformer
 from lmlab.safety import check_targets, check_writable
 
 USER_ERROR = 2  # lmlab.cli.fail
@@ -388,3 +389,16 @@ def test_a_run_with_only_weights_safetensors_is_evaluated_from_it(tmp_path):
     assert run_checkpoints(tmp_path) == {"weights": tmp_path / SAFE_WEIGHTS}
     (tmp_path / WEIGHTS).write_bytes(b"")
     assert run_checkpoints(tmp_path) == {"weights": tmp_path / WEIGHTS}
+
+
+def test_a_state_dict_missing_a_tied_name_gets_it_from_its_twin():
+    # DeepSpeed's consolidation of a ZeRO checkpoint dropped net.src_embed.weight of a
+    # transformer whose source, target and output embeddings are one matrix
+    net = Seq2SeqTransformer(50, 50, 0, 1, 2, d_model=16, n_head=2, n_encoder_layers=1,
+                             n_decoder_layers=1, d_ff=16, share_embeddings=True)
+    state = {k: v for k, v in net.state_dict().items() if k != "src_embed.weight"}
+    with pytest.raises(LmlabError, match="src_embed.weight missing"):
+        check_fits(net, state, Path("x.ckpt"))  # the negative control
+    completed = with_tied_names(state, net)
+    check_fits(net, completed, Path("x.ckpt"))
+    assert completed["src_embed.weight"] is state["tgt_embed.weight"]
