@@ -18,22 +18,6 @@ needs_data = pytest.mark.skipif(not (DATA_DIR / "README.md").is_file(),
                                 reason=f"the public corpora folder {DATA_DIR} is not present")
 
 
-# The files that hold the longest end-to-end tests (a seq2seq check under seven strategies,
-# the strategies' equivalence runs, the rank faults, DeepSpeed's CPU Adam build), longest
-# first. The full suite runs in two workers, a file to a worker, handed out in collection
-# order: started first, these end with the rest instead of after it.
-LONGEST_FILES = ("test_seq2seq_task.py", "test_parallel.py", "test_reliability_signals.py",
-                 "test_cases.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.name
-        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
-
-    items.sort(key=rank)  # stable: every file keeps its tests' order
-
-
 @pytest.fixture
 def make_cfg(tmp_path):
     """Composes the run config with overrides, as `python -m lmlab.run` would."""
