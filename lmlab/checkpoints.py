@@ -168,14 +168,14 @@ def with_tied_names(state: dict[str, torch.Tensor], module: torch.nn.Module
     it lacks: DeepSpeed's consolidation of a ZeRO checkpoint keeps some names of a tied
     matrix only."""
     names = {}
-    for name, tensor in [*module.named_parameters(remove_duplicate=False),
-                         *module.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(tensor), []).append(name)
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
     state = dict(state)
     for aliases in names.values():
         present = next((name for name in aliases if name in state), None)
-        for name in aliases if present else ():
-            state.setdefault(name, state[present])
+        if present is not None:
+            for name in aliases:
+                state.setdefault(name, state[present])
     return state
 
 
