@@ -31,5 +31,20 @@ def test_a_run_that_wrote_lead_1_scores_as_lead_1(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(sys, "argv", ["lead1_baseline", "--split", "dev", "--run", str(tmp_path)])
     lead1_baseline.main()
     printed = capsys.readouterr().out.splitlines()
-    assert printed[5] == f"{tmp_path}: {len(rows)} hypotheses"
-    assert printed[1:5] == printed[6:10]  # the same four rows of figures
+    assert printed[8] == f"{tmp_path}: {len(rows)} hypotheses"
+    assert printed[1:5] == printed[9:13]  # the same four rows of figures
+
+
+def rouge_l(row: str) -> float:
+    return float(row.split(" / ")[-1])
+
+
+@needs_data
+def test_the_original_subjects_are_scored_against_the_annotations(monkeypatch, capsys):
+    monkeypatch.setenv("LMLAB_DATA_DIR", str(DATA_DIR))
+    monkeypatch.setattr(sys, "argv", ["lead1_baseline", "--split", "dev"])
+    lead1_baseline.main()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[6].split()[0] == printed[7].split()[0] == "P2"
+    subject, lead_1 = rouge_l(printed[7]), rouge_l(printed[4])  # stemmed, P2
+    assert lead_1 < subject < 100  # against the annotators, not against itself
