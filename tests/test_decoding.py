@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_seq2seq_models import BOS, EOS, PAD, batch, tiny
 
-from lmlab.models.decoding import beam_search, greedy, max_lengths
+from lmlab.models.decoding import beam_search, block_repeats, greedy, max_lengths
 from lmlab.models.rnn_seq2seq import RNNSeq2Seq
 from lmlab.models.seq2seq import Seq2SeqTransformer
 
@@ -115,6 +115,41 @@ def test_outputs_stop_at_a_times_source_length_plus_b_with_no_other_cut_off(name
         for results in (beam_search(net, source, beam=2, max_len_a=a, max_len_b=b),
                         greedy(net, source, max_len_a=a, max_len_b=b)):
             assert [len(hyps[0].tokens) for hyps in results] == expected
+
+
+def repeats(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def test_block_repeats_masks_the_tokens_that_would_repeat_an_n_gram():
+    history = torch.tensor([[5, 6, 5, 7, 5], [5, 6, 7, 8, 9]])
+    masked = block_repeats(torch.zeros(2, 10), history, 2).isinf()
+    assert masked[0].nonzero().flatten().tolist() == [6, 7]  # after 5: 6 and 7 seen
+    assert not masked[1].any()  # 9 never came before
+    assert block_repeats(torch.zeros(2, 10), history, 1).isinf()[1].nonzero().flatten() \
+        .tolist() == [5, 6, 7, 8, 9]
+    assert not block_repeats(torch.zeros(2, 10), history, 0).isinf().any()
+
+
+@pytest.mark.parametrize("name", DECODING_NETS)
+def test_no_output_repeats_an_n_gram_when_blocked(name):
+    net = EosBias(tiny(name), -50.0)  # long outputs of a random net: they repeat themselves
+    source, _ = batch(lengths=(7, 3, 5, 2))
+    long = dict(max_len_a=0.0, max_len_b=30)
+    free = [hyps[0].tokens for hyps in beam_search(net, source, beam=3, **long)]
+    assert any(repeats(tokens, 2) for tokens in free)  # the control: the check can fail
+    for results in (beam_search(net, source, beam=3, no_repeat_ngram=2, **long),
+                    greedy(net, source, no_repeat_ngram=2, **long)):
+        assert [len(hyps[0].tokens) for hyps in results] == [30] * 4
+        assert not any(repeats(h.tokens, 2) for hyps in results for h in hyps)
+    blocked = dict(no_repeat_ngram=2, **long)
+    assert tokens_of(beam_search(net, source, beam=1, **blocked)) == \
+        tokens_of(greedy(net, source, **blocked))
+    together = beam_search(net, source, beam=3, **blocked)
+    for i, row in enumerate(source):
+        assert tokens_of(beam_search(net, row[row != PAD][None], beam=3, **blocked)) == \
+            tokens_of(together[i:i + 1])
 
 
 def test_the_length_limit_stays_within_the_position_table():

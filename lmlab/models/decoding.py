@@ -12,6 +12,8 @@ Rules that hold whatever the batch:
 - a hypothesis has at most `floor(max_len_a * source_length + max_len_b)` tokens (source
   length without padding; also at most what the net's positions allow, `net.max_length - 1`),
   after which <eos> is forced, and at least `min_length` tokens (<eos> is masked before);
+- with `no_repeat_ngram` n > 0, no row repeats an n-gram of its own output (a token that
+  would complete one it holds is masked; <eos> never is);
 - score = summed log-probability / length ** length_penalty, the length counting the
   generated tokens, <eos> included: never the source, <bos> or padding;
 - beam search with beam 1 is greedy search.
@@ -61,6 +63,19 @@ def constrain(logp: torch.Tensor, step: int, limits: torch.Tensor, shortest: int
     return logp.masked_fill(at_limit & not_eos, float("-inf"))
 
 
+def block_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
+    """Masks, in each row, every token that would complete an n-gram its `history` (R, L)
+    already holds: the tokens that followed an earlier occurrence of its last n - 1."""
+    if n < 1 or history.size(1) < n:
+        return logp
+    grams = history.unfold(1, n, 1)  # (R, L - n + 1, n)
+    recent = history[:, history.size(1) - n + 1:]  # (R, n - 1)
+    seen = (grams[:, :, :-1] == recent[:, None, :]).all(-1)  # (R, G)
+    counts = torch.zeros(logp.shape, dtype=torch.long, device=logp.device)
+    counts.scatter_add_(1, grams[:, :, -1], seen.long())
+    return logp.masked_fill(counts > 0, float("-inf"))
+
+
 def _step(net, tokens: torch.Tensor, history: torch.Tensor, encoded: dict, cache,
           use_cache: bool) -> tuple[torch.Tensor, object]:
     """Log-probabilities (R, V) of the next token: from the newest token and the cache, or
@@ -75,8 +90,8 @@ def _step(net, tokens: torch.Tensor, history: torch.Tensor, encoded: dict, cache
 
 @torch.no_grad()
 def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float = 10,
-           min_length: int = 1, length_penalty: float = 1.0, use_cache: bool = True,
-           steps: int | None = None) -> list[list[Hypothesis]]:
+           min_length: int = 1, length_penalty: float = 1.0, no_repeat_ngram: int = 0,
+           use_cache: bool = True, steps: int | None = None) -> list[list[Hypothesis]]:
     """Greedy search: the most likely token at each step, each row until its own <eos>.
 
     Args:
@@ -85,6 +100,7 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
         max_len_a, max_len_b: at most floor(a * source length + b) tokens before <eos>.
         min_length: at least this many tokens before <eos>.
         length_penalty: alpha of the score, summed log-probability / length ** alpha.
+        no_repeat_ngram: n > 0: never repeat an n-gram of the output (0: off).
         use_cache: decode from the cache (False recomputes the prefix at every step).
         steps: run the decoder exactly this many steps, even after every row has ended
             (for callers that must keep several decoders in step); at least the longest
@@ -107,6 +123,7 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
         if done.all():
             continue  # the caller asked for a fixed number of steps
         logp = constrain(logp, step, limits, shortest, min_length, net.eos_id)
+        logp = block_repeats(logp, history, no_repeat_ngram)
         best_logp, best = logp.max(-1)
         total += best_logp.masked_fill(done, 0.0)
         length += (~done).long()
@@ -124,8 +141,8 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
 @torch.no_grad()
 def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float = 1.0,
                 max_len_a: float = 1.2, max_len_b: float = 10, min_length: int = 1,
-                n_finished: int | None = None, use_cache: bool = True,
-                steps: int | None = None) -> list[list[Hypothesis]]:
+                n_finished: int | None = None, no_repeat_ngram: int = 0,
+                use_cache: bool = True, steps: int | None = None) -> list[list[Hypothesis]]:
     """Batched beam search; each sentence stops when it has `n_finished` hypotheses.
 
     At each step, the 2 * beam best continuations of a sentence's beams are ranked; those
@@ -140,6 +157,7 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
         max_len_a, max_len_b: at most floor(a * source length + b) tokens before <eos>.
         min_length: at least this many tokens before <eos>.
         n_finished: finished hypotheses at which a sentence stops; None: `beam`.
+        no_repeat_ngram: n > 0: never repeat an n-gram of the output (0: off).
         use_cache: decode from the cache (False recomputes the prefix at every step).
         steps: run the decoder exactly this many steps (see `greedy`); None: stop when
             every sentence is done.
@@ -161,6 +179,7 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
         logp, cache = _step(net, search.tokens, search.history, encoded, cache, use_cache)
         shortest = min(search.limits[s] for s in search.sentences)
         logp = constrain(logp, step, search.row_limits, shortest, min_length, net.eos_id)
+        logp = block_repeats(logp, search.history, no_repeat_ngram)
         candidates = search.rank(logp)
         for sentence, hypothesis in search.ended(candidates, net.eos_id, step, length_penalty):
             if len(finished[sentence]) < n_finished:
