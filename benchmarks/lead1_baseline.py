@@ -5,9 +5,9 @@ P1: against the original subject only (as published systems report it); P2: the 
 over the three human annotations ann0..ann2. Sentences end at a line break or at `.!?`
 followed by a space, as the corpus's e-mails are written one sentence a line. The original
 subject lines are scored under P2 too: what a system that wrote each e-mail's real subject
-(perfect under P1) would get against the annotators. With `--run`,
-a trained run's test hypotheses (RUN/hypotheses/test.hyp.txt) are scored the same way, from
-the reference files written beside them.
+(perfect under P1) would get against the annotators. With `--run`, a trained run's test
+hypotheses (RUN/hypotheses/test.hyp.txt) are scored the same way, from the reference files
+written beside them.
 
     LMLAB_DATA_DIR=../shared/data python -m benchmarks.lead1_baseline [--split test] [--run RUN]
 """
@@ -47,7 +47,8 @@ def main() -> None:
     print(f"AESLC {args.split}: {len(rows)} e-mails, lead-1 baseline, ROUGE-1/2/L F (0-100)")
     table(leads, protocols)
     print("the original subject lines as the output (P1 would be 100)")
-    table([row["subject"] for row in rows], {name: protocols[name] for name in list(protocols)[1:]})
+    p2 = "P2 (best of ann0..ann2)"
+    table([row["subject"] for row in rows], {p2: protocols[p2]})
     if args.run is not None:
         folder = args.run / "hypotheses"
         split = "test" if args.split == "test" else "val"

@@ -40,7 +40,7 @@ from lmlab.tasks.text_metrics import one_line
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
          "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]; "
          "for a sequence-to-sequence run: input=TEXT | input_file=IN output_file=OUT "
-         "[beam=N] [length_penalty=A] [max_length=N] [no_repeat_ngram=N] [batch_size=N]")
+         "[beam=N] [length_penalty=A] [max_length=N] [no_repeat_ngram_size=N] [batch_size=N]")
 
 
 @dataclass
@@ -62,7 +62,7 @@ class GenerateConfig:
     beam: int | None = None  # beam size (1: greedy); null: the run's test setting
     length_penalty: float | None = None  # alpha of log-probability / length ** alpha
     max_length: int | None = None  # most tokens of an output; null: a * source length + b
-    no_repeat_ngram: int | None = None  # n > 0: never repeat an n-gram (0: off); null: the run's
+    no_repeat_ngram_size: int | None = None  # never repeat an n-gram (0: off); null: the run's
     batch_size: int = 32  # input_file lines decoded together
 
 
@@ -148,14 +148,16 @@ def transduce(net: torch.nn.Module, data: DataDescription, cfg: DictConfig,
 
 def search_settings(model: DictConfig, args: GenerateConfig) -> dict:
     """The run's test search, with what the command line changes."""
+    def chosen(name: str, default):
+        given = getattr(args, name)
+        return model.get(name, default) if given is None else given
+
     search = {"beam": args.beam or model.get("beam", 5),
-              "length_penalty": model.get("length_penalty", 1.0)
-              if args.length_penalty is None else args.length_penalty,
+              "length_penalty": chosen("length_penalty", 1.0),
+              "no_repeat_ngram_size": chosen("no_repeat_ngram_size", 0),
               "max_len_a": model.get("max_len_a", 1.2), "max_len_b": model.get("max_len_b", 10),
               "min_length": model.get("min_length", 1),
-              "n_finished": model.get("n_finished"), "use_cache": args.use_cache,
-              "no_repeat_ngram": model.get("no_repeat_ngram", 0)
-              if args.no_repeat_ngram is None else args.no_repeat_ngram}
+              "n_finished": model.get("n_finished"), "use_cache": args.use_cache}
     if args.max_length is not None:
         search.update(max_len_a=0.0, max_len_b=args.max_length)
     return search

@@ -19,7 +19,7 @@ from lmlab.check_parallel import parse
 from lmlab.cli import parse_args, parse_known_args
 from lmlab.errors import LmlabError
 from lmlab.evaluate import EvaluateArgs, find_checkpoint, override
-from lmlab.generate import GenerateConfig
+from lmlab.generate import GenerateConfig, search_settings
 from lmlab.generate import main as generate_main
 
 
@@ -380,3 +380,14 @@ def test_the_documented_hydra_quoting_keeps_the_text(make_cfg):
                         "data.files.train=2024.10")
     assert (unquoted.task_name, list(unquoted.tags), unquoted.data.files.train) == \
         ("0.001", [2024.1], 2024.1)
+
+
+def test_generate_searches_as_the_run_tests_unless_the_command_line_says_otherwise():
+    model = OmegaConf.create({"beam": 4, "length_penalty": 0.6, "no_repeat_ngram_size": 3})
+    run = search_settings(model, GenerateConfig(ckpt="run"))
+    assert (run["beam"], run["length_penalty"], run["no_repeat_ngram_size"]) == (4, 0.6, 3)
+    given = search_settings(model, GenerateConfig(ckpt="run", beam=2, length_penalty=1.0,
+                                                  no_repeat_ngram_size=0))
+    assert (given["beam"], given["length_penalty"], given["no_repeat_ngram_size"]) == (2, 1.0, 0)
+    older = search_settings(OmegaConf.create({}), GenerateConfig(ckpt="run"))  # keys it lacks
+    assert (older["beam"], older["length_penalty"], older["no_repeat_ngram_size"]) == (5, 1.0, 0)

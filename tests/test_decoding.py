@@ -122,14 +122,22 @@ def repeats(tokens: list[int], n: int) -> bool:
     return len(set(grams)) < len(grams)
 
 
+def masked_tokens(history: list[list[int]], n: int, vocab: int = 10) -> list[list[int]]:
+    logp = block_repeats(torch.zeros(len(history), vocab), torch.tensor(history), n)
+    return [row.isinf().nonzero().flatten().tolist() for row in logp]
+
+
 def test_block_repeats_masks_the_tokens_that_would_repeat_an_n_gram():
-    history = torch.tensor([[5, 6, 5, 7, 5], [5, 6, 7, 8, 9]])
-    masked = block_repeats(torch.zeros(2, 10), history, 2).isinf()
-    assert masked[0].nonzero().flatten().tolist() == [6, 7]  # after 5: 6 and 7 seen
-    assert not masked[1].any()  # 9 never came before
-    assert block_repeats(torch.zeros(2, 10), history, 1).isinf()[1].nonzero().flatten() \
-        .tolist() == [5, 6, 7, 8, 9]
-    assert not block_repeats(torch.zeros(2, 10), history, 0).isinf().any()
+    history = [[5, 6, 5, 7, 5], [5, 6, 7, 8, 9]]
+    assert masked_tokens(history, 2) == [[6, 7], []]  # after 5: 6 and 7 seen; 9 is new
+    assert masked_tokens(history, 1) == [[5, 6, 7], [5, 6, 7, 8, 9]]
+    assert masked_tokens(history, 0) == [[], []]
+    assert masked_tokens([[3, 3]], 2) == [[3]]  # the history exactly n long, overlapping
+    assert masked_tokens([[3, 4]], 3) == [[]]  # shorter than n
+    assert masked_tokens([[5, 6, 7, 5, 6]], 3) == [[7]]
+    assert masked_tokens([[1, 0, 2, 3]], 1, vocab=4) == [[]]  # nothing left: not masked
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be 0"):
+        block_repeats(torch.zeros(1, 4), torch.tensor([[1]]), -1)
 
 
 @pytest.mark.parametrize("name", DECODING_NETS)
@@ -139,17 +147,19 @@ def test_no_output_repeats_an_n_gram_when_blocked(name):
     long = dict(max_len_a=0.0, max_len_b=30)
     free = [hyps[0].tokens for hyps in beam_search(net, source, beam=3, **long)]
     assert any(repeats(tokens, 2) for tokens in free)  # the control: the check can fail
-    for results in (beam_search(net, source, beam=3, no_repeat_ngram=2, **long),
-                    greedy(net, source, no_repeat_ngram=2, **long)):
+    for results in (beam_search(net, source, beam=3, no_repeat_ngram_size=2, **long),
+                    greedy(net, source, no_repeat_ngram_size=2, **long)):
         assert [len(hyps[0].tokens) for hyps in results] == [30] * 4
         assert not any(repeats(h.tokens, 2) for hyps in results for h in hyps)
-    blocked = dict(no_repeat_ngram=2, **long)
+    blocked = dict(no_repeat_ngram_size=2, **long)
     assert tokens_of(beam_search(net, source, beam=1, **blocked)) == \
         tokens_of(greedy(net, source, **blocked))
-    together = beam_search(net, source, beam=3, **blocked)
-    for i, row in enumerate(source):
-        assert tokens_of(beam_search(net, row[row != PAD][None], beam=3, **blocked)) == \
-            tokens_of(together[i:i + 1])
+    net.bias, blocked = 0.0, dict(no_repeat_ngram_size=2, max_len_a=2.0)  # rows end apart
+    for search in (greedy, lambda n, s, **k: beam_search(n, s, beam=3, **k)):
+        together = search(net, source, **blocked)
+        for i, row in enumerate(source):
+            assert tokens_of(search(net, row[row != PAD][None], **blocked)) == \
+                tokens_of(together[i:i + 1])
 
 
 def test_the_length_limit_stays_within_the_position_table():

@@ -53,13 +53,14 @@ def test_generate_translates_one_input_and_a_file_line_by_line(summary_run, tmp_
     sources = lines(summary_run / "hypotheses" / "test.src.txt")[:5]
     (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
     args = [f"ckpt={summary_run}", f"input_file={tmp_path / 'in.txt'}",
-            f"output_file={tmp_path / 'out.txt'}", "beam=1", "batch_size=2", "no_repeat_ngram=2"]
+            f"output_file={tmp_path / 'out.txt'}", "beam=1", "batch_size=2",
+            "no_repeat_ngram_size=2"]
     done = run_cli(*args, module="lmlab.generate", cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     outputs = lines(tmp_path / "out.txt")
     assert len(outputs) == 5
-    one = run_cli(f"ckpt={summary_run}", f"input={sources[2]}", "beam=1", "no_repeat_ngram=2",
-                  module="lmlab.generate", cwd=ROOT)
+    one = run_cli(f"ckpt={summary_run}", f"input={sources[2]}", "beam=1",
+                  "no_repeat_ngram_size=2", module="lmlab.generate", cwd=ROOT)
     assert one.returncode == 0, one.stderr[-2000:]
     assert one.stdout.splitlines() == [outputs[2]]  # alone as in a padded batch
 

@@ -12,8 +12,8 @@ Rules that hold whatever the batch:
 - a hypothesis has at most `floor(max_len_a * source_length + max_len_b)` tokens (source
   length without padding; also at most what the net's positions allow, `net.max_length - 1`),
   after which <eos> is forced, and at least `min_length` tokens (<eos> is masked before);
-- with `no_repeat_ngram` n > 0, no row repeats an n-gram of its own output (a token that
-  would complete one it holds is masked; <eos> never is);
+- with `no_repeat_ngram_size` n > 0, no row repeats an n-gram of its own output (a token
+  that would complete one it holds is masked; <eos> never is), unless nothing else is left;
 - score = summed log-probability / length ** length_penalty, the length counting the
   generated tokens, <eos> included: never the source, <bos> or padding;
 - beam search with beam 1 is greedy search.
@@ -65,15 +65,23 @@ def constrain(logp: torch.Tensor, step: int, limits: torch.Tensor, shortest: int
 
 def block_repeats(logp: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
     """Masks, in each row, every token that would complete an n-gram its `history` (R, L)
-    already holds: the tokens that followed an earlier occurrence of its last n - 1."""
-    if n < 1 or history.size(1) < n:
+    already holds: the tokens that followed an earlier occurrence of its last n - 1 (n = 1:
+    every token it produced). A row that would have no token left is not masked.
+
+    Raises:
+        ValueError: n is negative (0 is off).
+    """
+    if n < 0:
+        raise ValueError(f"no_repeat_ngram_size must be 0 (off) or more, not {n}")
+    if n == 0 or history.size(1) < n:
         return logp
     grams = history.unfold(1, n, 1)  # (R, L - n + 1, n)
     recent = history[:, history.size(1) - n + 1:]  # (R, n - 1)
     seen = (grams[:, :, :-1] == recent[:, None, :]).all(-1)  # (R, G)
-    counts = torch.zeros(logp.shape, dtype=torch.long, device=logp.device)
-    counts.scatter_add_(1, grams[:, :, -1], seen.long())
-    return logp.masked_fill(counts > 0, float("-inf"))
+    ban = torch.zeros(seen.shape, dtype=logp.dtype, device=logp.device)
+    blocked = logp.scatter_add(1, grams[:, :, -1], ban.masked_fill(seen, float("-inf")))
+    stuck = blocked.isneginf().all(-1, keepdim=True)  # e.g. <eos> masked by min_length
+    return torch.where(stuck, logp, blocked)
 
 
 def _step(net, tokens: torch.Tensor, history: torch.Tensor, encoded: dict, cache,
@@ -90,7 +98,7 @@ def _step(net, tokens: torch.Tensor, history: torch.Tensor, encoded: dict, cache
 
 @torch.no_grad()
 def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float = 10,
-           min_length: int = 1, length_penalty: float = 1.0, no_repeat_ngram: int = 0,
+           min_length: int = 1, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
            use_cache: bool = True, steps: int | None = None) -> list[list[Hypothesis]]:
     """Greedy search: the most likely token at each step, each row until its own <eos>.
 
@@ -100,7 +108,7 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
         max_len_a, max_len_b: at most floor(a * source length + b) tokens before <eos>.
         min_length: at least this many tokens before <eos>.
         length_penalty: alpha of the score, summed log-probability / length ** alpha.
-        no_repeat_ngram: n > 0: never repeat an n-gram of the output (0: off).
+        no_repeat_ngram_size: n > 0: never repeat an n-gram of the output (0: off).
         use_cache: decode from the cache (False recomputes the prefix at every step).
         steps: run the decoder exactly this many steps, even after every row has ended
             (for callers that must keep several decoders in step); at least the longest
@@ -123,7 +131,7 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
         if done.all():
             continue  # the caller asked for a fixed number of steps
         logp = constrain(logp, step, limits, shortest, min_length, net.eos_id)
-        logp = block_repeats(logp, history, no_repeat_ngram)
+        logp = block_repeats(logp, history, no_repeat_ngram_size)
         best_logp, best = logp.max(-1)
         total += best_logp.masked_fill(done, 0.0)
         length += (~done).long()
@@ -141,7 +149,7 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
 @torch.no_grad()
 def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float = 1.0,
                 max_len_a: float = 1.2, max_len_b: float = 10, min_length: int = 1,
-                n_finished: int | None = None, no_repeat_ngram: int = 0,
+                n_finished: int | None = None, no_repeat_ngram_size: int = 0,
                 use_cache: bool = True, steps: int | None = None) -> list[list[Hypothesis]]:
     """Batched beam search; each sentence stops when it has `n_finished` hypotheses.
 
@@ -157,7 +165,7 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
         max_len_a, max_len_b: at most floor(a * source length + b) tokens before <eos>.
         min_length: at least this many tokens before <eos>.
         n_finished: finished hypotheses at which a sentence stops; None: `beam`.
-        no_repeat_ngram: n > 0: never repeat an n-gram of the output (0: off).
+        no_repeat_ngram_size: n > 0: never repeat an n-gram of the output (0: off).
         use_cache: decode from the cache (False recomputes the prefix at every step).
         steps: run the decoder exactly this many steps (see `greedy`); None: stop when
             every sentence is done.
@@ -179,7 +187,7 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
         logp, cache = _step(net, search.tokens, search.history, encoded, cache, use_cache)
         shortest = min(search.limits[s] for s in search.sentences)
         logp = constrain(logp, step, search.row_limits, shortest, min_length, net.eos_id)
-        logp = block_repeats(logp, search.history, no_repeat_ngram)
+        logp = block_repeats(logp, search.history, no_repeat_ngram_size)
         candidates = search.rank(logp)
         for sentence, hypothesis in search.ended(candidates, net.eos_id, step, length_penalty):
             if len(finished[sentence]) < n_finished:

@@ -44,7 +44,7 @@ class Seq2SeqTask(Task):
         min_length: fewest tokens before `<eos>` may end a hypothesis.
         n_finished: finished hypotheses at which a sentence's beam search stops (null: the
             beam size).
-        no_repeat_ngram: n > 0: no hypothesis repeats an n-gram of its own (0: off).
+        no_repeat_ngram_size: n > 0: no hypothesis repeats an n-gram of its own (0: off).
         data: the data's description: the target tokenizer decodes hypotheses.
     """
 
@@ -54,18 +54,21 @@ class Seq2SeqTask(Task):
                  weight_decay: float = 0.0, label_smoothing: float = 0.1,
                  metric: str | None = None, beam: int = 5, val_beam: int = 1,
                  length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
-                 min_length: int = 1, n_finished: int | None = None, no_repeat_ngram: int = 0,
+                 min_length: int = 1, n_finished: int | None = None, no_repeat_ngram_size: int = 0,
                  data: DataDescription | None = None):
         super().__init__(net, optimizer, scheduler)
         metric = metric or METRIC_OF_TASK.get(getattr(data, "task_type", None), "bleu")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
+        if no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or more, "
+                             f"not {no_repeat_ngram_size}")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
         self.weight_decay, self.label_smoothing, self.metric = weight_decay, label_smoothing, metric
         self.beams = {"val": val_beam, "test": beam}
         self.search = {"length_penalty": length_penalty, "max_len_a": max_len_a,
                        "max_len_b": max_len_b, "min_length": min_length,
-                       "n_finished": n_finished, "no_repeat_ngram": no_repeat_ngram}
+                       "n_finished": n_finished, "no_repeat_ngram_size": no_repeat_ngram_size}
         self.tokenizer = data.target_tokenizer if data is not None else None
         self.hypotheses: dict[str, list[tuple[int, str]]] = {"val": [], "test": []}
 
