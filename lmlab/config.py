@@ -179,8 +179,8 @@ def _monitor_problems(cfg: DictConfig) -> list[str]:
 
 def _seq2seq_problems(cfg: DictConfig) -> list[str]:
     """A sequence-to-sequence net that shares embeddings needs one joint vocabulary, one that
-    copies needs shared embeddings, and its position table must hold the longest source and
-    target."""
+    copies needs shared embeddings, n-gram blocking needs n >= 0, and the position table must
+    hold the longest source and target."""
     net, data, problems = cfg.model.get("net") or {}, cfg.data, []
     if net.get("share_embeddings") and data.get("joint_vocab") is False:
         problems.append("model.net.share_embeddings=true needs one joint vocabulary; set "
@@ -188,6 +188,9 @@ def _seq2seq_problems(cfg: DictConfig) -> list[str]:
     if net.get("copy") and not net.get("share_embeddings"):
         problems.append("model.net.copy=true copies source ids as output ids: set "
                         "model.net.share_embeddings=true and data.joint_vocab=true")
+    if (cfg.model.get("no_repeat_ngram_size") or 0) < 0:
+        problems.append(f"model.no_repeat_ngram_size={cfg.model.no_repeat_ngram_size}: set 0 "
+                        "(off) or n > 0 (no output repeats an n-gram)")
     table = net.get("max_length")
     for key in ("max_source_length", "max_target_length"):
         if isinstance(table, int) and isinstance(data.get(key), int) and data[key] > table:

@@ -196,6 +196,9 @@ def test_seq2seq_nets_are_checked_against_their_data(make_cfg):
     with pytest.raises(ConfigError, match="copy=true copies source ids as output ids"):
         check_config(make_cfg("model=transformer_tiny", "data=stdlib_summaries",
                               "model.net.copy=true"))
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size=-2: set 0"):
+        check_config(make_cfg("model=lstm_attn", "data=stdlib_summaries",
+                              "model.no_repeat_ngram_size=-2"))
     check_config(make_cfg("model=transformer_small", "data=stdlib_summaries",
                           "data.joint_vocab=true"))
 
