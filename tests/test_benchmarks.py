@@ -7,6 +7,7 @@ import sys
 from conftest import DATA_DIR, needs_data
 from benchmarks import lead1_baseline
 from benchmarks.lead1_baseline import lead
+from lmlab.tasks.text_metrics import rouge
 
 
 def test_lead_1_is_the_first_sentence_or_line():
@@ -48,3 +49,8 @@ def test_the_original_subjects_are_scored_against_the_annotations(monkeypatch, c
     assert printed[6].split()[0] == printed[7].split()[0] == "P2"
     subject, lead_1 = rouge_l(printed[7]), rouge_l(printed[4])  # stemmed, P2
     assert lead_1 < subject < 100  # against the annotators, not against itself
+    with gzip.open(DATA_DIR / "summarization" / "aeslc" / "dev.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    expected = rouge([r["subject"] for r in rows], [[r[f"ann{k}"] for k in range(3)]
+                                                    for r in rows])["rougeL"]
+    assert subject == round(expected, 1)

@@ -60,9 +60,6 @@ class Seq2SeqTask(Task):
         metric = metric or METRIC_OF_TASK.get(getattr(data, "task_type", None), "bleu")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
-        if no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or more, "
-                             f"not {no_repeat_ngram_size}")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
         self.weight_decay, self.label_smoothing, self.metric = weight_decay, label_smoothing, metric
         self.beams = {"val": val_beam, "test": beam}
