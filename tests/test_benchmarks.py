@@ -7,6 +7,7 @@ import sys
 from conftest import DATA_DIR, needs_data
 from benchmarks import lead1_baseline
 from benchmarks.lead1_baseline import lead
+from benchmarks.search_settings import parse_setting
 from lmlab.tasks.text_metrics import rouge
 
 
@@ -54,3 +55,9 @@ def test_the_original_subjects_are_scored_against_the_annotations(monkeypatch, c
     expected = rouge([r["subject"] for r in rows], [[r[f"ann{k}"] for k in range(3)]
                                                     for r in rows])["rougeL"]
     assert subject == round(expected, 1)
+
+
+def test_a_search_setting_is_read_from_its_words():
+    assert parse_setting("beam=4 length_penalty=2.0 min_length=3") == \
+        (4, {"length_penalty": 2.0, "min_length": 3})
+    assert parse_setting("no_repeat_ngram_size=2") == (None, {"no_repeat_ngram_size": 2})
