@@ -96,7 +96,8 @@ def test_best(trainer: L.Trainer, cfg: DictConfig, data) -> tuple[dict[str, floa
     checkpoint = final_checkpoint(trainer, output_dir)
     weights = export_weights(trainer, checkpoint, output_dir, to_yaml(redacted(cfg)))
     task = load_task(cfg, data, weights)
-    metrics = trainer.test(task, datamodule=data, verbose=False)[0]  # `report` prints them
+    tested = trainer.test(task, datamodule=data, verbose=False)  # `report` prints them
+    metrics = tested[0] if tested else {}  # none with trainer.limit_test_batches=0
     best = best_score(trainer.checkpoint_callback)
     if best is not None:
         metrics[f"best {cfg.monitor}"] = best

@@ -189,6 +189,27 @@ def test_sequences_longer_than_the_position_table_are_refused():
         net.encode(torch.full((1, 65), 5))
 
 
+@pytest.mark.parametrize("name", ["lstm-luong", "lstm-bahdanau"])
+def test_the_first_recurrent_state_is_contiguous_as_cudnn_needs(name):
+    """cuDNN's LSTM refuses a non-contiguous state ("rnn: cx is not contiguous"), where the
+    CPU's takes it: checked here on the CPU, and run on CUDA below."""
+    net = tiny(name)
+    state = net.initial_state(net.encode(batch()[0]))
+    assert state["h"].is_contiguous() and state["c"].is_contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["lstm-luong", "lstm-bahdanau"])
+def test_the_recurrent_net_trains_and_decodes_on_cuda(name):
+    net = tiny(name).cuda()
+    source, target = (t.cuda() for t in batch())
+    net.train()
+    net(source, target).sum().backward()
+    found = beam_search(net.eval(), source, beam=2, max_len_b=4)
+    assert len(found) == len(source)
+
+
 def test_each_encoder_direction_reads_its_own_side():
     net = tiny("lstm-luong")
     source, _ = batch(lengths=(6, 6))

@@ -159,9 +159,10 @@ class RNNSeq2Seq(nn.Module):
 
     def initial_state(self, encoded: dict) -> dict:
         init = encoded["init"]  # (B, L * H)
-        h = init.view(init.size(0), self.num_layers, self.hidden_size).transpose(0, 1)
+        # cuDNN's LSTM takes contiguous states only (zeros_like keeps a transpose's strides)
+        h = init.view(init.size(0), self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
         feed = init.new_zeros(init.size(0), self.lm_head.in_features)
-        return {"h": h.contiguous(), "c": torch.zeros_like(h), "feed": feed}
+        return {"h": h, "c": torch.zeros_like(h), "feed": feed}
 
     def decode_step(self, tokens: torch.Tensor, encoded: dict, cache: dict | None
                     ) -> tuple[torch.Tensor, dict]:
