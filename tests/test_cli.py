@@ -104,6 +104,7 @@ def test_training_writes_checkpoints_and_evaluation_reproduces_the_test_metrics(
     assert "test/acc" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_run_told_to_test_nothing_ends_cleanly(tmp_path):
     result = run(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                  "trainer.limit_val_batches=1", "trainer.limit_test_batches=0", "strategy=cpu")
