@@ -8,10 +8,11 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -284,3 +285,16 @@ class TensorMemory(Callback):
             self.bytes = live_tensor_bytes()
             log.info("live tensor memory on rank %d: %.3f MiB before the second step",
                      trainer.global_rank, self.bytes / 2**20)
+
+
+class MovingAverage(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights (`callbacks=ema`): validation,
+    checkpoints and the test use the average; a resumed run continues it. Lightning warns
+    that it cannot shard a model whose task overrides `configure_model` (lmlab's tasks do,
+    for strategy=fsdp2); the config check keeps it off sharded strategies, so the warning
+    is dropped."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You're using the WeightAveraging")
+            super().setup(trainer, pl_module, stage)
