@@ -80,7 +80,6 @@ def check_config(cfg: DictConfig) -> None:
     problems += strategy_problems(cfg)
     problems += _monitor_problems(cfg)
     problems += _seq2seq_problems(cfg)
-    problems += _averaging_problems(cfg)
     problems += _slurm_problems(cfg.trainer)
     problems += _resume_problems(cfg)
     if problems:
@@ -198,19 +197,6 @@ def _seq2seq_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"data.{key}={data[key]} is longer than the model's position "
                             f"table (model.net.max_length={table}); raise model.net.max_length")
     return problems
-
-
-def _averaging_problems(cfg: DictConfig) -> list[str]:
-    """Lightning's weight averaging keeps a whole copy of the model in each process, which
-    a sharded strategy does not have."""
-    averaging = [name for name, node in (cfg.get("callbacks") or {}).items()
-                 if node and any(base.__name__ == "WeightAveraging" for base in
-                                 getattr(_importable(node.get("_target_")), "__mro__", ()))]
-    kind = specs.describe(cfg.trainer).kind
-    if not averaging or kind not in ("fsdp", "model_parallel", "deepspeed"):
-        return []
-    return [f"callbacks.{averaging[0]} averages whole copies of the model, and this strategy "
-            f"({kind}) shards it; use strategy=ddp (or one device), or callbacks=default"]
 
 
 def _resume_problems(cfg: DictConfig) -> list[str]:

@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import open_dict
 
 from lmlab.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LMLAB_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 needs_data = pytest.mark.skipif(not (DATA_DIR / "README.md").is_file(),
                                 reason=f"the public corpora folder {DATA_DIR} is not present")
 

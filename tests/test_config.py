@@ -4,11 +4,11 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
 from omegaconf import open_dict
 
+from conftest import GPU
 from lmlab.build import callbacks, loggers, task_for
 from lmlab.data.description import DataDescription
 from lmlab.data.tokenizers import WordTokenizer
@@ -19,7 +19,6 @@ from lmlab.parallel.specs import world_size
 GROUPS = ["model", "data", "data/tokenizer", "strategy", "precision", "trainer", "logger",
           "callbacks", "paths", "debug", "experiment", "sweep"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted(Path(CONF_DIR, g).glob("*.yaml"))]
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA_ONLY = ("gpu", "16-mixed")
 PARAMS = [pytest.param(g, o, id=f"{g}={o}", marks=GPU if any(c in o for c in CUDA_ONLY) else ())
           for g, o in OPTIONS]

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import GPU
 from lmlab.models.attention import Attention
 from lmlab.models.decoding import beam_search
 from lmlab.models.rnn_seq2seq import RNNSeq2Seq
@@ -198,9 +199,8 @@ def test_the_first_recurrent_state_is_contiguous_as_cudnn_needs(name):
     assert state["h"].is_contiguous() and state["c"].is_contiguous()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["lstm-luong", "lstm-bahdanau"])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=GPU)
+                                  for name in ("lstm-luong", "lstm-bahdanau")])
 def test_the_recurrent_net_trains_and_decodes_on_cuda(name):
     net = tiny(name).cuda()
     source, target = (t.cuda() for t in batch())

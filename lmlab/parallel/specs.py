@@ -149,11 +149,36 @@ def strategy_problems(cfg: DictConfig) -> list[str]:
             and not str(cfg.trainer.get("devices")).isdigit():
         problems.append("the hybrid FSDP modes shard over the devices of each node and need "
                         "their number: set trainer.devices=N")
+    problems += _averaging_problems(spec, cfg)
     batch = cfg.data.get("batch_size")
     if isinstance(batch, int) and batch % spec.data_parallel:
         dp = spec.data_parallel
         problems.append(f"data.batch_size={batch} is the global batch and must divide evenly "
                         f"among {dp} data-parallel processes; use a multiple of {dp}")
+    return problems
+
+
+def _averaging_problems(spec: StrategySpec, cfg: DictConfig) -> list[str]:
+    """Lightning's weight averaging (`callbacks=ema`) copies values between the model's own
+    parameters and a whole copy of them: FSDP and FSDP2 flatten or shard those parameters,
+    DeepSpeed keeps its own master weights, and a half-precision copy rounds each update
+    of (1 - decay) away."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    found = [name for name, node in (cfg.get("callbacks") or {}).items() if node
+             and isinstance(target := _importable(node.get("_target_")), type)
+             and issubclass(target, WeightAveraging)]
+    if not found:
+        return []
+    problems, precision = [], str(cfg.trainer.get("precision"))
+    if spec.kind in ("fsdp", "model_parallel", "deepspeed"):
+        problems.append(f"callbacks.{found[0]} averages the model's own parameters, which "
+                        f"this strategy ({spec.kind}) wraps or shards; use strategy=ddp or "
+                        "one device, or callbacks=default")
+    if precision in ("16-true", "bf16-true"):
+        problems.append(f"callbacks.{found[0]} with precision={precision} keeps the average "
+                        "in half precision, where each small update rounds away; use "
+                        f"precision={precision.split('-')[0]}-mixed")
     return problems
 
 
