@@ -19,6 +19,7 @@ from lmlab.checkpoints import load_weights
 from lmlab.config import monitor_mode
 from lmlab.data.description import DataDescription
 from lmlab.errors import ConfigError
+from lmlab.kernels import kernels_of
 from lmlab.loggers import WandbIdInCheckpoint, WandbLogger, wandb_arguments
 from lmlab.run_info import record_run
 
@@ -111,8 +112,9 @@ def check_schedule(cfg: DictConfig, batches_per_epoch: int) -> None:
 
 
 def callbacks(cfg: DictConfig) -> list:
+    """The callbacks group's, and the kernel choices (lmlab/kernels.py)."""
     found = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    return [c for c in found if c is not None]  # a factory may decide on none
+    return [c for c in found if c is not None] + [kernels_of(cfg)]  # a factory may decide on none
 
 
 def loggers(cfg: DictConfig, resume: str | None = None) -> list | bool:

@@ -45,6 +45,7 @@ class RunConfig:
     trainer: Any = None
     logger: Any = None
     callbacks: Any = None
+    kernels: Any = None
     paths: Any = None
 
 

@@ -22,6 +22,7 @@ from lmlab.checkpoints import SAFE_WEIGHTS, WEIGHTS
 from lmlab.build import load_task
 from lmlab.cli import convert, did_you_mean, fail, parse_known_args, report, unknown_key
 from lmlab.errors import LmlabError
+from lmlab.kernels import kernels_of
 from lmlab.safety import check_targets
 
 USAGE = ("python -m lmlab.evaluate RUN_DIR [ckpt=best|last|weights|PATH] "
@@ -146,7 +147,7 @@ def evaluate(run_dir: str | Path, ckpt: str | None = None, overrides: list[str] 
     task = load_task(cfg, data, checkpoint)
     trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1,
                         precision=cfg.trainer.get("precision", "32-true"), logger=False,
-                        enable_checkpointing=False,
+                        enable_checkpointing=False, callbacks=[kernels_of(cfg)],
                         default_root_dir=str(run_dir / "evaluate"))  # seq2seq hypotheses
     metrics = trainer.test(task, datamodule=data, verbose=False)[0]
     report(metrics, run_dir, str(checkpoint))

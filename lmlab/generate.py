@@ -32,6 +32,7 @@ from lmlab.data.description import DataDescription
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.evaluate import find_checkpoint, load_run_config
+from lmlab.kernels import kernels_of
 from lmlab.data.batching import pad_batch
 from lmlab.models.decoding import best_tokens
 from lmlab.models.sampling import generate
@@ -82,6 +83,7 @@ def load_model(ckpt: str, device: str = "cpu"
                              read_state_dict(checkpoint).items() if k.startswith("net.")}, net)
     check_fits(net, state, checkpoint, cfg)
     net.load_state_dict(state)
+    kernels_of(cfg).apply()
     return net.to(device).eval(), data, cfg
 
 

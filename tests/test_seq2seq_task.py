@@ -5,9 +5,11 @@ import os
 import sys
 
 import pytest
+import torch
 
 from conftest import DATA_DIR, ROOT, needs_data, run_cli
 from lmlab.check_parallel import check, run_subprocess
+from lmlab.generate import load_model
 from lmlab.tasks.text_metrics import bleu, rouge
 
 TINY = ["model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=600",
@@ -63,6 +65,16 @@ def test_generate_translates_one_input_and_a_file_line_by_line(summary_run, tmp_
                   "no_repeat_ngram_size=2", module="lmlab.generate", cwd=ROOT)
     assert one.returncode == 0, one.stderr[-2000:]
     assert one.stdout.splitlines() == [outputs[2]]  # alone as in a padded batch
+
+
+def test_generate_sets_the_runs_kernel_choices(summary_run):
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        load_model(str(summary_run))
+        assert torch.backends.cuda.cudnn_sdp_enabled() is False  # the run's kernels node
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def test_generate_asks_for_an_input(summary_run):
