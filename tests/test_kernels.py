@@ -5,8 +5,10 @@ import torch
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
+from conftest import GPU
 from lmlab.build import build
 from lmlab.kernels import Kernels, kernels_of
+from lmlab.models.seq2seq import Seq2SeqTransformer
 
 SHORT_RUN = ("model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=300",
              "strategy=cpu", "logger=none", "trainer.max_epochs=1",
@@ -48,3 +50,19 @@ def test_apply_sets_the_switch_in_this_process(switch):
     torch.backends.cuda.enable_cudnn_sdp(True)
     Kernels(cudnn_attention=False).apply()
     assert torch.backends.cuda.cudnn_sdp_enabled() is False
+
+
+@pytest.mark.parametrize("lengths", [pytest.param((7, 12, 30), marks=GPU)])
+def test_attention_on_cuda_runs_without_cudnn_by_default(switch, lengths):
+    """Batches of new lengths, as bucketing makes them, train and decode with no cuDNN
+    attention kernel: the default switch reaches the kernel choice."""
+    kernels_of(OmegaConf.create({})).apply()
+    net = Seq2SeqTransformer(40, 40, 0, 1, 2, d_model=64, n_head=2, n_encoder_layers=1,
+                             n_decoder_layers=1, d_ff=64).cuda()
+    with torch.profiler.profile() as profile, torch.autocast("cuda", dtype=torch.bfloat16):
+        for length in lengths:
+            source = torch.randint(3, 40, (4, length), device="cuda")
+            net(source, source[:, :length // 2]).float().sum().backward()
+    names = {event.name for event in profile.events()}
+    assert any("attention" in name for name in names)  # the profile sees attention ops
+    assert not [name for name in names if "cudnn_attention" in name]
