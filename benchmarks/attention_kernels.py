@@ -3,8 +3,10 @@
 `scaled_dot_product_attention` may pick cuDNN's fused attention on recent GPUs. cuDNN builds an
 execution plan for each new shape; length-bucketed seq2seq batches bring a new shape with
 almost every batch, the GPT's fixed-length blocks one shape for the whole run. Both cases
-train here with cuDNN attention on and off, alternating in one process, on the same batches
-from the same initial weights (bf16 autocast, AdamW); the medians of the passes are reported.
+train here with cuDNN attention on and off, alternating in one process, from the same initial
+weights (bf16 autocast, AdamW), in two ways: the same batches in every pass (after the
+warm-up pass every shape's plan is cached: cuDNN's best case) and batches each pass has not
+seen (later ones of the training order, as training meets them). Medians of the passes.
 
     python -m benchmarks.attention_kernels [--batches 40] [--repeats 5]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import platform
 import statistics
@@ -37,11 +40,22 @@ def batches_and_task(overrides: list[str], count: int, out: str, device: str
                                f"paths.data_dir={os.environ.get('LMLAB_DATA_DIR', 'data')}"])
     data = instantiate(cfg.data)
     data.setup()
-    batches = [{k: v.to(device) for k, v in batch.items()}
-               for _, batch in zip(range(count), data.train_dataloader())]
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in in_order(data, count)]
     torch.manual_seed(0)
     task = task_for(cfg, data.describe())
     return batches, task
+
+
+def in_order(data, count: int) -> list[dict]:
+    """The first `count` training batches, epoch after epoch, as training draws them."""
+    found = []
+    for epoch in itertools.count():
+        loader = data.train_dataloader()
+        bucketed = hasattr(loader.batch_sampler, "set_epoch")  # else batches of a sampler
+        (loader.batch_sampler if bucketed else loader.sampler).set_epoch(epoch)
+        found += itertools.islice(loader, count - len(found))
+        if len(found) == count:
+            return found
 
 
 def train_pass(task, batches: list[dict], cudnn: bool) -> float:
@@ -67,17 +81,21 @@ def synchronize(device: str) -> None:
 
 
 def measure(overrides: list[str], count: int, repeats: int, device: str = "cuda"
-            ) -> dict[str, list[float]]:
+            ) -> dict[tuple[str, bool], list[float]]:
+    """Seconds per step of each (batches, cuDNN allowed) pair, one a pass."""
     with tempfile.TemporaryDirectory() as out:
-        batches, initial = batches_and_task(overrides, count, out, device)
+        batches, initial = batches_and_task(overrides, count * (1 + 2 * repeats), out, device)
     initial.log = lambda *args, **kwargs: None  # no trainer: nothing to log into
     initial.to(device).train()
-    times = {"cuDNN on": [], "cuDNN off": []}
-    for cudnn in (True, False):  # warm-up: the plans of every shape, each backend's kernels
-        train_pass(copy.deepcopy(initial), batches, cudnn)
+    same, unseen = batches[:count], iter(batches[count:])
+    times = {(kind, cudnn): [] for kind in ("same", "new") for cudnn in (True, False)}
+    for cudnn in (True, False):  # warm-up: the plans of `same`'s shapes, each backend's kernels
+        train_pass(copy.deepcopy(initial), same, cudnn)
     for _ in range(repeats):
-        for name, cudnn in (("cuDNN on", True), ("cuDNN off", False)):
-            times[name].append(train_pass(copy.deepcopy(initial), batches, cudnn))
+        for cudnn in (True, False):
+            times["same", cudnn].append(train_pass(copy.deepcopy(initial), same, cudnn))
+            new = list(itertools.islice(unseen, count))
+            times["new", cudnn].append(train_pass(copy.deepcopy(initial), new, cudnn))
     return times
 
 
@@ -94,10 +112,12 @@ def main() -> None:
     try:
         for case, overrides in CASES.items():
             times = measure(overrides, args.batches, args.repeats)
-            on, off = (statistics.median(times[k]) for k in ("cuDNN on", "cuDNN off"))
-            print(f"{case}: {args.batches} steps x {args.repeats} alternating passes, median "
-                  f"step {on * 1e3:.1f} ms with cuDNN attention, {off * 1e3:.1f} ms without "
-                  f"(on / off = {on / off:.2f})")
+            for kind in ("same", "new"):
+                on, off = (statistics.median(times[kind, cudnn]) for cudnn in (True, False))
+                print(f"{case}, {kind} batches each pass: {args.batches} steps x "
+                      f"{args.repeats} alternating passes, median step {on * 1e3:.1f} ms "
+                      f"with cuDNN attention, {off * 1e3:.1f} ms without "
+                      f"(time on / off = {on / off:.2f})")
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
 

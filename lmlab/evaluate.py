@@ -145,13 +145,18 @@ def evaluate(run_dir: str | Path, ckpt: str | None = None, overrides: list[str] 
     data = instantiate(cfg.data, load_from=str(run_dir))
     data.setup("test")
     task = load_task(cfg, data, checkpoint)
-    trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1,
-                        precision=cfg.trainer.get("precision", "32-true"), logger=False,
-                        enable_checkpointing=False, callbacks=[kernels_of(cfg)],
-                        default_root_dir=str(run_dir / "evaluate"))  # seq2seq hypotheses
-    metrics = trainer.test(task, datamodule=data, verbose=False)[0]
+    metrics = trainer_for_test(cfg, run_dir).test(task, datamodule=data, verbose=False)[0]
     report(metrics, run_dir, str(checkpoint))
     return metrics
+
+
+def trainer_for_test(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """One device of the run's accelerator and precision, with the run's kernel choices; a
+    seq2seq test writes its hypotheses under RUN/evaluate."""
+    return L.Trainer(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1,
+                     precision=cfg.trainer.get("precision", "32-true"), logger=False,
+                     enable_checkpointing=False, callbacks=[kernels_of(cfg)],
+                     default_root_dir=str(run_dir / "evaluate"))
 
 
 def main(argv: list[str]) -> None:

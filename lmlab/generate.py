@@ -70,7 +70,8 @@ class GenerateConfig:
 def load_model(ckpt: str, device: str = "cpu"
                ) -> tuple[torch.nn.Module, DataDescription, DictConfig]:
     """The net of a run, its data's description (its tokenizers) and its config, from the
-    run folder or one of its checkpoint files."""
+    run folder or one of its checkpoint files; sets the run's kernel choices in this
+    process (lmlab/kernels.py)."""
     path = Path(ckpt)
     run_dir = next((p for p in (path, *path.parents) if (p / ".hydra").is_dir()), path)
     cfg = load_run_config(run_dir)

@@ -36,8 +36,16 @@ class Kernels(Callback):
         self.apply()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.restore()  # Lightning skips teardown after an exception
+
+    def restore(self) -> None:
+        """Puts back the setting the process had before `setup`."""
         if self.previous is not None:
             torch.backends.cuda.enable_cudnn_sdp(self.previous)
+            self.previous = None
 
 
 def kernels_of(cfg: DictConfig) -> Kernels:
