@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from lmlab.kernels import kernels_of
 from lmlab.data.batching import pad_batch
 from lmlab.models.decoding import best_tokens
 from lmlab.models.sampling import generate
+from lmlab.tasks.seq2seq import consensus_of, task_metric
 from lmlab.tasks.text_metrics import one_line
 
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
@@ -64,6 +67,7 @@ class GenerateConfig:
     length_penalty: float | None = None  # alpha of log-probability / length ** alpha
     max_length: int | None = None  # most tokens of an output; null: a * source length + b
     no_repeat_ngram_size: int | None = None  # never repeat an n-gram (0: off); null: the run's
+    mbr: bool | None = None  # output the consensus of the beam's hypotheses; null: the run's
     batch_size: int = 32  # input_file lines decoded together
 
 
@@ -133,6 +137,7 @@ def transduce(net: torch.nn.Module, data: DataDescription, cfg: DictConfig,
                          f"(one of them)\nusage: {USAGE}")
     lines = [args.input] if args.input is not None else read_lines(Path(args.input_file))
     search = search_settings(cfg.model, args)
+    choose = consensus_choice(cfg, data, args)
     longest = cfg.data.get("max_source_length") or None  # cut as in training
     outputs = []
     progress = Console(stderr=True)  # stdout may be the outputs
@@ -143,7 +148,7 @@ def transduce(net: torch.nn.Module, data: DataDescription, cfg: DictConfig,
                  for line in lines[start:start + args.batch_size]]
         source, _ = pad_batch([torch.tensor(ids) for ids in batch], data.pad_id)
         with torch.no_grad():
-            found = best_tokens(net, source.to(args.device), **search)
+            found = best_tokens(net, source.to(args.device), choose=choose, **search)
         outputs += [one_line(data.target_tokenizer.decode(tokens)) for tokens in found]
     write_lines(outputs, args.output_file)
     return outputs
@@ -164,6 +169,16 @@ def search_settings(model: DictConfig, args: GenerateConfig) -> dict:
     if args.max_length is not None:
         search.update(max_len_a=0.0, max_len_b=args.max_length)
     return search
+
+
+def consensus_choice(cfg: DictConfig, data: DataDescription, args: GenerateConfig
+                     ) -> Callable | None:
+    """With `mbr` (the run's, unless the arguments change it), the chooser of the consensus
+    hypothesis under the run's metric; else None (the best-scored)."""
+    if not (cfg.model.get("mbr", False) if args.mbr is None else args.mbr):
+        return None
+    return partial(consensus_of, tokenizer=data.target_tokenizer,
+                   metric=task_metric(cfg.model.get("metric"), cfg.data.get("task_type")))
 
 
 def read_lines(path: Path) -> list[str]:

@@ -5,11 +5,14 @@ the source or padding counted in the length penalty), and a copy task learnt in 
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from test_seq2seq_models import BOS, EOS, PAD, batch, tiny
 
-from lmlab.models.decoding import beam_search, block_repeats, greedy, max_lengths
+from lmlab.build import task_for
+from lmlab.models.decoding import beam_search, best_tokens, block_repeats, greedy, max_lengths
 from lmlab.models.rnn_seq2seq import RNNSeq2Seq
 from lmlab.models.seq2seq import Seq2SeqTransformer
+from lmlab.tasks.text_metrics import consensus
 
 DECODING_NETS = ["transformer", "lstm-luong", "lstm-bahdanau"]
 
@@ -245,3 +248,30 @@ def test_too_few_fixed_steps_are_refused():
     source, _ = batch(lengths=(7, 3))
     with pytest.raises(ValueError, match="steps=2 is fewer than"):
         greedy(tiny("transformer"), source, steps=2)
+
+
+def test_a_chooser_picks_which_hypothesis_is_output():
+    net = tiny("transformer")
+    source, _ = batch(lengths=(7, 3, 5))
+    found = beam_search(net, source, beam=3)
+    last = best_tokens(net, source, beam=3, choose=lambda hypotheses: len(hypotheses) - 1)
+    assert last == [hypotheses[-1].tokens for hypotheses in found]
+    assert best_tokens(net, source, beam=3) == [hypotheses[0].tokens for hypotheses in found]
+    assert last != best_tokens(net, source, beam=3)
+
+
+@pytest.mark.parametrize("mbr", [True, False])
+def test_the_task_outputs_the_consensus_of_its_beam_with_mbr(make_cfg, mbr):
+    cfg = make_cfg("model=transformer_tiny", "data=stdlib_summaries", "data.batch_size=8",
+                   "data.tokenizer.vocab_size=300", f"model.mbr={mbr}")
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    torch.manual_seed(0)
+    task = task_for(cfg, data.describe()).eval()
+    source = next(iter(data.val_dataloader()))["source"]
+    found = beam_search(task.net, source, beam=4, **task.search)
+    texts = [[data.describe().target_tokenizer.decode(h.tokens) for h in hyps] for hyps in found]
+    picked = [consensus(candidates, "rouge") for candidates in texts]
+    assert any(picked)  # some sentence's consensus is not its best-scored hypothesis
+    expected = [hyps[i if mbr else 0].tokens for hyps, i in zip(found, picked)]
+    assert task.decode(source, beam=4) == expected

@@ -9,7 +9,7 @@ import torch
 
 from conftest import DATA_DIR, ROOT, needs_data, run_cli
 from lmlab.check_parallel import check, run_subprocess
-from lmlab.generate import load_model
+from lmlab.generate import GenerateConfig, consensus_choice, load_model
 from lmlab.tasks.text_metrics import bleu, rouge
 
 TINY = ["model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=600",
@@ -75,6 +75,13 @@ def test_generate_sets_the_runs_kernel_choices(summary_run):
         assert torch.backends.cuda.cudnn_sdp_enabled() is False  # the run's kernels node
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_generate_chooses_the_consensus_with_mbr(summary_run):
+    net, data, cfg = load_model(str(summary_run))
+    assert consensus_choice(cfg, data, GenerateConfig(ckpt=str(summary_run))) is None  # the run's
+    choose = consensus_choice(cfg, data, GenerateConfig(ckpt=str(summary_run), mbr=True))
+    assert choose.keywords == {"tokenizer": data.target_tokenizer, "metric": "rouge"}
 
 
 def test_generate_asks_for_an_input(summary_run):

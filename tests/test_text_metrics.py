@@ -8,7 +8,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from conftest import DATA_DIR, needs_data
-from lmlab.tasks.text_metrics import bleu, rouge
+from lmlab.tasks.text_metrics import bleu, consensus, rouge
 
 HYPS = ["A man rides a horse on the beach .", "Two dogs play in the snow", "a red car",
         "The woman is reading a book in the park."]
@@ -58,3 +58,22 @@ def test_a_perfect_hypothesis_scores_100():
     refs = [[h] for h in HYPS]
     assert bleu(HYPS, refs)[0] == pytest.approx(100)
     assert list(rouge(HYPS, refs).values()) == pytest.approx([100, 100, 100])
+
+
+@pytest.mark.parametrize("metric", ["rouge", "bleu"])
+def test_consensus_is_the_candidate_most_like_the_others(metric):
+    candidates = ["payroll report due friday", "lunch", "the payroll report is due friday",
+                  "payroll report due on friday", "hello"]
+    assert consensus(candidates, metric) == 0
+    assert consensus(candidates[1:] + candidates[:1], metric) == 4  # not merely the first
+    assert consensus(list(reversed(candidates)), metric) == 4
+
+
+def test_consensus_ties_keep_the_better_scored_and_two_keep_the_first():
+    assert consensus(["a", "b", "c"], "rouge") == 0  # nothing shared: all tie
+    assert consensus(["lunch", "payroll report due"], "rouge") == 0
+
+
+def test_consensus_refuses_an_unknown_metric():
+    with pytest.raises(ValueError, match="rouge or bleu"):
+        consensus(["a", "b", "c"], "meteor")

@@ -21,6 +21,7 @@ Rules that hold whatever the batch:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -274,11 +275,16 @@ class _Beams:
 
 
 def best_tokens(net, source: torch.Tensor, beam: int = 5, n_finished: int | None = None,
+                choose: Callable[[list[Hypothesis]], int] | None = None,
                 **settings) -> list[list[int]]:
     """The best hypothesis's tokens for each source row: greedy search for beam 1, else beam
-    search; `settings` are their shared arguments (length_penalty, max_len_a, ...)."""
+    search; `settings` are their shared arguments (length_penalty, max_len_a, ...).
+    `choose` picks, from a sentence's finished hypotheses (best score first), the index of
+    the one to output (None: the best-scored)."""
     if beam == 1:
         found = greedy(net, source, **settings)
     else:
         found = beam_search(net, source, beam, n_finished=n_finished, **settings)
-    return [hypotheses[0].tokens for hypotheses in found]
+    if choose is None:
+        return [hypotheses[0].tokens for hypotheses in found]
+    return [hypotheses[choose(hypotheses)].tokens for hypotheses in found]

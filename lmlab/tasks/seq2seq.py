@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data.description import DataDescription
-from lmlab.models.decoding import best_tokens, max_lengths
+from lmlab.models.decoding import Hypothesis, best_tokens, max_lengths
 from lmlab.tasks.base import Task, example_weights, real_examples
 from lmlab.tasks.causal_lm import parameter_groups
-from lmlab.tasks.text_metrics import bleu, one_line, rouge
+from lmlab.tasks.text_metrics import bleu, consensus, one_line, rouge
 
 log = logging.getLogger(__name__)
 METRICS = ("bleu", "rouge")
@@ -45,6 +46,10 @@ class Seq2SeqTask(Task):
         n_finished: finished hypotheses at which a sentence's beam search stops (null: the
             beam size).
         no_repeat_ngram_size: n > 0: no hypothesis repeats an n-gram of its own (0: off).
+        mbr: output, of a beam's finished hypotheses, the one most like the others under the
+            metric (minimum Bayes risk decoding, `text_metrics.consensus`) instead of the
+            best-scored; for beams above 1 (each keeps `n_finished` hypotheses to choose
+            from).
         data: the data's description: the target tokenizer decodes hypotheses.
     """
 
@@ -55,9 +60,9 @@ class Seq2SeqTask(Task):
                  metric: str | None = None, beam: int = 5, val_beam: int = 1,
                  length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
                  min_length: int = 1, n_finished: int | None = None, no_repeat_ngram_size: int = 0,
-                 data: DataDescription | None = None):
+                 mbr: bool = False, data: DataDescription | None = None):
         super().__init__(net, optimizer, scheduler)
-        metric = metric or METRIC_OF_TASK.get(getattr(data, "task_type", None), "bleu")
+        metric = task_metric(metric, getattr(data, "task_type", None))
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
@@ -67,6 +72,8 @@ class Seq2SeqTask(Task):
                        "max_len_b": max_len_b, "min_length": min_length,
                        "n_finished": n_finished, "no_repeat_ngram_size": no_repeat_ngram_size}
         self.tokenizer = data.target_tokenizer if data is not None else None
+        self.choose = partial(consensus_of, tokenizer=self.tokenizer, metric=metric) \
+            if mbr and self.tokenizer else None  # a partial: ddp_spawn pickles the task
         self.hypotheses: dict[str, list[tuple[int, str]]] = {"val": [], "test": []}
 
     @property
@@ -117,8 +124,10 @@ class Seq2SeqTask(Task):
     @torch.no_grad()
     def decode(self, source: torch.Tensor, beam: int, steps: int | None = None
                ) -> list[list[int]]:
-        """The best hypothesis's tokens for each source row (beam 1: greedy search)."""
-        return best_tokens(self.net, source, beam, steps=steps, **self.search)
+        """The output tokens for each source row (beam 1: greedy search): the best-scored
+        hypothesis's, or with `mbr` the consensus of the beam's."""
+        return best_tokens(self.net, source, beam, steps=steps, choose=self.choose,
+                           **self.search)
 
     def lockstep_steps(self, source: torch.Tensor) -> int | None:
         """On several processes, the most decoder steps any rank's batch may take: sharded
@@ -190,3 +199,14 @@ def gather(items: list) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]
+
+
+def task_metric(metric: str | None, task_type: str | None) -> str:
+    """The metric set, else the data's own: BLEU for translation, ROUGE for summarization."""
+    return metric or METRIC_OF_TASK.get(task_type, "bleu")
+
+
+def consensus_of(hypotheses: list[Hypothesis], tokenizer, metric: str) -> int:
+    """The index of the hypothesis whose text is most like the others' under `metric`
+    (`bleu` or `rouge`): minimum Bayes risk decoding."""
+    return consensus([tokenizer.decode(h.tokens) for h in hypotheses], metric)

@@ -9,7 +9,7 @@ smoothing; a ROUGE that needs nltk), so they are not used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
@@ -51,6 +51,32 @@ def rouge(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
             totals[name] += scores[name].fmeasure
     count = max(len(hypotheses), 1)
     return {name: 100 * total / count for name, total in totals.items()}
+
+
+def consensus(candidates: Sequence[str], metric: str) -> int:
+    """The index of the candidate most like the others: the highest mean similarity to the
+    rest of `candidates` (minimum Bayes risk decoding, each candidate weighted alike). The
+    similarity is the metric's own at sentence level: ROUGE-L F (stemmed) for `rouge`,
+    sacreBLEU's sentence BLEU for `bleu`. Ties go to the earlier candidate.
+    """
+    if len(candidates) < 3:  # with two, each is as like the other: keep the first
+        return 0
+    similarity = sentence_similarity(metric)
+    totals = [sum(similarity(hypothesis, other) for j, other in enumerate(candidates) if j != i)
+              for i, hypothesis in enumerate(candidates)]
+    return totals.index(max(totals))
+
+
+def sentence_similarity(metric: str) -> Callable[[str, str], float]:
+    """(hypothesis, reference) -> similarity of one pair under `metric`."""
+    if metric == "rouge":
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        return lambda hypothesis, reference: scorer.score(reference, hypothesis)["rougeL"].fmeasure
+    if metric == "bleu":
+        sentence = BLEU(effective_order=True)
+        return lambda hypothesis, reference: sentence.sentence_score(hypothesis,
+                                                                     [reference]).score
+    raise ValueError(f"metric must be rouge or bleu, not {metric!r}")
 
 
 def one_line(text: str) -> str:
