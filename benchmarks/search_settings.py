@@ -6,7 +6,7 @@ original reference, P2 the best of the extra references (AESLC's annotations), s
         "beam=1" "beam=4" "beam=4 length_penalty=2.0" "beam=4 min_length=4"
 
 Each setting is `key=value` words over the run's own test search (`beam`, `length_penalty`,
-`min_length`, `no_repeat_ngram_size`, ...).
+`min_length`, `no_repeat_ngram_size`, ..., and `mbr=1` for the beam's consensus).
 """
 
 from __future__ import annotations
@@ -33,12 +33,14 @@ def decode_dev(task, data, beam: int) -> list[str]:
     return [found[i] for i in sorted(found)]
 
 
-def parse_setting(text: str) -> tuple[int | None, dict]:
-    """`beam=4 length_penalty=2.0` -> (4, {"length_penalty": 2.0})."""
+def parse_setting(text: str) -> tuple[int | None, bool | None, dict]:
+    """`beam=4 mbr=1 length_penalty=2.0` -> (4, True, {"length_penalty": 2.0}); None: the
+    run's own."""
     pairs = dict(word.split("=", 1) for word in text.split())
     beam = int(pairs.pop("beam")) if "beam" in pairs else None
-    return beam, {key: float(value) if "." in value else int(value)
-                  for key, value in pairs.items()}
+    mbr = bool(int(pairs.pop("mbr"))) if "mbr" in pairs else None
+    return beam, mbr, {key: float(value) if "." in value else int(value)
+                       for key, value in pairs.items()}
 
 
 def main() -> None:
@@ -50,11 +52,11 @@ def main() -> None:
     data = instantiate(cfg.data, load_from=str(args.run))
     data.setup("validate")
     task = load_task(cfg, data, find_checkpoint(args.run, None, lambda *_: "")).eval()
-    references, run_search = data.references("val"), dict(task.search)
+    references, run_search, run_mbr = data.references("val"), dict(task.search), task.mbr
     print("setting | mean words | P1 ROUGE-1/2/L | P2 ROUGE-1/2/L")
     for text in args.settings:
-        beam, search = parse_setting(text)
-        task.search = {**run_search, **search}
+        beam, mbr, search = parse_setting(text)
+        task.search, task.mbr = {**run_search, **search}, run_mbr if mbr is None else mbr
         texts = decode_dev(task, data, beam or task.beams["test"])
         p1 = rouge(texts, [refs[:1] for refs in references])
         p2 = rouge(texts, [refs[1:] or refs[:1] for refs in references])

@@ -59,5 +59,7 @@ def test_the_original_subjects_are_scored_against_the_annotations(monkeypatch, c
 
 def test_a_search_setting_is_read_from_its_words():
     assert parse_setting("beam=4 length_penalty=2.0 min_length=3") == \
-        (4, {"length_penalty": 2.0, "min_length": 3})
-    assert parse_setting("no_repeat_ngram_size=2") == (None, {"no_repeat_ngram_size": 2})
+        (4, None, {"length_penalty": 2.0, "min_length": 3})
+    assert parse_setting("no_repeat_ngram_size=2") == (None, None, {"no_repeat_ngram_size": 2})
+    assert parse_setting("beam=16 mbr=1") == (16, True, {})
+    assert parse_setting("mbr=0") == (None, False, {})

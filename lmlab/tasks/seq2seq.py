@@ -72,8 +72,7 @@ class Seq2SeqTask(Task):
                        "max_len_b": max_len_b, "min_length": min_length,
                        "n_finished": n_finished, "no_repeat_ngram_size": no_repeat_ngram_size}
         self.tokenizer = data.target_tokenizer if data is not None else None
-        self.choose = partial(consensus_of, tokenizer=self.tokenizer, metric=metric) \
-            if mbr and self.tokenizer else None  # a partial: ddp_spawn pickles the task
+        self.mbr = mbr
         self.hypotheses: dict[str, list[tuple[int, str]]] = {"val": [], "test": []}
 
     @property
@@ -126,8 +125,9 @@ class Seq2SeqTask(Task):
                ) -> list[list[int]]:
         """The output tokens for each source row (beam 1: greedy search): the best-scored
         hypothesis's, or with `mbr` the consensus of the beam's."""
-        return best_tokens(self.net, source, beam, steps=steps, choose=self.choose,
-                           **self.search)
+        choose = partial(consensus_of, tokenizer=self.tokenizer, metric=self.metric) \
+            if self.mbr else None
+        return best_tokens(self.net, source, beam, steps=steps, choose=choose, **self.search)
 
     def lockstep_steps(self, source: torch.Tensor) -> int | None:
         """On several processes, the most decoder steps any rank's batch may take: sharded
