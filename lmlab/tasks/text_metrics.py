@@ -10,6 +10,7 @@ smoothing; a ROUGE that needs nltk), so they are not used.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cache
 
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
@@ -67,8 +68,10 @@ def consensus(candidates: Sequence[str], metric: str) -> int:
     return totals.index(max(totals))
 
 
+@cache
 def sentence_similarity(metric: str) -> Callable[[str, str], float]:
-    """(hypothesis, reference) -> similarity of one pair under `metric`."""
+    """(hypothesis, reference) -> similarity of one pair under `metric` (one scorer a
+    metric, made once)."""
     if metric == "rouge":
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         return lambda hypothesis, reference: scorer.score(reference, hypothesis)["rougeL"].fmeasure
