@@ -7,7 +7,8 @@ followed by a space, as the corpus's e-mails are written one sentence a line. Th
 subject lines are scored under P2 too: what a system that wrote each e-mail's real subject
 (perfect under P1) would get against the annotators. With `--run`, a trained run's test
 hypotheses (RUN/hypotheses/test.hyp.txt) are scored the same way, from the reference files
-written beside them.
+written beside them, and set against lead-1 e-mail by e-mail: a paired bootstrap gives the
+share of 1,000 resamples of the e-mails in which the run's stemmed ROUGE-L is above lead-1's.
 
     LMLAB_DATA_DIR=../shared/data python -m benchmarks.lead1_baseline [--split test] [--run RUN]
 """
@@ -18,8 +19,11 @@ import argparse
 import gzip
 import json
 import os
+import random
 import re
 from pathlib import Path
+
+from rouge_score import rouge_scorer
 
 from lmlab.tasks.text_metrics import rouge
 
@@ -55,9 +59,30 @@ def main() -> None:
         hypotheses = lines(folder / f"{split}.hyp.txt")
         annotations = zip(*(lines(folder / f"{split}.ref{k}.txt") for k in (1, 2, 3)))
         print(f"{args.run}: {len(hypotheses)} hypotheses")
-        table(hypotheses, {"P1 (original subject)": [[r] for r in lines(folder /
-                                                                         f"{split}.ref.txt")],
-                           "P2 (best of ann0..ann2)": [list(refs) for refs in annotations]})
+        references = {"P1 (original subject)": [[r] for r in lines(folder / f"{split}.ref.txt")],
+                      "P2 (best of ann0..ann2)": [list(refs) for refs in annotations]}
+        table(hypotheses, references)
+        for name, refs in references.items():
+            above = paired_bootstrap(rouge_l_each(hypotheses, refs), rouge_l_each(leads, refs))
+            print(f"  {name:26s} the run above lead-1 in {above:.1%} of 1,000 resamples")
+
+
+def rouge_l_each(texts: list[str], references: list[list[str]]) -> list[float]:
+    """Each text's stemmed ROUGE-L F against the best of its references."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score_multi(refs, text)["rougeL"].fmeasure
+            for text, refs in zip(texts, references)]
+
+
+def paired_bootstrap(ours: list[float], theirs: list[float], samples: int = 1000,
+                     seed: int = 0) -> float:
+    """The share of `samples` resamples of the examples (drawn with replacement) in which
+    the mean of `ours` is above the mean of `theirs`."""
+    draw, differences = random.Random(seed), [a - b for a, b in zip(ours, theirs)]
+    n = len(differences)
+    above = sum(sum(differences[draw.randrange(n)] for _ in range(n)) > 0
+                for _ in range(samples))
+    return above / samples
 
 
 def lines(path: Path) -> list[str]:

@@ -35,6 +35,16 @@ def test_a_run_that_wrote_lead_1_scores_as_lead_1(tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out.splitlines()
     assert printed[8] == f"{tmp_path}: {len(rows)} hypotheses"
     assert printed[1:5] == printed[9:13]  # the same four rows of figures
+    assert [line.split()[-4] for line in printed[13:15]] == ["0.0%", "0.0%"]  # never above itself
+
+
+def test_the_paired_bootstrap_counts_the_resamples_where_one_side_is_above():
+    ours, theirs = [0.5, 0.1, 0.3, 0.2], [0.4, 0.0, 0.2, 0.1]
+    assert lead1_baseline.paired_bootstrap(ours, theirs) == 1.0
+    assert lead1_baseline.paired_bootstrap(theirs, ours) == 0.0
+    assert lead1_baseline.paired_bootstrap(ours, ours) == 0.0  # equal is not above
+    mixed = lead1_baseline.paired_bootstrap([1.0, 0.0] * 20, [0.0, 0.9] * 20)
+    assert 0.5 < mixed < 1.0  # ahead by 0.05 a pair on average, with spread
 
 
 def rouge_l(row: str) -> float:
