@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cache
+from itertools import combinations
 
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
@@ -62,9 +63,11 @@ def consensus(candidates: Sequence[str], metric: str) -> int:
     """
     if len(candidates) < 3:  # with two, each is as like the other: keep the first
         return 0
-    similarity = sentence_similarity(metric)
-    totals = [sum(similarity(hypothesis, other) for j, other in enumerate(candidates) if j != i)
-              for i, hypothesis in enumerate(candidates)]
+    similarity, totals = sentence_similarity(metric), [0.0] * len(candidates)
+    for i, j in combinations(range(len(candidates)), 2):
+        forward = similarity(candidates[i], candidates[j])
+        totals[i] += forward  # ROUGE-L's F is symmetric: one score serves both
+        totals[j] += forward if metric == "rouge" else similarity(candidates[j], candidates[i])
     return totals.index(max(totals))
 
 
