@@ -45,6 +45,7 @@ PLACEHOLDERS = {
     "outputs/sweeps/lstm_cells/JOB": "{run}",  # a sweep's job folder is a run folder
     "outputs/sweeps/lstm_cells": "{run}",
     "outputs/.../checkpoints/last.ckpt": "{run}/checkpoints/last.ckpt",
+    "lmlab.evaluate RUN": "lmlab.evaluate {run}",
     "paths.data_dir=...": "paths.data_dir={data}",
 }
 # Values named in an optional `[key=A|B]` part.
@@ -60,7 +61,8 @@ NEEDS_GPU = {
 GPU_PROBLEM = "a GPU was requested"
 TINY_SEQ2SEQ = ["model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=300",
                 "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+                "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                "model.max_len_a=0.0", "model.max_len_b=8"]  # short outputs: wide beams stay quick
 TINY_LM = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=300",
            "trainer.max_steps=3", "trainer.max_epochs=-1", "data.train_batches=3",
            "data.val_batches=2", "model.sample_tokens=0"]
@@ -230,7 +232,7 @@ def substitute(command: str, request) -> str:
     for placeholder, value in PLACEHOLDERS.items():
         command = command.replace(placeholder, value)
     if "{run}" in command:
-        seq2seq = re.search(r"\binput(_file)?=", command)
+        seq2seq = re.search(r"\binput(_file)?=|\bmodel\.(beam|mbr)=", command)  # its options
         run = request.getfixturevalue("tiny_seq2seq_run" if seq2seq else "tiny_run")
         command = command.replace("{run}", str(run))
     command = command.replace("{data}", str(DATA_DIR))
