@@ -57,6 +57,10 @@ def main() -> None:
         folder = args.run / "hypotheses"
         split = "test" if args.split == "test" else "val"
         hypotheses = lines(folder / f"{split}.hyp.txt")
+        if len(hypotheses) != len(rows):
+            raise SystemExit(f"{folder / f'{split}.hyp.txt'} has {len(hypotheses)} lines and "
+                             f"the {args.split} split {len(rows)} e-mails: score a run tested "
+                             "on the whole split")
         annotations = zip(*(lines(folder / f"{split}.ref{k}.txt") for k in (1, 2, 3)))
         print(f"{args.run}: {len(hypotheses)} hypotheses")
         references = {"P1 (original subject)": [[r] for r in lines(folder / f"{split}.ref.txt")],

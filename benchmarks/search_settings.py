@@ -38,7 +38,7 @@ def parse_setting(text: str) -> tuple[int | None, bool | None, dict]:
     run's own."""
     pairs = dict(word.split("=", 1) for word in text.split())
     beam = int(pairs.pop("beam")) if "beam" in pairs else None
-    mbr = bool(int(pairs.pop("mbr"))) if "mbr" in pairs else None
+    mbr = pairs.pop("mbr").lower() in ("1", "true") if "mbr" in pairs else None
     return beam, mbr, {key: float(value) if "." in value else int(value)
                        for key, value in pairs.items()}
 

@@ -44,7 +44,8 @@ from lmlab.tasks.text_metrics import one_line
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
          "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]; "
          "for a sequence-to-sequence run: input=TEXT | input_file=IN output_file=OUT "
-         "[beam=N] [length_penalty=A] [max_length=N] [no_repeat_ngram_size=N] [batch_size=N]")
+         "[beam=N] [length_penalty=A] [max_length=N] [no_repeat_ngram_size=N] [mbr=BOOL] "
+         "[batch_size=N]")
 
 
 @dataclass

@@ -4,6 +4,8 @@ import gzip
 import json
 import sys
 
+import pytest
+
 from conftest import DATA_DIR, needs_data
 from benchmarks import lead1_baseline
 from benchmarks.lead1_baseline import lead
@@ -36,6 +38,18 @@ def test_a_run_that_wrote_lead_1_scores_as_lead_1(tmp_path, monkeypatch, capsys)
     assert printed[8] == f"{tmp_path}: {len(rows)} hypotheses"
     assert printed[1:5] == printed[9:13]  # the same four rows of figures
     assert [line.split()[-4] for line in printed[13:15]] == ["0.0%", "0.0%"]  # never above itself
+
+
+@needs_data
+def test_a_run_tested_on_part_of_the_split_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "hypotheses"
+    folder.mkdir()
+    for name in ("val.hyp.txt", "val.ref.txt", "val.ref1.txt", "val.ref2.txt", "val.ref3.txt"):
+        (folder / name).write_text("hello\n" * 10)
+    monkeypatch.setenv("LMLAB_DATA_DIR", str(DATA_DIR))
+    monkeypatch.setattr(sys, "argv", ["lead1_baseline", "--split", "dev", "--run", str(tmp_path)])
+    with pytest.raises(SystemExit, match="has 10 lines and the dev split 1960 e-mails"):
+        lead1_baseline.main()
 
 
 def test_the_paired_bootstrap_counts_the_resamples_where_one_side_is_above():
@@ -73,3 +87,4 @@ def test_a_search_setting_is_read_from_its_words():
     assert parse_setting("no_repeat_ngram_size=2") == (None, None, {"no_repeat_ngram_size": 2})
     assert parse_setting("beam=16 mbr=1") == (16, True, {})
     assert parse_setting("mbr=0") == (None, False, {})
+    assert parse_setting("mbr=true") == (None, True, {})

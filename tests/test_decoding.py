@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from test_seq2seq_models import BOS, EOS, PAD, batch, tiny
 
 from lmlab.build import task_for
+from lmlab.generate import GenerateConfig, consensus_choice
 from lmlab.models.decoding import beam_search, best_tokens, block_repeats, greedy, max_lengths
 from lmlab.models.rnn_seq2seq import RNNSeq2Seq
 from lmlab.models.seq2seq import Seq2SeqTransformer
@@ -260,18 +261,31 @@ def test_a_chooser_picks_which_hypothesis_is_output():
     assert last != best_tokens(net, source, beam=3)
 
 
+def task_and_data(make_cfg, data: str, mbr: bool):
+    cfg = make_cfg("model=transformer_tiny", f"data={data}", "data.batch_size=8",
+                   "data.tokenizer.vocab_size=300", f"model.mbr={mbr}")
+    module = instantiate(cfg.data)
+    module.setup("fit")
+    torch.manual_seed(0)
+    return cfg, task_for(cfg, module.describe()).eval(), module
+
+
 @pytest.mark.parametrize("mbr", [True, False])
 def test_the_task_outputs_the_consensus_of_its_beam_with_mbr(make_cfg, mbr):
-    cfg = make_cfg("model=transformer_tiny", "data=stdlib_summaries", "data.batch_size=8",
-                   "data.tokenizer.vocab_size=300", f"model.mbr={mbr}")
-    data = instantiate(cfg.data)
-    data.setup("fit")
-    torch.manual_seed(0)
-    task = task_for(cfg, data.describe()).eval()
+    _, task, data = task_and_data(make_cfg, "stdlib_summaries", mbr)
     source = next(iter(data.val_dataloader()))["source"]
     found = beam_search(task.net, source, beam=4, **task.search)
-    texts = [[data.describe().target_tokenizer.decode(h.tokens) for h in hyps] for hyps in found]
-    picked = [consensus(candidates, "rouge") for candidates in texts]
+    tokenizer = data.describe().target_tokenizer
+    picked = [consensus([tokenizer.decode(h.tokens) for h in hyps], "rouge") for hyps in found]
     assert any(picked)  # some sentence's consensus is not its best-scored hypothesis
     expected = [hyps[i if mbr else 0].tokens for hyps, i in zip(found, picked)]
     assert task.decode(source, beam=4) == expected
+
+
+@pytest.mark.parametrize("data,metric", [("stdlib_summaries", "rouge"), ("multi30k", "bleu")])
+def test_the_consensus_is_by_the_datas_metric_in_the_task_and_in_generate(make_cfg, data,
+                                                                          metric):
+    cfg, task, module = task_and_data(make_cfg, data, True)
+    assert task.metric == metric
+    choose = consensus_choice(cfg, module.describe(), GenerateConfig(ckpt="", mbr=True))
+    assert choose.keywords["metric"] == metric  # from the run's saved config

@@ -8,7 +8,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from conftest import DATA_DIR, needs_data
-from lmlab.tasks.text_metrics import bleu, consensus, rouge
+from lmlab.tasks.text_metrics import bleu, consensus, rouge, sentence_similarity
 
 HYPS = ["A man rides a horse on the beach .", "Two dogs play in the snow", "a red car",
         "The woman is reading a book in the park."]
@@ -72,6 +72,11 @@ def test_consensus_is_the_candidate_most_like_the_others(metric):
 def test_consensus_ties_keep_the_better_scored_and_two_keep_the_first():
     assert consensus(["a", "b", "c"], "rouge") == 0  # nothing shared: all tie
     assert consensus(["lunch", "payroll report due"], "rouge") == 0
+    # sentence BLEU is not symmetric: the second would win a comparison of the two
+    pair = ["the report is due on friday morning", "the report is due"]
+    bleu_of = sentence_similarity("bleu")
+    assert bleu_of(pair[1], pair[0]) > bleu_of(pair[0], pair[1])
+    assert consensus(pair, "bleu") == 0
 
 
 def test_consensus_refuses_an_unknown_metric():

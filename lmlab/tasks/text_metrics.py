@@ -61,7 +61,7 @@ def consensus(candidates: Sequence[str], metric: str) -> int:
     similarity is the metric's own at sentence level: ROUGE-L F (stemmed) for `rouge`,
     sacreBLEU's sentence BLEU for `bleu`. Ties go to the earlier candidate.
     """
-    if len(candidates) < 3:  # with two, each is as like the other: keep the first
+    if len(candidates) < 3:  # two leave nothing to agree on: keep the better-scored one
         return 0
     similarity, totals = sentence_similarity(metric), [0.0] * len(candidates)
     for i, j in combinations(range(len(candidates)), 2):
