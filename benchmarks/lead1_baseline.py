@@ -19,10 +19,10 @@ import argparse
 import gzip
 import json
 import os
-import random
 import re
 from pathlib import Path
 
+import torch
 from rouge_score import rouge_scorer
 
 from lmlab.tasks.text_metrics import rouge
@@ -82,11 +82,11 @@ def paired_bootstrap(ours: list[float], theirs: list[float], samples: int = 1000
                      seed: int = 0) -> float:
     """The share of `samples` resamples of the examples (drawn with replacement) in which
     the mean of `ours` is above the mean of `theirs`."""
-    draw, differences = random.Random(seed), [a - b for a, b in zip(ours, theirs)]
-    n = len(differences)
-    above = sum(sum(differences[draw.randrange(n)] for _ in range(n)) > 0
-                for _ in range(samples))
-    return above / samples
+    differences = torch.tensor(ours, dtype=torch.float64) - torch.tensor(theirs,
+                                                                        dtype=torch.float64)
+    draws = torch.randint(len(differences), (samples, len(differences)),
+                          generator=torch.Generator().manual_seed(seed))
+    return (differences[draws].sum(dim=1) > 0).double().mean().item()
 
 
 def lines(path: Path) -> list[str]:
