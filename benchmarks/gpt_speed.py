@@ -31,6 +31,7 @@ from lmlab.data.tokenizers import CharTokenizer
 from lmlab.models.gpt import GPT
 from lmlab.models.sampling import generate
 from lmlab.config import compose
+from lmlab.kernels import kernels_of
 from lmlab.tasks.causal_lm import parameter_groups
 from lmlab.tasks.schedules import warmup_cosine
 
@@ -87,7 +88,7 @@ def lmlab_step(model: GPT, batches, out: str) -> float:
     task = instantiate(cfg.model, _partial_=True, net=None)(net=model)
     timer = EpochTimer()
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=[timer], logger=loggers,
+    trainer = instantiate(cfg.trainer, callbacks=[timer, kernels_of(cfg)], logger=loggers,
                           enable_checkpointing=False, enable_model_summary=False)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(task, train_dataloaders=loader)

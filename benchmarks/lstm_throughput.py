@@ -31,6 +31,7 @@ from lmlab.data.classification import ClassificationDataModule
 from lmlab.data.tokenizers import WordTokenizer
 from lmlab.models.rnn import RNNClassifier
 from lmlab.config import compose
+from lmlab.kernels import kernels_of
 from lmlab.tasks.classification import ClassificationTask
 from lmlab.throughput import Throughput
 
@@ -87,7 +88,7 @@ def lmlab_loop(net: RNNClassifier, batches: list[dict], num_classes: int, out: s
     timer = EpochTimer()
     extra = [TimedThroughput(cpu_peak_file=f"{out}/cpu_peak.json")] if throughput else []
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=[timer, *extra], logger=loggers,
+    trainer = instantiate(cfg.trainer, callbacks=[timer, *extra, kernels_of(cfg)], logger=loggers,
                           enable_checkpointing=False, enable_model_summary=False)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(task, train_dataloaders=loader)

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from benchmarks.lstm_throughput import EpochTimer, print_rates
 from lmlab.build import task_for
 from lmlab.config import compose
+from lmlab.kernels import kernels_of
 
 MODEL = "transformer_small"
 
@@ -45,7 +46,7 @@ def plain_loop(net, batches: list[dict]) -> float:
 def lmlab_loop(cfg, task, batches: list[dict]) -> float:
     timer = EpochTimer()
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=[timer], logger=loggers,
+    trainer = instantiate(cfg.trainer, callbacks=[timer, kernels_of(cfg)], logger=loggers,
                           enable_checkpointing=False, enable_model_summary=False,
                           limit_val_batches=0, max_epochs=1)
     trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))

@@ -22,7 +22,7 @@ from lmlab.checkpoints import SAFE_WEIGHTS, WEIGHTS
 from lmlab.build import load_task
 from lmlab.cli import convert, did_you_mean, fail, parse_known_args, report, unknown_key
 from lmlab.errors import LmlabError
-from lmlab.kernels import kernels_of
+from lmlab.kernels import DEFAULT_NODE, kernels_of
 from lmlab.safety import check_targets
 
 USAGE = ("python -m lmlab.evaluate RUN_DIR [ckpt=best|last|weights|PATH] "
@@ -48,6 +48,7 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
     cfg = OmegaConf.load(saved)
     check_targets(cfg, saved)  # a run folder may come from elsewhere
     cfg.paths.output_dir = str(run_dir)
+    cfg.setdefault("kernels", DEFAULT_NODE)  # a run saved before the node: its defaults
     for arg in overrides:
         override(cfg, arg)
     return cfg

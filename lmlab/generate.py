@@ -31,6 +31,7 @@ from rich.progress import track
 from lmlab.checkpoints import check_fits, read_state_dict, with_tied_names
 from lmlab.cli import fail, parse_args
 from lmlab.data.description import DataDescription
+from lmlab.data.seq2seq import task_type_of
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.evaluate import find_checkpoint, load_run_config
@@ -178,8 +179,9 @@ def consensus_choice(cfg: DictConfig, data: DataDescription, args: GenerateConfi
     hypothesis under the run's metric; else None (the best-scored)."""
     if not (cfg.model.get("mbr", False) if args.mbr is None else args.mbr):
         return None
+    task_type = task_type_of(cfg.data.get("corpus"), cfg.data.get("task_type", ""))
     return partial(consensus_of, tokenizer=data.target_tokenizer,
-                   metric=task_metric(cfg.model.get("metric"), cfg.data.get("task_type")))
+                   metric=task_metric(cfg.model.get("metric"), task_type))
 
 
 def read_lines(path: Path) -> list[str]:

@@ -48,7 +48,10 @@ class Kernels(Callback):
             self.previous = None
 
 
+# The node of conf/config.yaml, for runs saved before it existed.
+DEFAULT_NODE = {"_target_": "lmlab.kernels.Kernels", "cudnn_attention": False}
+
+
 def kernels_of(cfg: DictConfig) -> Kernels:
     """The run's kernel choices (the defaults for a run saved before they were settable)."""
-    node = cfg.get("kernels")
-    return instantiate(node) if node is not None else Kernels()
+    return instantiate(cfg.get("kernels") or DEFAULT_NODE)

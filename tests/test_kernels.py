@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from conftest import GPU
 from lmlab import run
 from lmlab.build import build
-from lmlab.evaluate import trainer_for_test
+from lmlab.evaluate import load_run_config, trainer_for_test
 from lmlab.kernels import Kernels, kernels_of
 from lmlab.models.seq2seq import Seq2SeqTransformer
 
@@ -72,6 +72,15 @@ def test_evaluate_tests_with_the_runs_kernel_choices(make_cfg, tmp_path, allowed
 def test_cudnn_attention_is_off_by_default_and_for_runs_saved_without_the_node(make_cfg):
     assert kernels_of(make_cfg()).cudnn_attention is False
     assert kernels_of(OmegaConf.create({"model": {}})).cudnn_attention is False
+
+
+def test_a_run_saved_without_the_node_can_set_it_in_evaluate(make_cfg, tmp_path):
+    saved = OmegaConf.create(OmegaConf.to_container(make_cfg()))
+    del saved["kernels"]
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(saved, tmp_path / ".hydra" / "config.yaml")
+    cfg = load_run_config(tmp_path, ["kernels.cudnn_attention=true"])
+    assert kernels_of(cfg).cudnn_attention is True
 
 
 def test_apply_sets_the_switch_in_this_process(switch):

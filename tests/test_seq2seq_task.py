@@ -84,6 +84,13 @@ def test_generate_chooses_the_consensus_with_mbr(summary_run):
     assert choose.keywords == {"tokenizer": data.target_tokenizer, "metric": "rouge"}
 
 
+def test_generate_scores_a_named_corpus_by_its_own_task_type(summary_run):
+    net, data, cfg = load_model(str(summary_run))
+    cfg.data.corpus, cfg.data.task_type = "multi30k", "summarization"  # the corpus decides
+    choose = consensus_choice(cfg, data, GenerateConfig(ckpt=str(summary_run), mbr=True))
+    assert choose.keywords["metric"] == "bleu"
+
+
 def test_generate_asks_for_an_input(summary_run):
     done = run_cli(f"ckpt={summary_run}", module="lmlab.generate", cwd=ROOT)
     assert done.returncode == 2 and "input=TEXT or input_file=PATH" in done.stderr

@@ -26,6 +26,14 @@ JOINT_FILE = "tokenizer.json"
 SIDE_FILES = {"source": "source_tokenizer.json", "target": "target_tokenizer.json"}
 
 
+def task_type_of(corpus: str | None, task_type: str) -> str:
+    """The task type data of `corpus` is scored as: a named corpus's or the embedded
+    corpus's own, else the configured `task_type`."""
+    if corpus == EMBEDDED:
+        return "summarization"
+    return SEQ2SEQ_CORPORA[corpus].task_type if corpus in SEQ2SEQ_CORPORA else task_type
+
+
 class Seq2SeqDataModule(TextRecordsDataModule):
     """Source -> target pairs: batches of `source`, `source_lengths`, `target`,
     `target_lengths`, `weight` and `index`.
@@ -85,7 +93,7 @@ class Seq2SeqDataModule(TextRecordsDataModule):
                          seed, load_from, on_bad_record)
         _check_settings(task_type, max_source_length, max_target_length, joint_vocab,
                         target_tokenizer)
-        self.task_type, self.description = task_type, description
+        self.task_type, self.description = task_type_of(corpus, task_type), description
         self.source_field, self.target_field = source_field, target_field
         self.reference_fields = tuple(reference_fields)
         self.source_lang, self.target_lang = source_lang, target_lang
@@ -175,7 +183,7 @@ class Seq2SeqDataModule(TextRecordsDataModule):
     # -- reading and encoding --------------------------------------------------------------
 
     def _adopt(self, corpus: Seq2SeqCorpus) -> None:
-        self.task_type, self._translation_corpus = corpus.task_type, bool(corpus.languages)
+        self._translation_corpus = bool(corpus.languages)
         if not corpus.languages:
             self.source_field, self.target_field = corpus.source_field, corpus.target_field
             self.reference_fields = corpus.reference_fields
@@ -193,7 +201,7 @@ class Seq2SeqDataModule(TextRecordsDataModule):
         self.reference_fields = corpus.reference_fields
 
     def _read_embedded(self, name: str) -> dict[str, Split]:
-        self.task_type, self.source_field, self.target_field = "summarization", "source", "target"
+        self.source_field, self.target_field = "source", "target"
         self.reference_fields = ()
         records = [Record({"source": source, "target": target}, name, number)
                    for number, (source, target) in enumerate(stdlib_summaries(), start=1)]
