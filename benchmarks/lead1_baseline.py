@@ -5,10 +5,12 @@ P1: against the original subject only (as published systems report it); P2: the 
 over the three human annotations ann0..ann2. Sentences end at a line break or at `.!?`
 followed by a space, as the corpus's e-mails are written one sentence a line. The original
 subject lines are scored under P2 too: what a system that wrote each e-mail's real subject
-(perfect under P1) would get against the annotators. With `--run`, a trained run's test
-hypotheses (RUN/hypotheses/test.hyp.txt) are scored the same way, from the reference files
-written beside them, and set against lead-1 e-mail by e-mail: a paired bootstrap gives the
-share of 1,000 resamples of the e-mails in which the run's stemmed ROUGE-L is above lead-1's.
+(perfect under P1) would get against the annotators; and each annotation against the other
+two, which shows how much closer the annotators are to each other than to the authors.
+With `--run`, a trained run's test hypotheses (RUN/hypotheses/test.hyp.txt) are scored the
+same way, from the reference files written beside them, and set against lead-1 e-mail by
+e-mail: a paired bootstrap gives the share of 1,000 resamples of the e-mails in which the
+run's stemmed ROUGE-L is above lead-1's.
 
     LMLAB_DATA_DIR=../shared/data python -m benchmarks.lead1_baseline [--split test] [--run RUN]
 """
@@ -53,6 +55,8 @@ def main() -> None:
     print("the original subject lines as the output (P1 would be 100)")
     p2 = "P2 (best of ann0..ann2)"
     table([row["subject"] for row in rows], {p2: protocols[p2]})
+    print("against the best of two annotations, each left out in turn (stemmed ROUGE-L):")
+    agreement(rows, leads)
     if args.run is not None:
         folder = args.run / "hypotheses"
         split = "test" if args.split == "test" else "val"
@@ -69,6 +73,21 @@ def main() -> None:
         for name, refs in references.items():
             above = paired_bootstrap(rouge_l_each(hypotheses, refs), rouge_l_each(leads, refs))
             print(f"  {name:26s} the run above lead-1 in {above:.1%} of 1,000 resamples")
+
+
+def agreement(rows: list[dict], leads: list[str]) -> None:
+    """How well the annotators agree: each annotation scored against the best of the other
+    two, beside lead-1 and the original subject against the same two (means over the three
+    left out)."""
+    outputs = {"the left-out annotation": None, "lead-1": leads,
+               "the original subject": [row["subject"] for row in rows]}
+    for name, texts in outputs.items():
+        scores = []
+        for left_out in range(3):
+            others = [[row[f"ann{i}"] for i in range(3) if i != left_out] for row in rows]
+            own = texts or [row[f"ann{left_out}"] for row in rows]
+            scores.append(rouge(own, others, stem=True)["rougeL"])
+        print(f"  {name:26s} {sum(scores) / 3:.1f}")
 
 
 def rouge_l_each(texts: list[str], references: list[list[str]]) -> list[float]:
