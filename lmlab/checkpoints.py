@@ -248,6 +248,11 @@ def disk_full(err: OSError, output_dir: Path) -> str | None:
                if whole else ""))
 
 
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder a checkpoint lies in (the nearest one above with a saved config)."""
+    return next((p for p in path.parents if (p / ".hydra" / "config.yaml").is_file()), None)
+
+
 def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None, Path | None]:
     """(checkpoint for Lightning to resume exactly, or weights to start from instead).
 
@@ -259,10 +264,10 @@ def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None,
     if not path.exists():
         raise LmlabError(f"ckpt_path={ckpt_path} does not exist; pass a checkpoint file or "
                          "DeepSpeed checkpoint folder of an earlier run")
-    saved = next((p / ".hydra" / "config.yaml" for p in path.parents
-                  if (p / ".hydra" / "config.yaml").is_file()), None)
-    if path.name not in WEIGHTS_FILES and saved is not None:
-        before = describe(OmegaConf.load(saved).trainer).checkpoint_family
+    folder = run_folder_of(path)
+    if path.name not in WEIGHTS_FILES and folder is not None:
+        before = describe(OmegaConf.load(folder / ".hydra" / "config.yaml").trainer
+                          ).checkpoint_family
         now = describe(trainer).checkpoint_family
         if before == now:
             return ckpt_path, None

@@ -12,6 +12,7 @@ import json
 import logging
 import pickle
 import signal
+from inspect import signature
 from pathlib import Path
 
 import hydra
@@ -19,11 +20,13 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, open_dict
 
 from lmlab.build import build, load_task
 from lmlab.checkpoints import (check_fits, disk_full, export_weights, final_checkpoint,
-                               load_checkpoint, load_weights, plan_resume, refused)
+                               load_checkpoint, load_weights, plan_resume, refused,
+                               run_folder_of)
 from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
@@ -47,6 +50,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
     resume, weights = plan_resume(checkpoint_to_resume(cfg), cfg.trainer)
+    if weights is not None:
+        encode_as_trained(cfg, weights)
     data, task, trainer = build(cfg, resume)
     if weights is not None:
         load_weights(task, weights, cfg)
@@ -68,6 +73,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "throughput": speed})
     finish(trainer.loggers)
     return metrics
+
+
+def encode_as_trained(cfg: DictConfig, weights: Path) -> None:
+    """Points `data.load_from` at the run folder of `weights`, unless it names a folder: a
+    run that starts from trained weights encodes its data with their tokenizer (fitting
+    one on other data would give other token ids, or another vocabulary size)."""
+    folder = run_folder_of(weights)
+    accepts = "load_from" in signature(get_class(cfg.data._target_)).parameters
+    if folder is None or not accepts or cfg.data.get("load_from"):
+        return
+    log.info("encoding the data with the tokenizer the weights were trained with (%s)", folder)
+    with open_dict(cfg):
+        cfg.data.load_from = str(folder)
 
 
 def fit_and_test(trainer: L.Trainer, task, data, resume: str | None,

@@ -9,6 +9,7 @@ import torch
 
 from conftest import DATA_DIR, ROOT, needs_data, run_cli
 from lmlab.check_parallel import check, run_subprocess
+from lmlab.data.corpora import stdlib_summaries
 from lmlab.generate import GenerateConfig, consensus_choice, load_model
 from lmlab.tasks.text_metrics import bleu, rouge
 
@@ -65,6 +66,20 @@ def test_generate_translates_one_input_and_a_file_line_by_line(summary_run, tmp_
                   "no_repeat_ngram_size=2", module="lmlab.generate", cwd=ROOT)
     assert one.returncode == 0, one.stderr[-2000:]
     assert one.stdout.splitlines() == [outputs[2]]  # alone as in a padded batch
+
+
+def test_fine_tuning_on_other_data_encodes_it_with_the_weights_tokenizer(summary_run, tmp_path):
+    # other texts: each docstring's first sentence back to its function's name and signature
+    pairs = [{"document": target, "summary": source.split("\n")[0]}
+             for source, target in stdlib_summaries()[:300]]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    run(tmp_path / "tuned", *TINY, "data=summarization_files", f"data.files.train={train}",
+        "data.source_field=document", "data.target_field=summary", "trainer.max_epochs=1",
+        f"ckpt_path={summary_run / 'weights.ckpt'}")
+    for side in ("source", "target"):
+        name = f"{side}_tokenizer.json"
+        assert (tmp_path / "tuned" / name).read_text() == (summary_run / name).read_text()
 
 
 def test_generate_sets_the_runs_kernel_choices(summary_run):
