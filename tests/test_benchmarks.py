@@ -8,6 +8,7 @@ import pytest
 
 from conftest import DATA_DIR, needs_data
 from benchmarks import lead1_baseline
+from benchmarks.aeslc_annotation_split import split
 from benchmarks.lead1_baseline import lead
 from benchmarks.search_settings import parse_setting
 from lmlab.tasks.text_metrics import rouge
@@ -92,3 +93,11 @@ def test_a_search_setting_is_read_from_its_words():
     assert parse_setting("beam=16 mbr=1") == (16, True, {})
     assert parse_setting("mbr=0") == (None, False, {})
     assert parse_setting("mbr=true") == (None, True, {})
+
+
+def test_the_annotation_split_trains_on_each_annotation_and_keeps_the_rest_whole():
+    rows = [{"email": f"e{i}", "subject": f"s{i}", "ann0": f"a{i}", "ann1": f"b{i}",
+             "ann2": f"c{i}"} for i in range(5)]
+    pairs, kept = split(rows, 2)
+    assert pairs == [{"email": f"e{i}", "subject": f"{a}{i}"} for i in range(2) for a in "abc"]
+    assert kept == rows[2:]  # checkpoint choice on e-mails never trained on
