@@ -50,8 +50,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     log.info("config %s on rank %d", fingerprint(cfg), rank_zero_only.rank)
     resume, weights = plan_resume(checkpoint_to_resume(cfg), cfg.trainer)
-    if weights is not None:
-        encode_as_trained(cfg, weights)
+    start = weights or (Path(resume) if resume and Path(resume).exists() else None)
+    if start is not None:
+        encode_as_trained(cfg, start)
     data, task, trainer = build(cfg, resume)
     if weights is not None:
         load_weights(task, weights, cfg)
@@ -75,11 +76,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def encode_as_trained(cfg: DictConfig, weights: Path) -> None:
-    """Points `data.load_from` at the run folder of `weights`, unless it names a folder: a
-    run that starts from trained weights encodes its data with their tokenizer (fitting
-    one on other data would give other token ids, or another vocabulary size)."""
-    folder = run_folder_of(weights)
+def encode_as_trained(cfg: DictConfig, checkpoint: Path) -> None:
+    """Points `data.load_from` at the run folder of `checkpoint`, unless `data.load_from` is
+    set: a run that starts or resumes from trained weights encodes its data with their
+    tokenizer (fitting one on other data, as a fine-tuning run's data is, would give other
+    token ids, or another vocabulary size)."""
+    folder = run_folder_of(checkpoint)
     accepts = "load_from" in signature(get_class(cfg.data._target_)).parameters
     if folder is None or not accepts or cfg.data.get("load_from"):
         return

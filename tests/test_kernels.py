@@ -9,7 +9,7 @@ from conftest import GPU
 from lmlab import run
 from lmlab.build import build
 from lmlab.evaluate import load_run_config, trainer_for_test
-from lmlab.kernels import Kernels, kernels_of
+from lmlab.kernels import DEFAULT_NODE, Kernels, kernels_of
 from lmlab.models.seq2seq import Seq2SeqTransformer
 
 SHORT_RUN = ("model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=300",
@@ -72,6 +72,10 @@ def test_evaluate_tests_with_the_runs_kernel_choices(make_cfg, tmp_path, allowed
 def test_cudnn_attention_is_off_by_default_and_for_runs_saved_without_the_node(make_cfg):
     assert kernels_of(make_cfg()).cudnn_attention is False
     assert kernels_of(OmegaConf.create({"model": {}})).cudnn_attention is False
+
+
+def test_the_default_node_for_old_runs_is_the_configs(make_cfg):
+    assert OmegaConf.to_container(make_cfg().kernels) == DEFAULT_NODE
 
 
 def test_a_run_saved_without_the_node_can_set_it_in_evaluate(make_cfg, tmp_path):
