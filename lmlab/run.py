@@ -83,7 +83,12 @@ def encode_as_trained(cfg: DictConfig, checkpoint: Path) -> None:
     token ids, or another vocabulary size)."""
     folder = run_folder_of(checkpoint)
     accepts = "load_from" in signature(get_class(cfg.data._target_)).parameters
-    if folder is None or not accepts or cfg.data.get("load_from"):
+    if not accepts or cfg.data.get("load_from"):
+        return
+    if folder is None:
+        log.warning("%s lies in no run folder: the data gets a tokenizer fitted afresh, which "
+                    "gives the weights' ids only if fitted on the same texts; set "
+                    "+data.load_from=FOLDER to use the tokenizer saved there", checkpoint)
         return
     log.info("encoding the data with the tokenizer the weights were trained with (%s)", folder)
     with open_dict(cfg):

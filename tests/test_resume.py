@@ -28,6 +28,7 @@ from test_data import ROWS, BatchRecorder, module, write
 from lmlab.data.batching import BucketBatchSampler, ResumableLoader, Skip
 from lmlab.data.lm import RandomOffsets
 from lmlab.errors import ConfigError, LmlabError
+from lmlab.run import encode_as_trained
 from lmlab.resume import (AtomicCheckpointIO, checkpoint_to_resume, newest_checkpoint,
                           random_state, set_random_state)
 from lmlab.config import check_config
@@ -364,3 +365,24 @@ def test_writing_in_place_leaves_a_torn_checkpoint(tmp_path, cache):
     print(f"killed mid-write in place: exit {status}, {seconds:.2f} s from SIGKILL to exit")
     with pytest.raises(RuntimeError, match="zip archive"):
         torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+# --- which tokenizer a run that starts from weights encodes with ------------------------------
+
+
+def test_weights_of_a_run_folder_bring_its_tokenizer(make_cfg, tmp_path):
+    (tmp_path / "old" / ".hydra").mkdir(parents=True)
+    (tmp_path / "old" / ".hydra" / "config.yaml").write_text("{}")
+    cfg = make_cfg("data=stdlib_summaries")
+    encode_as_trained(cfg, tmp_path / "old" / "checkpoints" / "last.ckpt")
+    assert cfg.data.load_from == str(tmp_path / "old")
+    named = make_cfg("data=stdlib_summaries", "+data.load_from=elsewhere")
+    encode_as_trained(named, tmp_path / "old" / "weights.ckpt")
+    assert named.data.load_from == "elsewhere"  # a named folder stays
+
+
+def test_weights_outside_a_run_folder_are_named_in_a_warning(make_cfg, tmp_path, caplog):
+    cfg = make_cfg("data=stdlib_summaries")
+    encode_as_trained(cfg, tmp_path / "weights.ckpt")
+    assert "load_from" not in cfg.data
+    assert f"{tmp_path / 'weights.ckpt'} lies in no run folder" in caplog.text
