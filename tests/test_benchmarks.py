@@ -101,3 +101,5 @@ def test_the_annotation_split_trains_on_each_annotation_and_keeps_the_rest_whole
     pairs, kept = split(rows, 2)
     assert pairs == [{"email": f"e{i}", "subject": f"{a}{i}"} for i in range(2) for a in "abc"]
     assert kept == rows[2:]  # checkpoint choice on e-mails never trained on
+    control, _ = split(rows, 2, original=True)
+    assert control == [{"email": f"e{i}", "subject": f"s{i}"} for i in range(2) for _ in "abc"]
