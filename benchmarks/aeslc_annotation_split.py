@@ -15,10 +15,10 @@ docs/results.md fine-tunes the AESLC experiment's run on them:
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import os
 from pathlib import Path
+
+from benchmarks.lead1_baseline import aeslc_rows
 
 ANNOTATIONS = ("ann0", "ann1", "ann2")
 
@@ -39,10 +39,7 @@ def main() -> None:
     parser.add_argument("--original", action="store_true",
                         help="the control: the author's subject in each of the three pairs")
     args = parser.parse_args()
-    path = Path(os.environ.get("LMLAB_DATA_DIR", "data")) / "summarization" / "aeslc" / \
-        "dev.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
+    rows = aeslc_rows("dev")
     args.out.mkdir(parents=True, exist_ok=True)
     for name, records in zip(("train", "val"), split(rows, args.train, args.original)):
         with open(args.out / f"{name}.jsonl", "w", encoding="utf-8") as f:

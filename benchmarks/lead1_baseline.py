@@ -43,10 +43,7 @@ def main() -> None:
     parser.add_argument("--split", default="test", help="dev or test")
     parser.add_argument("--run", type=Path, help="a trained aeslc run folder to score too")
     args = parser.parse_args()
-    path = Path(os.environ.get("LMLAB_DATA_DIR", "data")) / "summarization" / "aeslc" / \
-        f"{args.split}.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
+    rows = aeslc_rows(args.split)
     leads = [lead(row["email"]) for row in rows]
     protocols = {"P1 (original subject)": [[row["subject"]] for row in rows],
                  "P2 (best of ann0..ann2)": [[row[f"ann{i}"] for i in range(3)] for row in rows]}
@@ -73,6 +70,14 @@ def main() -> None:
         for name, refs in references.items():
             above = paired_bootstrap(rouge_l_each(hypotheses, refs), rouge_l_each(leads, refs))
             print(f"  {name:26s} the run above lead-1 in {above:.1%} of 1,000 resamples")
+
+
+def aeslc_rows(split: str) -> list[dict]:
+    """The records of an AESLC split (train, dev or test) from the data directory."""
+    path = Path(os.environ.get("LMLAB_DATA_DIR", "data")) / "summarization" / "aeslc" / \
+        f"{split}.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def agreement(rows: list[dict], leads: list[str]) -> None:
