@@ -256,3 +256,39 @@ def test_the_tensor_parallel_plan_splits_self_and_cross_attention_by_heads():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(tensor_parallel_worker, args=(port,), nprocs=2)
+
+
+def dense_copy_mixture(copier, x, logits, memory, mask, source):
+    """The pointer-generator of See et al. as written there: p = g * softmax(logits) +
+    (1 - g) * the attention added up per vocabulary id (scatter_add), then log p."""
+    scores = copier.query(x) @ memory.transpose(1, 2) / x.size(-1) ** 0.5
+    attention = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+    gate = torch.sigmoid(copier.gate(torch.cat([x, attention @ memory], -1)))
+    ids = source[:, None, :].expand(-1, x.size(1), -1)
+    copy = torch.zeros_like(logits).scatter_add(-1, ids, attention)
+    return (gate * logits.softmax(-1) + (1 - gate) * copy).log()
+
+
+def test_the_copier_gradient_is_the_dense_mixtures_for_repeated_and_padded_ids():
+    """Round 2 case: id 3 three times in a source, target 3; and padding with label
+    smoothing. `scatter` of duplicated ids gave three times the reference's gradient."""
+    torch.manual_seed(0)
+    net = tiny("transformer-copy")
+    copier, d = net.copier, 16
+    source = torch.tensor([[3, 5, 3, 7, 3, PAD, PAD], [4, 4, 6, 8, 9, 10, 11]])
+    mask = source != PAD
+    inputs = [torch.randn(2, 4, d), torch.randn(2, 4, TGT_VOCAB), torch.randn(2, 7, d)]
+    target = torch.tensor([[3, 5, 3, 7], [4, 6, 4, 12]])
+    grads = []
+    for output in (copier, lambda *a: dense_copy_mixture(copier, *a)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        copier.zero_grad()
+        logp = output(leaves[0], leaves[1], leaves[2], mask, source)
+        loss = torch.nn.functional.cross_entropy(logp.transpose(1, 2), target,
+                                                 label_smoothing=0.1)
+        loss.backward()
+        grads.append([t.grad for t in leaves] + [p.grad.clone() for p in copier.parameters()])
+        grads[-1].append(logp.detach())
+    ours, reference = grads
+    for mine, theirs in zip(ours, reference):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-4)

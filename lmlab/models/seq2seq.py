@@ -248,7 +248,9 @@ class Copier(nn.Module):
 
     Only the ids a source holds get copy mass, so the mixture is computed at the source
     positions (B, T, S), not over the whole vocabulary: a position's copy mass is the
-    attention on every position that holds the same id."""
+    attention on every position that holds the same id. An id held at several positions is
+    written into the vocabulary once, from its first position: written from each of them,
+    its gradient would be counted once per position."""
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -263,13 +265,21 @@ class Copier(nn.Module):
         context = attention.to(memory.dtype) @ memory  # (B, T, C)
         gate = self.gate(torch.cat([x, context], -1)).float()  # (B, T, 1)
         generated = F.logsigmoid(gate) + logits.float().log_softmax(-1)  # (B, T, V)
-        same_id = (source[:, :, None] == source[:, None, :]).float()  # (B, S, S)
-        copied = attention @ same_id  # (B, T, S): padding gets none (its attention is 0)
+        same_id = source[:, :, None] == source[:, None, :]  # (B, S, S)
+        copied = attention @ same_id.float()  # (B, T, S): padding gets none (attention 0)
         ids = source[:, None, :].expand(-1, x.size(1), -1)  # (B, T, S)
+        kept = generated.gather(-1, ids)  # (B, T, S)
         # clamped: a padding position (copy mass 0) must not give an infinite gradient
-        mixed = torch.logaddexp(generated.gather(-1, ids),
-                                F.logsigmoid(-gate) + copied.clamp_min(1e-30).log())
-        return generated.scatter(-1, ids, mixed)
+        mixed = torch.logaddexp(kept, F.logsigmoid(-gate) + copied.clamp_min(1e-30).log())
+        change = (mixed - kept) * first_occurrences(same_id, memory_mask)[:, None, :]
+        return generated.scatter_add(-1, ids, change)  # (B, T, V): one change an id
+
+
+def first_occurrences(same_id: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 1.0 at each real position whose id no earlier position of its row holds,
+    from `same_id` (B, S, S), True where two positions hold one id, and the mask (B, S)."""
+    earlier = torch.ones_like(same_id[0]).tril(-1)  # (S, S): True where j < i
+    return (mask & ~(same_id & earlier).any(-1)).float()
 
 
 def check_arguments(src_vocab_size: int, tgt_vocab_size: int, d_model: int, n_head: int,
