@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmlab.data.corpora import CLASSIFICATION_CORPORA, LM_CORPORA, SEQ2SEQ_CORPORA
+from lmlab.data.seq2seq import task_type_of
 from lmlab.errors import ConfigError
 from lmlab.parallel import specs
 from lmlab.parallel.specs import strategy_problems
@@ -81,6 +83,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += strategy_problems(cfg)
     problems += _monitor_problems(cfg)
     problems += _seq2seq_problems(cfg)
+    problems += _lossy_tokenizer_problems(cfg)
     problems += _slurm_problems(cfg.trainer)
     problems += _resume_problems(cfg)
     if problems:
@@ -198,6 +201,33 @@ def _seq2seq_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"data.{key}={data[key]} is longer than the model's position "
                             f"table (model.net.max_length={table}); raise model.net.max_length")
     return problems
+
+
+def _lossy_tokenizer_problems(cfg: DictConfig) -> list[str]:
+    """A sequence-to-sequence target tokenizer that cannot give back the text it encodes:
+    even a perfect output would score below 100 against the references (BLEU compares
+    case; ROUGE folds it)."""
+    task = _importable(cfg.model.get("_target_"))
+    if getattr(task, "kind", None) != "seq2seq":
+        return []
+    data = cfg.data
+    key = "data.target_tokenizer" if data.get("target_tokenizer") is not None \
+        and not data.get("joint_vocab") else "data.tokenizer"
+    node = OmegaConf.select(cfg, key)
+    spec = _importable(node.get("_target_")) if node is not None else None
+    if spec is None or not hasattr(spec, "loses"):
+        return []
+    metric = cfg.model.get("metric") or \
+        ("bleu" if task_type_of(data.get("corpus"), data.get("task_type")) == "translation"
+         else "rouge")
+    lost = instantiate(node).loses(case_matters=metric == "bleu")
+    if lost is None:
+        return []
+    case_only = lost == "it lowercases"
+    return [f"{key}: {spec.__name__} does not give back what it encodes ({lost}), so even a "
+            f"perfect output would score below 100 {metric.upper()} against the references; "
+            + (f"set {key}.lowercase=false" if case_only else
+               "use data/tokenizer=bpe (byte-level BPE gives back any text)")]
 
 
 def _resume_problems(cfg: DictConfig) -> list[str]:

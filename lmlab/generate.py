@@ -31,7 +31,7 @@ from rich.progress import track
 from lmlab.checkpoints import check_fits, read_state_dict, with_tied_names
 from lmlab.cli import fail, parse_args
 from lmlab.data.description import DataDescription
-from lmlab.data.seq2seq import task_type_of
+from lmlab.data.seq2seq import language_of, task_type_of
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.evaluate import find_checkpoint, load_run_config
@@ -39,14 +39,14 @@ from lmlab.kernels import kernels_of
 from lmlab.data.batching import pad_batch
 from lmlab.models.decoding import best_tokens
 from lmlab.models.sampling import generate
-from lmlab.tasks.seq2seq import consensus_of, task_metric
+from lmlab.tasks.seq2seq import consensus_of, english, task_metric
 from lmlab.tasks.text_metrics import one_line
 
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
          "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]; "
          "for a sequence-to-sequence run: input=TEXT | input_file=IN output_file=OUT "
-         "[beam=N] [length_penalty=A] [max_length=N] [no_repeat_ngram_size=N] [mbr=BOOL] "
-         "[batch_size=N]")
+         "[beam=N] [length_penalty=A] [max_length=N] [min_length=N] [no_repeat_ngram_size=N] "
+         "[mbr=BOOL] [batch_size=N]")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class GenerateConfig:
     beam: int | None = None  # beam size (1: greedy); null: the run's test setting
     length_penalty: float | None = None  # alpha of log-probability / length ** alpha
     max_length: int | None = None  # most tokens of an output; null: a * source length + b
+    min_length: int | None = None  # fewest tokens before <eos> may end an output; null: the run's
     no_repeat_ngram_size: int | None = None  # never repeat an n-gram (0: off); null: the run's
     mbr: bool | None = None  # output the consensus of the beam's hypotheses; null: the run's
     batch_size: int = 32  # input_file lines decoded together
@@ -166,9 +167,14 @@ def search_settings(model: DictConfig, args: GenerateConfig) -> dict:
               "length_penalty": chosen("length_penalty", 1.0),
               "no_repeat_ngram_size": chosen("no_repeat_ngram_size", 0),
               "max_len_a": model.get("max_len_a", 1.2), "max_len_b": model.get("max_len_b", 10),
-              "min_length": model.get("min_length", 1),
+              "min_length": chosen("min_length", 1),
               "n_finished": model.get("n_finished"), "use_cache": args.use_cache}
     if args.max_length is not None:
+        if search["min_length"] > args.max_length:
+            given = "" if args.min_length is not None else " (the run's)"
+            raise LmlabError(f"max_length={args.max_length} is below min_length="
+                             f"{search['min_length']}{given}: no output can keep both; raise "
+                             f"max_length, or pass min_length={args.max_length} or less")
         search.update(max_len_a=0.0, max_len_b=args.max_length)
     return search
 
@@ -180,8 +186,10 @@ def consensus_choice(cfg: DictConfig, data: DataDescription, args: GenerateConfi
     if not (cfg.model.get("mbr", False) if args.mbr is None else args.mbr):
         return None
     task_type = task_type_of(cfg.data.get("corpus"), cfg.data.get("task_type", ""))
+    language = language_of(cfg.data.get("corpus"), cfg.data.get("target_lang"))
     return partial(consensus_of, tokenizer=data.target_tokenizer,
-                   metric=task_metric(cfg.model.get("metric"), task_type))
+                   metric=task_metric(cfg.model.get("metric"), task_type),
+                   stem=english(language))
 
 
 def read_lines(path: Path) -> list[str]:

@@ -152,10 +152,24 @@ def test_bucket_sampler_splits_each_global_batch_across_ranks():
         assert sorted(zero + one) == sorted(whole)  # the same real examples at every step
 
 
-def test_evaluation_order_is_sorted_and_complete():
+def test_evaluation_batches_hold_similar_lengths_and_every_example_once():
     lengths = [5, 1, 9, 3, 7]
     batches = list(BucketBatchSampler(lengths, 2, shuffle=False))
-    assert batches == [[(1, True), (3, True)], [(0, True), (4, True)], [(2, True)]]
+    assert sorted(batches) == [[(0, True), (4, True)], [(1, True), (3, True)], [(2, True)]]
+
+
+def test_a_limited_evaluation_scores_a_fixed_sample_of_every_length_not_the_shortest():
+    """Round 2: evaluation batches were sorted by length, so `trainer.limit_val_batches`
+    scored the shortest sentences only."""
+    lengths = torch.randint(1, 200, (2000,), generator=torch.Generator().manual_seed(3))
+    first = [i for batch in indices(BucketBatchSampler(lengths.tolist(), 20, shuffle=False,
+                                                       seed=0))[:20] for i in batch]
+    other_seed = [i for batch in indices(BucketBatchSampler(lengths.tolist(), 20, shuffle=False,
+                                                            seed=7))[:20] for i in batch]
+    assert first == other_seed  # the same sample whatever the run's seed
+    sample, shortest = lengths[first].float(), lengths.sort()[0][:400].float()
+    assert abs(sample.mean() - lengths.float().mean()) < 0.1 * lengths.float().mean()
+    assert sample.mean() > 2 * shortest.mean()  # the earlier order's sample
 
 
 @needs_data

@@ -215,6 +215,16 @@ def test_validation_sweeps_non_overlapping_blocks_in_order(tmp_path):
     assert weights.sum() == len(range(0, len(val) - 16, 16))
 
 
+def test_a_limited_sweep_draws_its_blocks_from_the_whole_split(tmp_path):
+    """Round 2: `val_batches` took the split's first blocks; now a fixed sample of all."""
+    dm = module(tmp_path, batch_size=4, val_batches=3)
+    dm.splits["val"] = np.arange(16 * 100 + 1)  # 100 blocks, each starting with its offset
+    starts = [s for b in dm.val_dataloader() for s in b["tokens"][:, 0].tolist()]
+    again = [s for b in dm.val_dataloader() for s in b["tokens"][:, 0].tolist()]
+    assert starts == again == sorted(starts) and len(set(starts)) == 12
+    assert max(starts) > 16 * 50  # not merely the first 12 blocks (0 .. 176)
+
+
 def sweep_by_rank(dm, split, world):
     return [list(dm._sweep(split, (world, rank))) for rank in range(world)]
 

@@ -10,13 +10,25 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
+GOLDEN = (5 ** 0.5 - 1) / 2
+
+
+def spread(n: int) -> torch.Tensor:
+    """A fixed order of `0 .. n-1` whose every prefix is spread evenly over the range (by
+    the golden-ratio sequence: k of them lie about n / k apart, for any k). Evaluation takes
+    its batches, sorted by length, in this order, so that a limited evaluation scores one
+    sample of every length, the same in every run, whatever its seed."""
+    return torch.argsort(torch.frac(torch.arange(n, dtype=torch.float64) * GOLDEN), stable=True)
+
 
 class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
     """Batches of similar length (the seed's BucketIterator), split evenly across ranks.
 
     Training order: shuffle the examples, sort them by length within pools of
     `pool_batches` batches, cut the pools into batches and shuffle the batches. Evaluation
-    order (`shuffle=False`): sort everything by length. An epoch's order comes from
+    order (`shuffle=False`): sort everything by length, cut it into batches and take them in
+    the `spread` order, so that the first k batches (a limited validation) are one fixed
+    sample of every length, not the k shortest. An epoch's order comes from
     `seed + epoch` alone, the epoch being the last one given to `set_epoch`, so a run
     resumed at epoch k sees the batches an uninterrupted run sees at epoch k; `skip`
     skips the batches of that epoch that were trained before the checkpoint.
@@ -58,8 +70,8 @@ class BucketBatchSampler(Sampler[list[tuple[int, float]]]):
 
     def _batches(self) -> list[torch.Tensor]:
         if not self.shuffle:
-            order = torch.argsort(self.lengths, stable=True)
-            return list(order.split(self.batch_size))
+            batches = torch.argsort(self.lengths, stable=True).split(self.batch_size)
+            return [batches[i] for i in spread(len(batches))]
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator)
         batches = []

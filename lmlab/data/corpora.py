@@ -79,6 +79,7 @@ class Seq2SeqCorpus(Corpus):
     source_field: str = "source"  # summarization: the input text
     target_field: str = "target"  # summarization: the reference output
     reference_fields: tuple[str, ...] = ()  # more references where a record has them
+    language: str = ""  # summarization: the language of its texts (en: ROUGE stems words)
 
     def field_of(self, lang: str, description: str | None = None) -> str:
         """The record field holding language `lang` (translation corpora)."""
@@ -110,6 +111,7 @@ SEQ2SEQ_CORPORA = {
                [("train", "train"), ("val", "dev"), ("test", "test")]},
         format="jsonl",
         task_type="summarization",
+        language="en",
         source_field="email",
         target_field="subject",
         reference_fields=("ann0", "ann1", "ann2"),
@@ -119,6 +121,7 @@ SEQ2SEQ_CORPORA = {
         files={"train": "summarization/debian_desc/sample5k_bookworm_en.jsonl.gz"},
         format="jsonl",
         task_type="summarization",
+        language="en",
         source_field="document",
         target_field="summary",
     ),

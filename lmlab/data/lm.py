@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmlab.data.batching import (ResumableLoader, ShardedDataModule, Skip,
-                                 leave_signals_to_the_trainer)
+                                 leave_signals_to_the_trainer, spread)
 from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, load_hub_dataset, stdlib_files
 from lmlab.data.description import DataDescription
 from lmlab.data.readers import open_text
@@ -72,14 +72,17 @@ class Sweep(Dataset):
         per_device: batch size on each rank.
         world: data-parallel world size.
         rank: this rank.
-        max_batches: a limit on the sweep's global batches (None: the whole split).
+        max_batches: a limit on the sweep's global batches (None: the whole split): that
+            many batches of blocks spread over the whole split (`spread`), in text order,
+            the same in every run.
     """
 
     def __init__(self, blocks: Blocks, per_device: int, world: int, rank: int,
                  max_batches: int | None = None):
         offsets = list(range(0, len(blocks), blocks.block_size))
-        if max_batches:
-            offsets = offsets[:max_batches * per_device * world]
+        if max_batches and max_batches * per_device * world < len(offsets):
+            kept = spread(len(offsets))[:max_batches * per_device * world].sort()[0]
+            offsets = [offsets[i] for i in kept]
         padding = -len(offsets) % (per_device * world)
         weights = [1.0] * len(offsets) + [0.0] * padding
         offsets += offsets[:1] * padding
@@ -195,8 +198,8 @@ class LMDataModule(ShardedDataModule):
             chooses the best checkpoint).
         test_fraction: the last share of the text, held out for the final test.
         train_batches: batches of random blocks in one training epoch.
-        val_batches: batches of the deterministic validation and test sweeps (null: the
-            whole split).
+        val_batches: batches of the deterministic validation and test sweeps, drawn from
+            the whole split, the same in every run (null: the whole split).
         num_workers: DataLoader worker processes.
         seed: seed of the random blocks.
         load_from: a run folder whose saved tokenizer is used instead of training one.

@@ -26,6 +26,16 @@ JOINT_FILE = "tokenizer.json"
 SIDE_FILES = {"source": "source_tokenizer.json", "target": "target_tokenizer.json"}
 
 
+def language_of(corpus: str | None, target_lang: str | None) -> str:
+    """The language of the outputs: `target_lang` if set, else a named summarization
+    corpus's own (the embedded corpus's: English); empty when unknown."""
+    if target_lang:
+        return target_lang
+    if corpus == EMBEDDED:
+        return "en"
+    return SEQ2SEQ_CORPORA[corpus].language if corpus in SEQ2SEQ_CORPORA else ""
+
+
 def task_type_of(corpus: str | None, task_type: str) -> str:
     """The task type data of `corpus` is scored as: a named corpus's or the embedded
     corpus's own, else the configured `task_type`."""
@@ -57,7 +67,8 @@ class Seq2SeqDataModule(TextRecordsDataModule):
         reference_fields: columns or keys of more references, kept where a record has them.
         source_lang: translation corpora: the language translated from (`en`, `de`); the
             source field is the one holding it. Else informational.
-        target_lang: the language translated into.
+        target_lang: the language translated into; for summarization, the language of the
+            texts (ROUGE stems English words only; a named corpus sets its own).
         description: `short` or `long`: which descriptions of `debian_ddtp` to translate.
         joint_vocab: one tokenizer trained on both sides (saved as `tokenizer.json`), or
             one per side (`source_tokenizer.json`, `target_tokenizer.json`).
@@ -123,7 +134,8 @@ class Seq2SeqDataModule(TextRecordsDataModule):
         target language."""
         return DataDescription(self.target_tokenizer, source_tokenizer=self.source_tokenizer,
                                target_tokenizer=self.target_tokenizer,
-                               task_type=self.task_type, target_lang=self.target_lang or "")
+                               task_type=self.task_type,
+                               target_lang=language_of(self.corpus, self.target_lang))
 
     def sources(self, split: str) -> list[str]:
         """The source texts of a split, by example index (one line each)."""

@@ -74,8 +74,16 @@ class Tokenizer:
 class TokenizerSpec:
     """An untrained tokenizer: what the config describes, until `fit` sees the corpus."""
 
+    lowercase = False
+
     def build(self) -> tuple[HFTokenizer, trainers.Trainer]:
         raise NotImplementedError
+
+    def loses(self, case_matters: bool = True) -> str | None:
+        """What of a text the decoding of its encoding does not give back (None: nothing of
+        the text it was trained on); `case_matters`: whether a lowercased text counts as
+        lost. Generated text is scored against the original references."""
+        return "it lowercases" if self.lowercase and case_matters else None
 
     def fit(self, texts: Iterable[str]) -> Tokenizer:
         hf, trainer = self.build()
@@ -99,6 +107,10 @@ class WordTokenizer(TokenizerSpec):
 
     def __init__(self, max_size: int = 25_000, min_freq: int = 1, lowercase: bool = True):
         self.max_size, self.min_freq, self.lowercase = max_size, min_freq, lowercase
+
+    def loses(self, case_matters: bool = True) -> str | None:
+        lost = "the spacing around punctuation and every word outside its vocabulary"
+        return ("case, " if self.lowercase and case_matters else "") + lost
 
     def build(self):
         hf = HFTokenizer(models.WordLevel(unk_token=UNK))

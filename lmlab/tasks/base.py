@@ -49,18 +49,36 @@ class Task(L.LightningModule):
         # torchmetrics (keys avoid "train"/"test", which nn.Module attributes shadow).
         self.eval_losses = nn.ModuleDict({"val_loss": MeanMetric(), "test_loss": MeanMetric()})
 
-    def log_loss(self, split: str, losses: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The loss of a batch from its per-example `losses` (B,) and their weights: in
-        training the weighted mean (logged per step); in evaluation the mean over the real
-        examples, also accumulated for `epoch_loss`."""
-        if split == "train":
-            loss = (losses * weight).mean()
-            if self.writes_logs():  # batch_size given: Lightning would walk the batch for it
-                self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
-            return loss
+    def log_loss(self, split: str, losses: torch.Tensor, weight: torch.Tensor,
+                 sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of a batch from its per-example mean `losses` (B,) and their weights.
+
+        Without `sizes`, each example counts alike: in training the weighted mean (logged per
+        step), in evaluation the mean over the real examples, also accumulated for
+        `epoch_loss`. With `sizes` (B,), the number of tokens each example's loss is the mean
+        of, each token counts alike: the mean over the real tokens of the global batch in
+        training, over the split's real tokens in evaluation."""
         real = (weight > 0).to(losses.dtype)
-        self.eval_losses[f"{split}_loss"].update(losses.detach(), real)
-        return (losses * real).sum() / real.sum().clamp(min=1)
+        if split != "train":
+            counts = real if sizes is None else real * sizes
+            self.eval_losses[f"{split}_loss"].update(losses.detach(), counts)
+            return (losses * counts).sum() / counts.sum().clamp(min=1)
+        if sizes is None:
+            loss = (losses * weight).mean()
+        else:
+            counts = real * sizes
+            loss = (losses * counts).sum() / self.mean_over_ranks(counts.sum()).clamp(min=1)
+        if self.writes_logs():  # batch_size given: Lightning would walk the batch for it
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
+        return loss
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` averaged over the ranks (itself on one process). Data-parallel ranks
+        average their gradients, so a rank's sum over this mean gives the global batch's
+        mean; tensor-parallel peers hold the same batch and leave the mean unchanged."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value.detach().float(), reduce_op="mean")
 
     def writes_logs(self) -> bool:
         """Whether the loggers write this training step's values. `self.log` costs about a

@@ -16,10 +16,11 @@ from lmlab.data.description import DataDescription
 from lmlab.models.decoding import Hypothesis, best_tokens, max_lengths
 from lmlab.tasks.base import Task, example_weights, real_examples
 from lmlab.tasks.causal_lm import parameter_groups
-from lmlab.tasks.text_metrics import bleu, consensus, one_line, rouge
+from lmlab.tasks.text_metrics import bleu, consensus, one_line, rouge, rouge_signature
 
 log = logging.getLogger(__name__)
 METRICS = ("bleu", "rouge")
+LOSS_PER = ("tokens", "sentences")
 METRIC_OF_TASK = {"translation": "bleu", "summarization": "rouge"}
 
 
@@ -35,6 +36,10 @@ class Seq2SeqTask(Task):
         weight_decay: applied to weight matrices only, never to norms, biases or embeddings.
         label_smoothing: share of each target's probability spread over the vocabulary, in
             training (evaluation losses are the plain cross-entropy).
+        loss_per: what the training loss averages over: `tokens` (every target token of
+            the batch alike, as fairseq and Marian do) or `sentences` (each sentence's mean
+            over its tokens, then the mean over the sentences). Evaluation's `loss` is always
+            the mean over the split's tokens, and `ppl` its exponential.
         metric: `bleu` (sacreBLEU) or `rouge` (ROUGE-1/2/L); null: the data's own (BLEU for
             translation, ROUGE for summarization).
         beam: beam size of the test decode (1: greedy).
@@ -57,22 +62,29 @@ class Seq2SeqTask(Task):
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  weight_decay: float = 0.0, label_smoothing: float = 0.1,
-                 metric: str | None = None, beam: int = 5, val_beam: int = 1,
-                 length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
-                 min_length: int = 1, n_finished: int | None = None, no_repeat_ngram_size: int = 0,
-                 mbr: bool = False, data: DataDescription | None = None):
+                 loss_per: str = "tokens", metric: str | None = None, beam: int = 5,
+                 val_beam: int = 1, length_penalty: float = 1.0, max_len_a: float = 1.2,
+                 max_len_b: int = 10, min_length: int = 1, n_finished: int | None = None,
+                 no_repeat_ngram_size: int = 0, mbr: bool = False,
+                 data: DataDescription | None = None):
         super().__init__(net, optimizer, scheduler)
         metric = task_metric(metric, getattr(data, "task_type", None))
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
+        if loss_per not in LOSS_PER:
+            raise ValueError(f"loss_per must be one of {LOSS_PER}, not {loss_per!r}")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
         self.weight_decay, self.label_smoothing, self.metric = weight_decay, label_smoothing, metric
+        self.loss_per = loss_per
         self.beams = {"val": val_beam, "test": beam}
         self.search = {"length_penalty": length_penalty, "max_len_a": max_len_a,
                        "max_len_b": max_len_b, "min_length": min_length,
                        "n_finished": n_finished, "no_repeat_ngram_size": no_repeat_ngram_size}
         self.tokenizer = data.target_tokenizer if data is not None else None
+        # Porter's rules are English ones: ROUGE stems the words of English targets only
+        self.stem = english(getattr(data, "target_lang", ""))
         self.mbr = mbr
+        self.signatures: list[str] = []
         self.hypotheses: dict[str, list[tuple[int, str]]] = {"val": [], "test": []}
 
     @property
@@ -95,12 +107,13 @@ class Seq2SeqTask(Task):
         targets = batch["target"][:, 1:]  # (B, T - 1): predict each token after <bos>
         logits = self(batch["source"], batch["target"][:, :-1])  # (B, T - 1, V)
         smoothing = self.label_smoothing if split == "train" else 0.0
-        tokens = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=self.net.pad_id,
-                                 label_smoothing=smoothing, reduction="none")
-        real = (targets != self.net.pad_id).sum(dim=1).clamp(min=1)
-        losses = tokens.sum(dim=1) / real  # (B,): each sentence's mean over its tokens
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=self.net.pad_id,
+                                 label_smoothing=smoothing, reduction="none")  # (B, T - 1)
+        tokens = (targets != self.net.pad_id).sum(dim=1)  # (B,)
+        means = losses.sum(dim=1) / tokens.clamp(min=1)  # (B,): each sentence's mean
         weight = example_weights(batch, len(targets), targets.device)
-        loss = self.log_loss(split, losses, weight)
+        per_token = split != "train" or self.loss_per == "tokens"
+        loss = self.log_loss(split, means, weight, tokens if per_token else None)
         if split != "train" and self.beams[split] and self.tokenizer is not None:
             self.collect(batch, split, weight)
         return loss
@@ -125,8 +138,8 @@ class Seq2SeqTask(Task):
                ) -> list[list[int]]:
         """The output tokens for each source row (beam 1: greedy search): the best-scored
         hypothesis's, or with `mbr` the consensus of the beam's."""
-        choose = partial(consensus_of, tokenizer=self.tokenizer, metric=self.metric) \
-            if self.mbr else None
+        choose = partial(consensus_of, tokenizer=self.tokenizer, metric=self.metric,
+                         stem=self.stem) if self.mbr else None
         return best_tokens(self.net, source, beam, steps=steps, choose=choose, **self.search)
 
     def lockstep_steps(self, source: torch.Tensor) -> int | None:
@@ -144,8 +157,9 @@ class Seq2SeqTask(Task):
     def log_epoch(self, split: str) -> None:
         if split == "train":
             return  # train/loss is logged per step
-        loss = self.epoch_loss(split)
-        self.log(f"{split}/loss", loss, prog_bar=split == "val")
+        loss = self.epoch_loss(split)  # the mean over the split's target tokens
+        self.log_dict({f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss)},
+                      prog_bar=split == "val")
         found = gather(self.hypotheses[split])
         self.hypotheses[split] = []
         if not found:
@@ -163,14 +177,18 @@ class Seq2SeqTask(Task):
         published summarization figures are), and, where examples carry more references
         (AESLC's annotations), also against the best of those (`..._annotated`)."""
         if self.metric == "bleu":
-            value, self.bleu_signature = bleu(texts, references)
-            log.info("BLEU %.2f (%s)", value, self.bleu_signature)
+            value, signature = bleu(texts, references)
+            self.signatures = [signature]
+            log.info("BLEU %.2f (%s)", value, signature)
             return {"bleu": value}
-        scores = rouge(texts, [refs[:1] for refs in references])
+        scores = rouge(texts, [refs[:1] for refs in references], stem=self.stem)
+        self.signatures = [rouge_signature(self.stem, "first")]
         annotated = [i for i, refs in enumerate(references) if len(refs) > 1]
         if annotated:  # over the examples that carry annotations
-            extra = rouge([texts[i] for i in annotated], [references[i][1:] for i in annotated])
+            extra = rouge([texts[i] for i in annotated], [references[i][1:] for i in annotated],
+                          stem=self.stem)
             scores.update({f"{name}_annotated": value for name, value in extra.items()})
+            self.signatures.append(rouge_signature(self.stem, "best of the others"))
         return scores
 
     def write(self, split: str, indices, texts, references) -> None:
@@ -185,8 +203,8 @@ class Seq2SeqTask(Task):
             files[f"{split}.ref{k}.txt"] = [r[k] if k < len(r) else "" for r in references]
         for name, lines in files.items():
             (folder / name).write_text("".join(one_line(line) + "\n" for line in lines))
-        if self.metric == "bleu":
-            (folder / f"{split}.bleu-signature.txt").write_text(self.bleu_signature + "\n")
+        (folder / f"{split}.{self.metric}-signature.txt").write_text(
+            "".join(line + "\n" for line in self.signatures))
 
     def optimizer_params(self) -> list[dict]:
         return parameter_groups(self.net, self.weight_decay)
@@ -206,7 +224,12 @@ def task_metric(metric: str | None, task_type: str | None) -> str:
     return metric or METRIC_OF_TASK.get(task_type, "bleu")
 
 
-def consensus_of(hypotheses: list[Hypothesis], tokenizer, metric: str) -> int:
+def consensus_of(hypotheses: list[Hypothesis], tokenizer, metric: str, stem: bool) -> int:
     """The index of the hypothesis whose text is most like the others' under `metric`
-    (`bleu` or `rouge`): minimum Bayes risk decoding."""
-    return consensus([tokenizer.decode(h.tokens) for h in hypotheses], metric)
+    (`bleu` or `rouge`, stemmed with `stem`): minimum Bayes risk decoding."""
+    return consensus([tokenizer.decode(h.tokens) for h in hypotheses], metric, stem)
+
+
+def english(language: str | None) -> bool:
+    """Whether a language code (`en`, `en-US`, `en_GB`) names English."""
+    return (language or "").lower().replace("_", "-").split("-")[0] == "en"
