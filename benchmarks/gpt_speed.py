@@ -53,11 +53,10 @@ def _timed(fn) -> float:
 
 
 def flops_per_step(model: GPT, batch: int) -> float:
-    """nanoGPT's estimate: 6N per token for the matmuls plus attention's 12·L·C·T."""
-    c = model.config
-    n = model.num_parameters() - (model.wpe.weight.numel() if model.wpe is not None else 0)
-    per_token = 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
-    return per_token * c.block_size * batch
+    """Model FLOPs of a training step on `batch` full blocks: 3 x the net's forward formula,
+    as the runs' MFU counts them."""
+    lengths = torch.full((batch,), model.config.block_size)
+    return 3 * float(model.flops(lengths).sum())
 
 
 def plain_step_fn(model, batches, hf: bool = False):

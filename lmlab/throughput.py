@@ -3,17 +3,19 @@ spent waiting for data, peak memory, model FLOPs per step and MFU.
 
 Definitions (docs/workflow.md, "Throughput and MFU"):
 
-- a step is one training batch (with gradient accumulation, one micro-batch);
+- a step is one optimizer step (with gradient accumulation, its micro-batches together);
+  the figures are logged once per optimizer step, at the loggers' cadence;
 - tokens are the task's real tokens (`Task.count_tokens`), samples its real examples:
   padding and the copies that pad a batch across ranks are never counted;
-- step time is the time from one `on_train_batch_end` to the next; the data wait is the
+- a micro-batch's time runs from one `on_train_batch_end` to the next; the data wait is the
   part of it from `on_train_batch_end` to the next `on_train_batch_start` (fetching and
   collating the batch, moving it to the device);
-- FLOPs per step are counted on the first training batch; MFU is those FLOPs per real
-  token times the tokens per second, over the device's peak FLOP/s;
+- model FLOPs are counted for every micro-batch from its real examples' lengths, by the
+  net's own formula (`flops`, `lmlab.models.flops`), forward and backward: padding is not
+  counted. MFU is the model FLOPs per second over the device's peak FLOP/s;
 - the figures are of this process's device (per device, not summed over ranks), averaged
-  over the steps since the last time they were logged; the first step, which also counts
-  the FLOPs, is left out.
+  over the micro-batches since the last time they were logged; the run's first micro-batch,
+  which has no previous end to time it from, is left out.
 """
 
 from __future__ import annotations
@@ -32,20 +34,21 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lmlab.models.flops import GATES, recurrent
+
 log = logging.getLogger(__name__)
 
-GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
 
 
 class Throughput(Callback):
-    """Measures the run's training speed and logs it as `perf/*` at the loggers' cadence
-    (`trainer.log_every_n_steps`); `tokens_per_s` is also shown on the progress bar.
-    `summary` holds the averages over the whole run, for its final report.
+    """Measures the run's training speed and logs it as `perf/*` once per optimizer step, at
+    the loggers' cadence (`trainer.log_every_n_steps`); `tokens_per_s` is also shown on the
+    progress bar. `summary` holds the averages over the whole run, for its final report.
 
     Args:
-        flops: count the model FLOPs of the first training step (forward and backward)
-            and log them with the MFU.
+        flops: count the model FLOPs of every micro-batch (the task's `count_flops`) and log
+            them with the MFU.
         cpu_peak_file: where the measured matmul peak of a CPU is kept (JSON, keyed by CPU
             model, thread count and dtype), so that it is measured once per machine.
     """
@@ -53,9 +56,7 @@ class Throughput(Callback):
     def __init__(self, flops: bool = True, cpu_peak_file: str = "~/.cache/lmlab/cpu_peak.json"):
         self.flops = flops
         self.cpu_peak_file = Path(cpu_peak_file).expanduser()
-        self.counter: StepFlops | None = None
-        self.last_end: float | None = None  # when the last training step ended
-        self.flops_per_step: int | None = None
+        self.last_end: float | None = None  # when the last training micro-batch ended
         self.peak: float | None = None
         self.summary: dict[str, float] = {}
 
@@ -64,7 +65,8 @@ class Throughput(Callback):
         self.total = Window(torch.device("cpu"))  # the run's, added up when logging
         self.last_end = None
         self.batch_start = 0.0
-        self.counted = not self.flops
+        self.last_step = trainer.global_step
+        self.accumulate = trainer.accumulate_grad_batches
         self.peak = peak_flops(pl_module.device, compute_dtype(trainer.precision),
                                self.cpu_peak_file) if self.flops else None
 
@@ -80,24 +82,17 @@ class Throughput(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batch_start = time.perf_counter()
-        if not self.counted:
-            self.counted_tokens = int(pl_module.count_tokens(batch))  # once: a sync is fine
-            self.start_counting(pl_module)
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        if self.counter is not None:
-            self.stop_counting()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.counter is not None:  # a step without backward
-            self.stop_counting()
         now = time.perf_counter()
-        if self.last_end is not None:  # the first step also counted the FLOPs: left out
+        if self.last_end is not None:
+            flops = pl_module.count_flops(batch) if self.flops else None
             self.window.add(now - self.last_end, self.batch_start - self.last_end,
-                            pl_module.count_tokens(batch), pl_module.count_examples(batch))
+                            pl_module.count_tokens(batch), pl_module.count_examples(batch), flops)
         self.last_end = now
+        stepped, self.last_step = trainer.global_step != self.last_step, trainer.global_step
         every = trainer.log_every_n_steps
-        if every > 0 and trainer.global_step % every == 0 and self.window.steps:
+        if stepped and every > 0 and trainer.global_step % every == 0 and self.window.steps:
             # Reading the counts syncs with the device: only on the steps that are logged.
             rates = self.rates(self.window, pl_module.device)
             self.total.merge(self.window)
@@ -112,40 +107,27 @@ class Throughput(Callback):
         if self.total.steps:
             self.summary = self.rates(self.total, pl_module.device)
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self.counter is not None:
-            self.stop_counting()
-
     def rates(self, window: Window, device: torch.device) -> dict[str, float]:
         seconds = window.seconds
         figures = {"tokens_per_s": float(window.tokens) / seconds,
                    "samples_per_s": float(window.samples) / seconds,
-                   "step_time_s": seconds / window.steps,
+                   "step_time_s": seconds / window.steps * self.accumulate,
                    "data_wait": window.wait / seconds,
                    "peak_mem_gb": peak_memory(device) / 1e9}
-        if self.flops_per_step is not None:
-            figures["flops_per_step"] = float(self.flops_per_step)
-            if self.peak:  # batches differ in length: FLOPs follow the tokens
-                figures["mfu"] = self.flops_per_token * figures["tokens_per_s"] / self.peak
+        if window.flops is not None:
+            figures["flops_per_step"] = float(window.flops) / window.steps * self.accumulate
+            if self.peak:
+                figures["mfu"] = float(window.flops) / seconds / self.peak
         return figures
-
-    def start_counting(self, pl_module) -> None:
-        self.counter = StepFlops(pl_module)
-        self.counter.__enter__()
-
-    def stop_counting(self) -> None:
-        counter, self.counter = self.counter, None
-        counter.__exit__(None, None, None)
-        self.flops_per_step, self.counted = counter.total, True
-        self.flops_per_token = counter.total / max(self.counted_tokens, 1)
-        log.info("model FLOPs of one training step (forward and backward): %.4g", counter.total)
 
 
 class StepFlops:
     """Counts the FLOPs of what runs inside it (forward and backward) with torch's
     `FlopCounterMode`, except in LSTM, GRU and RNN layers: their fused kernels have no
     formula there (an unpacked LSTM counts 0 on CPU), and a packed sequence's steps are counted
-    op by op; theirs come from `rnn_flops`, the backward twice the forward.
+    op by op; theirs come from `lmlab.models.flops.recurrent`, the backward twice the
+    forward. A count of whatever runs, padding included: the nets' `flops` formulas are
+    checked against it, one unpadded example at a time.
 
     Args:
         model: the module whose recurrent layers are counted by formula.
@@ -175,32 +157,40 @@ class StepFlops:
         total = self.counter.get_total_flops()
         for module, tokens in self.rnn_tokens.items():
             total -= sum(counts.get(names.get(module), {}).values())
-            total += 3 * rnn_flops(module, tokens)
+            total += 3 * recurrent(module, tokens)
         self.total = total
 
 
 class Window:
-    """What the steps since the last logging add up to; the counts stay on the device."""
+    """What the micro-batches since the last logging add up to; the counts stay on the
+    device. `flops` stays None while the task counts none."""
 
     def __init__(self, device: torch.device):
         self.steps, self.seconds, self.wait = 0, 0.0, 0.0
         self.tokens = torch.zeros((), dtype=torch.long, device=device)
         self.samples = torch.zeros((), dtype=torch.long, device=device)
+        self.flops: torch.Tensor | None = None
 
-    def add(self, seconds: float, wait: float, tokens: torch.Tensor, samples: torch.Tensor):
+    def add(self, seconds: float, wait: float, tokens: torch.Tensor, samples: torch.Tensor,
+            flops: torch.Tensor | None = None) -> None:
         self.steps += 1
         self.seconds += seconds
         self.wait += wait
         self.tokens += tokens.to(self.tokens.device)
         self.samples += samples.to(self.samples.device)
+        if flops is not None:
+            flops = flops.to(self.tokens.device, torch.float64)
+            self.flops = flops if self.flops is None else self.flops + flops
 
     def merge(self, other: Window) -> None:
-        """Adds up `other`'s steps (reading its counts: a sync with its device)."""
+        """Adds up `other`'s micro-batches (reading its counts: a sync with its device)."""
         self.steps += other.steps
         self.seconds += other.seconds
         self.wait += other.wait
         self.tokens += int(other.tokens)
         self.samples += int(other.samples)
+        if other.flops is not None:
+            self.flops = float(other.flops) + (0.0 if self.flops is None else self.flops)
 
 
 def input_tokens(module: nn.RNNBase, x) -> int:
@@ -208,20 +198,6 @@ def input_tokens(module: nn.RNNBase, x) -> int:
     if isinstance(x, nn.utils.rnn.PackedSequence):
         return x.data.size(0)
     return x.size(0) * x.size(1) if x.dim() == 3 else x.size(0)
-
-
-def rnn_flops(module: nn.RNNBase, tokens: int) -> int:
-    """Forward FLOPs of an LSTM, GRU or RNN over `tokens` time steps of batch rows: per
-    layer and direction, the input and hidden projections of every gate, 2 * gates *
-    hidden * (input + hidden) (elementwise gate arithmetic left out, as matmul counts do).
-    The backward pass is counted as twice the forward."""
-    gates, hidden = GATES[type(module)], module.hidden_size
-    directions = 2 if module.bidirectional else 1
-    flops = 0
-    for layer in range(module.num_layers):
-        inputs = module.input_size if layer == 0 else hidden * directions
-        flops += directions * 2 * gates * hidden * (inputs + hidden)
-    return flops * tokens
 
 
 def peak_memory(device: torch.device) -> int:

@@ -19,6 +19,7 @@ class ProgressProbe(Callback):
         bar = trainer.progress_bar_callback
         speed = next(c for c in trainer.callbacks if isinstance(c, Throughput))
         record = {"bar": type(bar).__name__, "disabled": bar.is_disabled,
-                  "flops_per_step": speed.flops_per_step, "steps": speed.total.steps,
+                  "flops_per_step": speed.summary.get("flops_per_step", 0),
+                  "steps": speed.total.steps,
                   "tokens": int(speed.total.tokens) + int(speed.window.tokens)}
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

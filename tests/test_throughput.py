@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import DATA_DIR, ROOT, run_cli
@@ -24,8 +25,9 @@ from lmlab.models.rnn import RNNClassifier
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.tasks.classification import ClassificationTask
 from lmlab.tasks.seq2seq import Seq2SeqTask
+from lmlab.models.flops import recurrent
 from lmlab.throughput import (StepFlops, Throughput, compute_dtype, cpu_model, peak_flops,
-                              progress_bar, rnn_flops)
+                              progress_bar)
 
 B, T, EMBED, HIDDEN, CLASSES = 4, 6, 8, 16, 3
 
@@ -95,7 +97,7 @@ def test_flops_of_an_lstm_equal_the_hand_count():
     assert plain.get_total_flops() == 0  # torch has no formula for the fused kernel
     with StepFlops(lstm) as flops:
         lstm(x)[0].sum().backward()
-    assert flops.total == lstm_hand_count(2 * 5) == 3 * rnn_flops(lstm, 10)
+    assert flops.total == lstm_hand_count(2 * 5) == 3 * recurrent(lstm, 10)
     # A packed sequence runs op by op (counted by torch, without the input gradient of the
     # first step); the formula replaces that count, over the real time steps only.
     packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
@@ -110,39 +112,71 @@ def test_flops_of_an_lstm_equal_the_hand_count():
 def test_rnn_formula_per_layer_and_direction():
     gru = nn.GRU(8, 16, num_layers=2, bidirectional=True)
     per_token = 2 * (2 * 3 * 16 * (8 + 16)) + 2 * (2 * 3 * 16 * (32 + 16))
-    assert rnn_flops(gru, 7) == 7 * per_token
+    assert recurrent(gru, 7) == 7 * per_token
 
 
-def train_with_throughput(tmp_path, batches: list[dict], steps: int, peak: float | None):
+class WindowsLogged(Throughput):
+    """Records how many micro-batches each logged window holds."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.windows = []
+
+    def rates(self, window, device):
+        if window is not self.total:
+            self.windows.append(window.steps)
+        return super().rates(window, device)
+
+
+def train_with_throughput(tmp_path, batches: list[dict], steps: int, peak: float | None,
+                          accumulate: int = 1):
     peak_file = tmp_path / "peak.json"
     if peak is not None:  # a known peak for this CPU, as if measured before
         key = f"{cpu_model()} | {torch.get_num_threads()} threads | {torch.float32}"
         peak_file.write_text(json.dumps({key: peak}))
-    throughput = Throughput(cpu_peak_file=str(peak_file))
+    throughput = WindowsLogged(cpu_peak_file=str(peak_file))
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, log_every_n_steps=1,
                         callbacks=[throughput], logger=CSVLogger(tmp_path, name="csv", version=""),
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, val_check_interval=2, limit_val_batches=1)
+                        enable_model_summary=False, val_check_interval=2 * accumulate,
+                        limit_val_batches=1, accumulate_grad_batches=accumulate)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     # With a sanity check and a validation in the middle of the epoch, left out of the steps.
     trainer.fit(classifier(), train_dataloaders=loader, val_dataloaders=loader)
     return throughput
 
 
+def perf_rows(tmp_path) -> list[dict]:
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r["perf/tokens_per_s"]]
+
+
 def test_callback_counts_flops_tokens_and_mfu_of_a_real_run(tmp_path):
     throughput = train_with_throughput(tmp_path, [padded_batch() for _ in range(4)], 4, 1e9)
-    head = 2 * B * HIDDEN * CLASSES  # forward; backward: weight and input gradients
-    assert throughput.flops_per_step == lstm_hand_count(B * T) + 3 * head
-    assert int(throughput.total.tokens) == 3 * 11  # steps 2-4; the first counts the FLOPs
+    # the three real rows at their own lengths (6 + 3 + 2 tokens), not the padded 4 x 6
+    head = 2 * HIDDEN * CLASSES  # forward, per example; backward: twice that
+    real_flops = lstm_hand_count(6 + 3 + 2) + 3 * 3 * head
     summary = throughput.summary
+    assert summary["flops_per_step"] == real_flops
+    assert int(throughput.total.tokens) == 3 * 11  # steps 2-4; the first has no start
     assert summary["tokens_per_s"] == pytest.approx(11 * summary["samples_per_s"] / 3)
-    flops_per_token = throughput.flops_per_step / 11
-    assert summary["mfu"] == pytest.approx(flops_per_token * summary["tokens_per_s"] / 1e9)
+    assert summary["mfu"] == pytest.approx(real_flops / summary["step_time_s"] / 1e9)
     assert 0 <= summary["data_wait"] < 1 and summary["peak_mem_gb"] > 0
-    with open(tmp_path / "csv" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["perf/tokens_per_s"]]
+    rows = perf_rows(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2, 3]  # every logged step after the first
     assert all(float(r["perf/mfu"]) > 0 for r in rows)
+
+
+def test_under_gradient_accumulation_perf_is_logged_once_per_optimizer_step(tmp_path):
+    """Round 2: `perf/*` came once per micro-batch, and at step 0 before any optimizer step."""
+    throughput = train_with_throughput(tmp_path, [padded_batch() for _ in range(8)], 4, 1e9,
+                                       accumulate=2)
+    rows = perf_rows(tmp_path)
+    # one row per optimizer step (Lightning labels it with the optimizer steps before it)
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    assert throughput.windows == [1, 2, 2, 2]  # the run's first micro-batch is not timed
+    one_batch = lstm_hand_count(6 + 3 + 2) + 3 * 3 * 2 * HIDDEN * CLASSES
+    assert throughput.summary["flops_per_step"] == 2 * one_batch  # two micro-batches a step
 
 
 def test_no_mfu_where_the_peak_is_unknown(tmp_path):
@@ -246,3 +280,79 @@ def test_only_rank_zero_shows_a_progress_bar(tmp_path):
     assert [r["disabled"] for r in ranks] == [False, True]
     assert ranks[0]["bar"] == "TQDMProgressBar"  # the output is a pipe
     assert all(r["flops_per_step"] > 0 and r["tokens"] > 0 for r in ranks)
+
+
+def seq2seq_pairs(vocab: int) -> dict:
+    """Three pairs of very different lengths, right-padded, and a copy that pads the batch."""
+    g = torch.Generator().manual_seed(0)
+    sources, targets = [9, 2, 5, 5], [7, 3, 2, 2]
+    source = torch.randint(4, vocab, (4, 9), generator=g)
+    target = torch.randint(4, vocab, (4, 7), generator=g)
+    target[:, 0] = 1
+    for row, (s, t) in enumerate(zip(sources, targets)):
+        source[row, s:] = 0
+        target[row, t - 1], target[row, t:] = 2, 0
+    return {"source": source, "source_lengths": torch.tensor(sources), "target": target,
+            "target_lengths": torch.tensor(targets), "weight": torch.tensor([1., 1., 1., 0.])}
+
+
+def flop_tasks():
+    """Every built-in net, in its task, with a batch of its task's layout."""
+    from lmlab.models.gpt import GPT
+    from lmlab.models.rnn_lm import RNNLanguageModel
+    from lmlab.models.rnn_seq2seq import RNNSeq2Seq
+    from lmlab.models.seq2seq import Seq2SeqTransformer
+
+    torch.manual_seed(0)
+    V = 23
+    blocks = {"tokens": torch.randint(0, V, (3, 8)), "targets": torch.randint(0, V, (3, 8)),
+              "weight": torch.tensor([1., 1., 0.])}
+    transformer = dict(d_model=16, n_head=2, n_encoder_layers=2, n_decoder_layers=1, d_ff=24)
+    bilstm = RNNClassifier(20, CLASSES, embed_dim=EMBED, hidden_size=HIDDEN, num_layers=2,
+                           bidirectional=True, dropout=0.0)
+    return {
+        "classifier": (ClassificationTask(bilstm, CLASSES, optimizer=adam), padded_batch()),
+        "gpt": (CausalLMTask(GPT(V, 8, n_layer=2, n_head=2, n_embd=16), optimizer=adam), blocks),
+        "rnn_lm": (CausalLMTask(RNNLanguageModel(V, 8, 12, 2), optimizer=adam), blocks),
+        "transformer": (Seq2SeqTask(Seq2SeqTransformer(V, V, 0, 1, 2, **transformer),
+                                    optimizer=adam), seq2seq_pairs(V)),
+        "transformer_copy": (Seq2SeqTask(Seq2SeqTransformer(V, V, 0, 1, 2, copy=True,
+                                                            **transformer), optimizer=adam),
+                             seq2seq_pairs(V)),
+        **{f"lstm_{kind}": (Seq2SeqTask(RNNSeq2Seq(V, V, 0, 1, 2, embed_dim=8, hidden_size=12,
+                                                   num_layers=2, attention=kind),
+                                        optimizer=adam), seq2seq_pairs(V))
+           for kind in ("luong", "bahdanau")},
+    }
+
+
+def one_example(batch: dict, row: int) -> dict:
+    """Row `row` of a batch alone, without its padding."""
+    lengths = {"source": "source_lengths", "target": "target_lengths", "tokens": "lengths"}
+    alone = {}
+    for key, value in batch.items():
+        value = value[row:row + 1]
+        if key in lengths and lengths[key] in batch:
+            value = value[:, :int(batch[lengths[key]][row])]
+        alone[key] = value
+    alone["weight"] = torch.ones(1)
+    return alone
+
+
+@pytest.mark.parametrize("name", ["classifier", "gpt", "rnn_lm", "transformer",
+                                  "transformer_copy", "lstm_luong", "lstm_bahdanau"])
+def test_model_flops_of_a_padded_batch_are_its_real_examples_counted_alone(name):
+    """Each net's formula against torch's counter (`StepFlops`: its matmul and attention
+    formulas, plus the hand count of recurrent layers) on one real example at a time,
+    unpadded, forward and backward; the copies that pad a batch across ranks count nothing."""
+    task, batch = flop_tasks()[name]
+    reference = 0
+    for row in range(len(batch["weight"])):
+        # the math path of attention: torch counts nothing for its fused CPU kernels
+        with sdpa_kernel(SDPBackend.MATH), StepFlops(task) as counter:
+            task.step(one_example(batch, row), "train").backward()
+        reference += counter.total if batch["weight"][row] > 0 else 0
+    assert float(task.count_flops(batch)) == pytest.approx(reference, rel=0.01)
+    with StepFlops(task) as padded:  # negative control: the padded batch, copies included
+        task.step(batch, "train").backward()
+    assert padded.total > 1.05 * reference

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.attention import Attention, rope_tables
+from lmlab.models.flops import attention, linear
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, H, T, D)
 
@@ -146,6 +147,13 @@ class GPT(nn.Module):
             new_cache.append(layer_cache)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         return (logits, new_cache) if return_cache else logits
+
+    def flops(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Forward FLOPs (`lmlab.models.flops`) of each sequence of `lengths` (B,) tokens."""
+        d, T = self.config.n_embd, lengths.double()
+        block = (linear(T, d, 3 * d) + linear(T, d, d) + attention(T, T, d)
+                 + linear(T, d, 4 * d) + linear(T, 4 * d, d))
+        return self.config.n_layer * block + linear(T, d, self.config.vocab_size)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmlab.models.flops import linear, recurrent
+
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 POOLINGS = ("last", "max", "mean")
 
@@ -64,6 +66,14 @@ class RNNClassifier(nn.Module):
             reversed_x = x.gather(1, flip[..., None].expand_as(x))
             features.append(self._pool(self.backward_rnn(reversed_x)[0], mask, lengths))
         return self.head(self.dropout(torch.cat(features, dim=-1)))  # (B, C)
+
+    def flops(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Forward FLOPs (`lmlab.models.flops`) of each text of `lengths` (B,) tokens."""
+        L = lengths.double()
+        rnns = [r for r in (self.forward_rnn, self.backward_rnn) if r is not None]
+        return sum(recurrent(r, L) for r in rnns) + linear(torch.ones_like(L),
+                                                          self.head.in_features,
+                                                          self.head.out_features)
 
     def _pool(self, out: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T, H) outputs to (B, H), looking only at real tokens."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmlab.models.flops import linear, recurrent
 from lmlab.models.rnn import CELLS
 
 
@@ -35,6 +36,14 @@ class RNNLanguageModel(nn.Module):
         self.head = nn.Linear(embed_dim, vocab_size)
         if tie_weights:
             self.head.weight = self.embedding.weight
+
+    def flops(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Forward FLOPs (`lmlab.models.flops`) of each sequence of `lengths` (B,) tokens."""
+        T = lengths.double()
+        down = linear(T, self.down.in_features, self.down.out_features) \
+            if isinstance(self.down, nn.Linear) else 0
+        return recurrent(self.rnn, T) + down + linear(T, self.head.in_features,
+                                                      self.head.out_features)
 
     def forward(self, tokens: torch.Tensor, cache=None, return_cache: bool = False):
         x = self.dropout(self.embedding(tokens))  # (B, T, E)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmlab.models.flops import linear, recurrent
 from lmlab.models.rnn import reverse_index
 
 ATTENTIONS = ("luong", "bahdanau")
@@ -183,6 +184,22 @@ class RNNSeq2Seq(nn.Module):
         return encoded, {"h": cache["h"].index_select(1, indices),
                          "c": cache["c"].index_select(1, indices),
                          "feed": cache["feed"].index_select(0, indices)}
+
+    def flops(self, source_lengths: torch.Tensor, target_lengths: torch.Tensor
+              ) -> torch.Tensor:
+        """Forward FLOPs (`lmlab.models.flops`) of each pair: `source_lengths` (B,) source
+        tokens, `target_lengths` (B,) target inputs (`<bos> y1 .. yn`)."""
+        S, T = source_lengths.double(), target_lengths.double()
+        H, E = self.hidden_size, self.lm_head.in_features
+        decoder = self.decoder
+        encoder = 2 * recurrent(self.encoder.forward_rnn, S) + linear(S, 2 * H, H) \
+            + linear(torch.ones_like(S), 2 * H, self.num_layers * H)  # keys, bridge
+        # each step: its scores (H wide) and context (2H wide) over the source, and the
+        # attentional vector; Bahdanau's query projection besides
+        steps = recurrent(decoder.rnn, T) + 6 * T * S * H + linear(T, 3 * H, E)
+        if decoder.attention == "bahdanau":
+            steps = steps + linear(T, H, H)
+        return encoder + steps + linear(T, E, self.lm_head.out_features)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

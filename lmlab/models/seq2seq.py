@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.attention import Attention
+from lmlab.models.flops import attention, linear
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 POSITIONS = ("sinusoidal", "learned")
@@ -136,7 +137,7 @@ class Seq2SeqTransformer(nn.Module):
             raise ValueError("copy needs one joint vocabulary shared by source and target: "
                              "set share_embeddings=true (and a joint tokenizer)")
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
-        self.d_model, self.max_length = d_model, max_length
+        self.d_model, self.d_ff, self.max_length = d_model, d_ff, max_length
         self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
         self.src_embed = self.tgt_embed if share_embeddings else \
             nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
@@ -236,6 +237,22 @@ class Seq2SeqTransformer(nn.Module):
         layers = [{kind: tuple(t.index_select(0, indices) for t in kv)
                    for kind, kv in layer.items()} for layer in cache["layers"]]
         return encoded, {"step": cache["step"], "layers": layers}
+
+    def flops(self, source_lengths: torch.Tensor, target_lengths: torch.Tensor
+              ) -> torch.Tensor:
+        """Forward FLOPs (`lmlab.models.flops`) of each pair: `source_lengths` (B,) source
+        tokens, `target_lengths` (B,) target inputs (`<bos> y1 .. yn`)."""
+        d, f, S, T = self.d_model, self.d_ff, source_lengths.double(), target_lengths.double()
+        encoder = linear(S, d, 4 * d) + attention(S, S, d) + linear(S, d, f) + linear(S, f, d)
+        decoder = (linear(T, d, 4 * d) + attention(T, T, d)  # self-attention
+                   + linear(T, d, 2 * d) + linear(S, d, 2 * d) + attention(T, S, d)  # cross
+                   + linear(T, d, f) + linear(T, f, d))
+        flops = (len(self.encoder_blocks) * encoder + len(self.decoder_blocks) * decoder
+                 + linear(T, d, self.lm_head.out_features))
+        if self.copier is not None:  # its query, attention, gate and per-id sums (T x S x S)
+            flops = flops + linear(T, d, d) + attention(T, S, d) + linear(T, 2 * d, 1) \
+                + 2 * T * S * S
+        return flops
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

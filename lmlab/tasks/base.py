@@ -13,6 +13,8 @@ from torchmetrics import MeanMetric
 from lmlab.data.description import DataDescription
 from lmlab.parallel.sharding import shard
 
+TRAINING_PASSES = 3  # forward, and a backward of about twice its matrix products
+
 
 def example_weights(batch: dict, size: int, device: torch.device) -> torch.Tensor:
     """(B,) weights of a batch's examples: 0 for the copies that pad a split so that every
@@ -119,6 +121,21 @@ class Task(L.LightningModule):
     def count_tokens(self, batch: dict) -> torch.Tensor:
         """The batch's real tokens, as a tensor on its device (reading it would sync): no
         padding, nothing of the copies that pad a batch across ranks."""
+        raise NotImplementedError
+
+    def count_flops(self, batch: dict) -> torch.Tensor | None:
+        """The model FLOPs of training on the batch's real examples, forward and backward
+        (3 x the net's forward `flops`, each example at its own length: no padding), as a
+        tensor on its device; None for a net without a `flops` formula."""
+        formula = getattr(self.net, "flops", None)
+        if formula is None:
+            return None
+        per_example = formula(*self.flop_lengths(batch))
+        real = real_examples(batch, len(per_example)).to(per_example.device)
+        return TRAINING_PASSES * (per_example * real).sum()
+
+    def flop_lengths(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """The arguments of the net's `flops`: its examples' real lengths."""
         raise NotImplementedError
 
     def count_examples(self, batch: dict) -> torch.Tensor:

@@ -63,6 +63,10 @@ class CausalLMTask(Task):
         """Predicted target tokens (blocks have no padding)."""
         return self.count_examples(batch) * batch["targets"].size(1)
 
+    def flop_lengths(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        tokens = batch["tokens"]  # blocks of one length
+        return (torch.full((len(tokens),), tokens.size(1), device=tokens.device),)
+
     def log_epoch(self, split: str) -> None:
         """Loss, perplexity and bits per character over the whole split (all ranks)."""
         if split == "train":

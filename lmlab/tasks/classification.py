@@ -75,6 +75,9 @@ class ClassificationTask(Task):
         lengths = batch["lengths"]
         return (lengths * real_examples(batch, len(lengths)).to(lengths.device)).sum()
 
+    def flop_lengths(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        return (batch["lengths"],)
+
     def log_epoch(self, split: str) -> None:
         # Computed once an epoch (over all ranks), not logged per step: logging metric
         # objects every step cost ~2 ms a step in Lightning's result handling.

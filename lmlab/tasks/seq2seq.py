@@ -124,6 +124,10 @@ class Seq2SeqTask(Task):
         lengths = batch["target_lengths"] - 1
         return (lengths * real_examples(batch, len(lengths)).to(lengths.device)).sum()
 
+    def flop_lengths(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """Source tokens, and target inputs (`<bos> y1 .. yn`, the target without `<eos>`)."""
+        return batch["source_lengths"], batch["target_lengths"] - 1
+
     def collect(self, batch: dict, split: str, weight: torch.Tensor) -> None:
         """Decodes the batch's sources (through the strategy's wrapper: sharded parameters
         are gathered) and keeps the text of the real examples by index."""
