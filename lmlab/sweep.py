@@ -49,7 +49,14 @@ def finished_result(output_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return saved if saved.get("overrides") == recorded_overrides() else None
+    same = as_mapping(saved.get("overrides") or []) == as_mapping(recorded_overrides())
+    return saved if same else None
+
+
+def as_mapping(overrides: list[str]) -> dict[str, str | None]:
+    """Overrides as key -> value, so that the same overrides in another order are the same
+    job (`~key` deletions map to None)."""
+    return dict((o.split("=", 1) if "=" in o else (o, None)) for o in overrides)
 
 
 FAILED: list[int] = []  # the numbers of the jobs that failed in this process's sweep

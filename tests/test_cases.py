@@ -180,3 +180,27 @@ def test_deepspeed_cpu_adam_steps_the_offloaded_optimizer(tmp_path):
                  "model.optimizer._target_=deepspeed.ops.adam.DeepSpeedCPUAdam",
                  "trainer.accelerator=cpu", f"paths.cache_dir={tmp_path / 'cache'}", timeout=600)
     assert math.isfinite(final_test_metrics(tmp_path)["test/loss"])
+
+
+# -- Round 2 ---------------------------------------------------------------------------------
+# Elsewhere, next to the code they concern: copier gradient (test_seq2seq_models.py), BLEU
+# through the word tokenizer and ROUGE of non-Latin text (test_text_metrics.py), grid re-run
+# with reordered overrides (test_sweeps.py), limited validation (test_data.py,
+# test_lm_data.py), MFU and perf/* under accumulation (test_throughput.py).
+
+
+def test_lightnings_common_trainer_arguments_compose_without_plus(make_cfg):
+    """Round 2: `trainer.max_time=00:00:15:00` was refused ("not in struct")."""
+    from hydra.utils import instantiate
+
+    from lmlab.config import check_config
+
+    cfg = make_cfg("trainer.max_time=00:00:15:00", "trainer.min_steps=3",
+                   "trainer.num_sanity_val_steps=0", "trainer.gradient_clip_algorithm=value")
+    check_config(cfg)
+    from lightning.pytorch.callbacks import Timer
+
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    assert timer.time_remaining() == 15 * 60 and trainer.fit_loop.min_steps == 3
+    assert trainer.num_sanity_val_steps == 0 and trainer.gradient_clip_algorithm == "value"

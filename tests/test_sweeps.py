@@ -109,6 +109,13 @@ def test_resuming_fails_the_trials_a_killed_sweep_left_running_and_counts_the_fi
     assert sweeper._resume() == (2, 3)  # ...nor counted once marked failed
 
 
+def test_a_jobs_overrides_compare_as_a_mapping():
+    from lmlab.sweep import as_mapping
+
+    assert as_mapping(["a=1", "+b=x=y", "~c"]) == as_mapping(["~c", "+b=x=y", "a=1"])
+    assert as_mapping(["a=1"]) != as_mapping(["a=2"])
+
+
 def test_the_wandb_sweep_command_with_sampled_values_composes_with_lmlab():
     config = wandb_sweeps.load_sweep_config(str(ROOT / "sweeps" / "wandb" / "lstm.yaml"))
     sample = {key: {"value": spec["values"][-1] if "values" in spec else spec["max"]}
@@ -153,6 +160,11 @@ def test_a_rerun_skips_finished_jobs_and_reruns_the_failed_one(tmp_path):
     assert after["0"] == before["0"] and after["2"] == before["2"]  # not run again
     log = second.stdout + second.stderr
     assert "job 0 finished in an earlier run" in log and "job 1 finished" not in log
+
+    # Round 2 case: the same overrides in another order are the same jobs
+    reordered = sweep(tmp_path, *reversed(command))
+    assert reordered.returncode == 0, reordered.stderr[-3000:]
+    assert stamps(tmp_path) == after
 
     # Negative control: another command in the same folder runs every job again.
     third = sweep(tmp_path, *command, "trainer.limit_val_batches=1")
