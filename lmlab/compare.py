@@ -5,6 +5,9 @@ by the metric; and a PNG of their curves.
     python -m lmlab.compare outputs/<date>/<time> outputs/2026-01-01/12-00-00
     python -m lmlab.compare outputs/<date>/<time> --metric val/ppl --format csv
 
+Without --metric the runs are sorted by their own monitored metric (the one that picked
+their best checkpoint), or else by a metric they all logged.
+
 A path is a run folder of `lmlab.run` (it holds `.hydra/config.yaml`; its curves come from
 `csv/metrics.csv`, its test metrics and throughput from `metrics.json`), a W&B offline run
 (a folder holding a `.wandb` file), or a folder whose subfolders are runs (a sweep).
@@ -41,6 +44,7 @@ class Run:
     final: dict[str, float] = field(default_factory=dict)  # test metrics, last values
     throughput: dict[str, float] = field(default_factory=dict)
     wall_s: float | None = None
+    monitor: str | None = None  # the metric that picked its best checkpoint, if known
 
 
 def find_runs(paths: list[str]) -> list[Run]:
@@ -84,10 +88,14 @@ def read_lmlab_run(path: Path) -> Run:
     curves = read_csv_curves(metrics_csv) if metrics_csv.is_file() else {}
     results = path / "metrics.json"
     saved = json.loads(results.read_text()) if results.is_file() else {}
-    final = {k: v for k, v in (saved.get("metrics") or {}).items() if not k.startswith("best ")}
+    metrics = saved.get("metrics") or {}
+    final = {k: v for k, v in metrics.items() if not k.startswith("best ")}
     started = (path / ".hydra" / "config.yaml").stat().st_mtime  # written as the run starts
     wall = results.stat().st_mtime - started if results.is_file() else None
-    return Run(str(path), config, curves, final, saved.get("throughput") or {}, wall)
+    # metrics.json names the monitored metric ("best val/acc") once there was one to pick by
+    best = next((k.removeprefix("best ") for k in metrics if k.startswith("best ")), None)
+    monitor = best or config.get("monitor")
+    return Run(str(path), config, curves, final, saved.get("throughput") or {}, wall, monitor)
 
 
 def read_csv_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -124,7 +132,8 @@ def read_wandb_run(path: Path) -> Run:
     final = {k: float(v) for k, v in values.items() if k.startswith("test/")}
     speed = {k.removeprefix("perf/"): float(v) for k, v in values.items()
              if k.startswith("perf/")}  # the last logged, not the run's averages
-    return Run(str(path), config, curves, final, speed, values.get("_runtime"))
+    return Run(str(path), config, curves, final, speed, values.get("_runtime"),
+               config.get("monitor"))
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -132,6 +141,26 @@ def differing_keys(runs: list[Run]) -> list[str]:
     keys = sorted({k for run in runs for k in run.config})
     missing = object()
     return [k for k in keys if len({repr(run.config.get(k, missing)) for run in runs}) > 1]
+
+
+def default_metric(runs: list[Run]) -> str:
+    """The runs' own monitored metric, where one of them logged it; else a metric every run
+    logged whose direction its name tells (validation ones first, then the training loss).
+
+    Raises:
+        LmlabError: the runs share no such metric.
+    """
+    for name in dict.fromkeys(run.monitor for run in runs if run.monitor):
+        if any(name in run.curves for run in runs):
+            return name
+    shared = set.intersection(*(set(run.curves) for run in runs))
+    known = sorted((m for m in shared if monitor_mode(m)),
+                   key=lambda m: (not m.startswith("val/"), m != TRAIN_CURVE, m))
+    if not known:
+        logged = sorted({k for run in runs for k in run.curves})
+        raise LmlabError("the runs share no metric to compare them by; they logged: "
+                         f"{', '.join(logged) or 'nothing'}; pass --metric NAME")
+    return known[0]
 
 
 def best_and_final(run: Run, metric: str, mode: str) -> tuple[float | None, float | None]:
@@ -218,7 +247,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmlab.compare",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run folders, W&B offline runs, sweep folders")
-    parser.add_argument("--metric", default="val/loss", help="sorts the runs (default val/loss)")
+    parser.add_argument("--metric", help="sorts the runs (default: their monitored metric, "
+                        "else one they all logged)")
     parser.add_argument("--mode", choices=("min", "max"),
                         help="whether lower or higher is better (default: from the name)")
     parser.add_argument("--format", choices=("md", "csv"), default="md")
@@ -229,17 +259,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        mode = args.mode or monitor_mode(args.metric)
-        if mode is None:
+        if args.metric and not (args.mode or monitor_mode(args.metric)):
             raise LmlabError(f"--metric {args.metric}: cannot tell whether higher or lower is "
                              "better; add --mode min or --mode max")
         runs = find_runs(args.paths)
-        if not any(args.metric in run.curves for run in runs):
+        metric = args.metric or default_metric(runs)
+        mode = args.mode or monitor_mode(metric)
+        if not any(metric in run.curves for run in runs):
             known = sorted({k for run in runs for k in run.curves})
-            raise LmlabError(f"no run logged {args.metric}; they logged: {', '.join(known)}")
-        header, rows = table(runs, args.metric, mode)
+            raise LmlabError(f"no run logged {metric}; they logged: {', '.join(known)}")
+        header, rows = table(runs, metric, mode)
         print(markdown(header, rows) if args.format == "md" else comma_separated(header, rows))
-        print(f"plot: {plot(runs, args.metric, Path(args.out))}")
+        print(f"plot: {plot(runs, metric, Path(args.out))}")
     except LmlabError as err:
         fail(str(err))
 

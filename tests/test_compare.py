@@ -8,7 +8,7 @@ import io
 import pytest
 
 from conftest import ROOT, run_cli
-from lmlab.compare import Run, differing_keys, find_runs, flatten, main, table
+from lmlab.compare import Run, default_metric, differing_keys, find_runs, flatten, main, table
 from lmlab.errors import LmlabError
 
 
@@ -35,6 +35,18 @@ def test_sorted_by_the_metric_direction():
     assert rows[0][header.index("final val/loss")] == "1.3"
     _, rows = table(runs, "val/acc", "max")
     assert [r[0] for r in rows] == ["a", "b", "c"]
+
+
+def test_without_metric_the_runs_own_monitor_else_a_metric_they_share():
+    runs = [fake_run("a", 1e-3, [2.0]), fake_run("b", 3e-3, [1.0])]
+    runs[0].monitor = runs[1].monitor = "val/acc"
+    assert default_metric(runs) == "val/acc"
+    for run in runs:  # Round 2 case: runs shorter than an epoch logged no validation
+        run.curves = {"train/loss": [(0, 2.0)], "perf/tokens_per_s": [(0, 9.0)]}
+    assert default_metric(runs) == "train/loss"
+    runs[1].curves = {"val/bleu": [(0, 1.0)]}
+    with pytest.raises(LmlabError, match="share no metric"):
+        default_metric(runs)
 
 
 def test_paths_that_are_not_runs_are_refused(tmp_path):
@@ -90,8 +102,8 @@ def test_compare_two_runs_prints_the_differing_key_and_writes_the_plot(sweep, tm
     assert "model.optimizer.lr" in header
     assert not any(k in header for k in ("seed", "model.net.hidden_size", "trainer.max_epochs"))
     assert sorted(r[header.index("model.optimizer.lr")] for r in rows) == ["0.001", "0.003"]
-    best = [float(r[header.index("best val/loss")]) for r in rows]
-    assert best == sorted(best)  # a loss: lowest first
+    best = [float(r[header.index("best val/acc")]) for r in rows]  # the runs' monitor
+    assert best == sorted(best, reverse=True)  # an accuracy: highest first
     assert all(float(r[header.index("tokens/s")]) > 0 and r[header.index("test/acc")]
                for r in rows)
     assert f"plot: {out}" in stdout
@@ -111,3 +123,16 @@ def test_compare_a_sweep_folder_and_w_and_b_offline_runs(sweep, tmp_path):
     assert [k for k in rows[0] if "." in k and "/" not in k] == ["model.optimizer.lr"]
     from_wandb = {r["model.optimizer.lr"]: float(r["best val/acc"]) for r in rows}
     assert from_wandb == pytest.approx(from_csv, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_runs_without_validation_compare_by_a_shared_metric(tmp_path):
+    """Round 2 case: two 10-step classifier runs, no --metric: "no run logged val/loss"."""
+    for lr in ("0.001", "0.003"):
+        result = run_cli(f"hydra.run.dir={tmp_path / lr}", "trainer.max_steps=10",
+                         "trainer.log_every_n_steps=2", "trainer.limit_test_batches=2",
+                         f"model.optimizer.lr={lr}", cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+    header, rows = markdown_rows(compare(str(tmp_path / "0.001"), str(tmp_path / "0.003"),
+                                         "--out", str(tmp_path / "c.png")))
+    assert "best train/loss" in header and len(rows) == 2
