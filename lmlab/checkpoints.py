@@ -17,7 +17,9 @@ not fit the model, is a one-line error naming the file and what to use instead.
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 import pickle
 import re
 from pathlib import Path
@@ -26,6 +28,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lmlab.config import flatten
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 WEIGHTS = "weights.ckpt"
 SAFE_WEIGHTS = "weights.safetensors"  # the same tensors, in a format that cannot hold code
 WEIGHTS_FILES = (WEIGHTS, SAFE_WEIGHTS)
+# What the DataModules save to a run folder: how its texts and labels were encoded.
+DATA_FILES = ("tokenizer.json", "source_tokenizer.json", "target_tokenizer.json", "labels.json")
 SHOWN_KEYS = 4  # mismatched tensors or config keys listed in an error, then "and N more"
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -55,15 +60,17 @@ def export_weights(trainer: L.Trainer, checkpoint: Path, output_dir: Path, confi
     wait) and returns the first."""
     target = output_dir / WEIGHTS
     if trainer.is_global_zero:
-        tokenizer = output_dir / "tokenizer.json"
+        files = {name: (output_dir / name).read_text() for name in DATA_FILES
+                 if (output_dir / name).is_file()}
         state = with_tied_names(read_state_dict(checkpoint), trainer.lightning_module)
-        extra = {"config": config, "tokenizer": tokenizer.read_text() if tokenizer.is_file()
-                 else None, "source": str(checkpoint)}
-        torch.save({"state_dict": state, **extra}, target)
+        extra = {"config": config, "tokenizer": files.get("tokenizer.json"),
+                 "source": str(checkpoint)}
+        torch.save({"state_dict": state, **extra, "data_files": files}, target)
         # safetensors refuses tensors that share memory (tied embeddings): store copies
         save_file({k: v.clone().contiguous() for k, v in state.items()},
                   output_dir / SAFE_WEIGHTS,
-                  metadata={k: v for k, v in extra.items() if v is not None})
+                  metadata={**{k: v for k, v in extra.items() if v is not None},
+                            "data_files": json.dumps(files)})
     trainer.strategy.barrier()
     return target
 
@@ -246,6 +253,26 @@ def disk_full(err: OSError, output_dir: Path) -> str | None:
             "with room"
             + (f", and resume with ckpt_path={output_dir / 'checkpoints' / newest}"
                if whole else ""))
+
+
+def unpack_data_files(weights: Path, folder: Path) -> bool:
+    """Writes the data files that a `weights.ckpt` or `weights.safetensors` carries (its
+    run's tokenizer and labels) into `folder`; False when it carries none (a Lightning
+    checkpoint, or weights written before they were carried)."""
+    if weights.suffix == ".safetensors":
+        with safe_open(weights, "pt") as f:
+            files = json.loads((f.metadata() or {}).get("data_files", "{}"))
+    else:
+        content = load_checkpoint(weights, mmap=True)
+        files = content.get("data_files") or ({"tokenizer.json": content["tokenizer"]}
+                                              if content.get("tokenizer") else {})
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        if name in DATA_FILES:  # every rank writes the same text: whole files, renamed
+            partial = folder / f".{name}.{os.getpid()}"
+            partial.write_text(text)
+            os.replace(partial, folder / name)
+    return bool(files)
 
 
 def run_folder_of(path: Path) -> Path | None:

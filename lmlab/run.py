@@ -24,9 +24,9 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from lmlab.build import build, load_task
-from lmlab.checkpoints import (check_fits, disk_full, export_weights, final_checkpoint,
-                               load_checkpoint, load_weights, plan_resume, refused,
-                               run_folder_of)
+from lmlab.checkpoints import (WEIGHTS_FILES, check_fits, disk_full, export_weights,
+                               final_checkpoint, load_checkpoint, load_weights, plan_resume,
+                               refused, run_folder_of, unpack_data_files)
 from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
@@ -80,15 +80,20 @@ def encode_as_trained(cfg: DictConfig, checkpoint: Path) -> None:
     """Points `data.load_from` at the run folder of `checkpoint`, unless `data.load_from` is
     set: a run that starts or resumes from trained weights encodes its data with their
     tokenizer (fitting one on other data, as a fine-tuning run's data is, would give other
-    token ids, or another vocabulary size)."""
+    token ids, or another vocabulary size). Weights outside any run folder carry their
+    tokenizer: it is unpacked into this run's folder and used from there."""
     folder = run_folder_of(checkpoint)
     accepts = "load_from" in signature(get_class(cfg.data._target_)).parameters
     if not accepts or cfg.data.get("load_from"):
         return
+    if folder is None and checkpoint.name in WEIGHTS_FILES and checkpoint.is_file() \
+            and unpack_data_files(checkpoint, Path(cfg.paths.output_dir)):
+        folder = Path(cfg.paths.output_dir)
     if folder is None:
-        log.warning("%s lies in no run folder: the data gets a tokenizer fitted afresh, which "
-                    "gives the weights' ids only if fitted on the same texts; set "
-                    "+data.load_from=FOLDER to use the tokenizer saved there", checkpoint)
+        log.warning("%s lies in no run folder and carries no tokenizer: the data gets one "
+                    "fitted afresh, which gives the weights' ids only if fitted on the same "
+                    "texts; set +data.load_from=FOLDER to use the tokenizer saved there",
+                    checkpoint)
         return
     log.info("encoding the data with the tokenizer the weights were trained with (%s)", folder)
     with open_dict(cfg):

@@ -386,3 +386,44 @@ def test_weights_outside_a_run_folder_are_named_in_a_warning(make_cfg, tmp_path,
     encode_as_trained(cfg, tmp_path / "weights.ckpt")
     assert "load_from" not in cfg.data
     assert f"{tmp_path / 'weights.ckpt'} lies in no run folder" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["weights.ckpt", "weights.safetensors"])
+def test_loose_weights_bring_the_tokenizer_they_carry(make_cfg, tmp_path, kind):
+    """Round 2: a weights file outside its run folder fitted a fresh tokenizer (other ids)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    files = {"source_tokenizer.json": '{"a": 1}', "target_tokenizer.json": '{"b": 2}'}
+    loose = tmp_path / "copied" / kind
+    loose.parent.mkdir()
+    if kind == "weights.ckpt":
+        torch.save({"state_dict": {"w": torch.ones(1)}, "data_files": files}, loose)
+    else:
+        save_file({"w": torch.ones(1)}, loose, metadata={"data_files": json.dumps(files)})
+    cfg = make_cfg("data=stdlib_summaries")
+    encode_as_trained(cfg, loose)
+    run_dir = Path(cfg.paths.output_dir)
+    assert cfg.data.load_from == str(run_dir)
+    assert {name: (run_dir / name).read_text() for name in files} == files
+
+
+@pytest.mark.slow
+def test_fine_tuning_loose_weights_keeps_their_character_ids(tmp_path):
+    """Round 2 case: a char LM trained on A, its weights.ckpt copied out of the run folder,
+    fine-tuned on B of as many distinct characters: B got a tokenizer of its own."""
+    (tmp_path / "a.txt").write_text("abc abc\n" * 300)
+    (tmp_path / "b.txt").write_text("nop nop\n" * 300)
+    common = ["model=gpt_tiny", "data=text_files", "data/tokenizer=char", "trainer.max_steps=2",
+              "trainer.max_epochs=-1", "data.train_batches=2", "data.val_batches=1",
+              "model.sample_tokens=0", "trainer.limit_test_batches=1",
+              f"paths.cache_dir={tmp_path / 'cache'}"]
+    run_ok(tmp_path / "first", [*common, f"data.files={tmp_path / 'a.txt'}"], tmp_path)
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "weights.ckpt").write_bytes(
+        (tmp_path / "first" / "weights.ckpt").read_bytes())
+    run_ok(tmp_path / "tuned", [*common, f"data.files={tmp_path / 'b.txt'}",
+                                f"ckpt_path={tmp_path / 'copy' / 'weights.ckpt'}"], tmp_path)
+    assert (tmp_path / "tuned" / "tokenizer.json").read_text() == \
+        (tmp_path / "first" / "tokenizer.json").read_text()
