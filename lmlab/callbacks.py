@@ -26,7 +26,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     """Saves the state when a run is stopped by Ctrl-C (SIGINT) or SIGTERM (a scheduler's
     preemption), says in one line how to resume, and bounds the time to exit: a second
     signal, or `grace` seconds after the first, ends the process at once with status
-    128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+    128 + the signal's number (130 for SIGINT, 143 for SIGTERM). In training, every rank
+    stops after the same step, once its values are logged and a validation due at it has
+    run; the saved state resumes with the next step.
 
     On other errors the state is saved as `OnExceptionCheckpoint` does, except where a save
     could hurt: after a non-finite loss (the last good checkpoint stays the newest) and in
@@ -45,6 +47,7 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
         self.run_dir = run_dir
         self.grace = grace
         self.received: signal.Signals | None = None
+        self.stopping = False  # training stops after this step (every rank agreed)
         self.training = False
         self._previous: dict[int, object] = {}
 
@@ -67,13 +70,17 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
         if trainer.world_size > 1:  # a small collective each step, so that every rank stops here
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
-            self.stop(signal.SIGTERM)  # SIGTERM if the signal came to another rank only
+            self.received = self.received or signal.SIGTERM  # it came to another rank only
+            self.stopping = True
+            stop_after_step(trainer, True)
 
-    def on_validation_batch_end(self, trainer, pl_module, *args) -> None:
-        # in one process a long validation need not run to its end; ranks may validate
-        # different numbers of batches, so they stop at the next training step instead
-        if self.received is not None and trainer.world_size == 1:
-            self.stop(self.received)
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.stopping:  # a validation due at the stopping step runs whole first
+            stop_after_step(trainer, False)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.stopping:
+            stop_after_step(trainer, True)
 
     def stop(self, default: signal.Signals) -> None:
         """Stops training: Lightning saves through `on_exception`, then exits with this status.
@@ -135,6 +142,17 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             if not isinstance(exception, NumericalFault) and trainer.world_size == 1:
                 super().on_exception(trainer)
             self.restore()  # Lightning calls no teardown after a failure
+
+
+def stop_after_step(trainer, stop: bool) -> None:
+    """Has Lightning stop training after the current step, once the step's values are
+    logged and a validation due at it has run, or not. Lightning 2.6's loops stop there on
+    `trainer.received_sigterm` (raising `SIGTERMException`; its evaluation loop stops a
+    running validation on it too, hence the pause during one); its only setter is its own
+    SIGTERM handler, which this callback replaces: the flag is set directly (a private
+    attribute, checked against 2.6.6). Stopped anywhere earlier, the step's `train/loss`
+    would never be logged, and a validation due at it would never run, not even on resume."""
+    trainer._signal_connector.received_sigterm = stop
 
 
 def resume_hint(received: signal.Signals, step: int, checkpoint: str, run_dir: str) -> str:

@@ -64,7 +64,11 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
 class LastCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint` for `last.ckpt`, also written every
     `every_n_train_steps` training steps when that is set (Lightning's own option of that
-    name would stop the writes at validation).
+    name would stop the writes at validation), except before a validation: the write after
+    it holds its results (early stopping's count, the best score), and a newest checkpoint
+    written before it would resume past it. Uses ModelCheckpoint's private save methods and
+    its record of the last step saved (Lightning 2.6.6): its public options cannot ask for
+    writes every N steps and at every validation together.
 
     Args:
         every_n_train_steps: write mid-epoch every this many steps; None: only at validation
@@ -80,9 +84,29 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.every_steps or trainer.global_step % self.every_steps \
-                or self._should_skip_saving_checkpoint(trainer):
+                or self._should_skip_saving_checkpoint(trainer) \
+                or validation_follows(trainer, batch_idx):  # saved after it, with its results
             return
+        saved_before = self._last_global_step_saved
         self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        # A validation may still come at this step (an epoch's last batch, or
+        # val_check_interval). Lightning skips a save at a step already saved, so its state
+        # (early stopping's count, the best score, plateau schedules) would be in no
+        # checkpoint, and a resume would never run it again: that save must still happen.
+        self._last_global_step_saved = saved_before
+
+
+def validation_follows(trainer, batch_idx: int) -> bool:
+    """Whether a validation runs right after this training batch: at an epoch's end, or every
+    `val_check_interval` batches, in the epochs that validate. A checkpoint written before it
+    would, as the newest, resume past it: a kill during the validation would lose it."""
+    every_epochs = trainer.check_val_every_n_epoch
+    if not trainer.enable_validation or (every_epochs is not None
+                                         and (trainer.current_epoch + 1) % every_epochs):
+        return False
+    every_batches = trainer.val_check_batch
+    return trainer.is_last_batch or (isinstance(every_batches, int)
+                                     and (batch_idx + 1) % every_batches == 0)
 
 
 def random_state() -> dict[str, Any]:
@@ -117,6 +141,7 @@ class ExactResume(Callback):
     def __init__(self):
         self.loaded: list[dict] | None = None
         self.trainer = None
+        self.resumed = False  # until the first training batch after a checkpoint is restored
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.trainer = trainer
@@ -137,6 +162,21 @@ class ExactResume(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.loaded = state_dict["ranks"]
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        start_next_epoch(checkpoint)
+        self.resumed = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.resumed and pl_module.automatic_optimization:
+            # The loggers' step counts the batches that took an optimizer step: the global
+            # step, with one optimizer. Lightning 2.6 restores it one ahead where a resumed
+            # epoch loop first takes a step without a batch (restarted after a validation, it
+            # looks for one due before its next batch, finds it run and skips it): every later
+            # value would be logged one step late. Set from the global step here (a private
+            # attribute: no public one holds the loggers' step; checked against 2.6.6).
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        self.resumed = False
+
     def on_train_start(self, trainer, pl_module) -> None:
         trainer.fit_loop._load_combined_loader_states()  # a no-op once Lightning has done it
         if self.loaded:
@@ -146,6 +186,38 @@ class ExactResume(Callback):
                             len(self.loaded), trainer.world_size)
             set_random_state(self.loaded[min(trainer.global_rank, len(self.loaded) - 1)])
             self.loaded = None
+
+
+def start_next_epoch(checkpoint: dict[str, Any]) -> None:
+    """Rewrites the loop state of a checkpoint written at an epoch's end (after its
+    validation) into that of the next epoch's start, before Lightning restores it.
+
+    Lightning 2.6 restores such a checkpoint in two ways. Bounded by epochs, it starts the
+    next epoch. Bounded by steps (`max_epochs=-1`), it "restarts" the finished epoch
+    (`_FitLoop.restarting` is always true there), counts that epoch twice and so sets the
+    samplers one epoch ahead, and logs every later value one step late: the curve departs
+    from the uninterrupted run's. The next epoch's start, a state that Lightning restores
+    alike under both bounds, is the same point of training: nothing is left to do of the
+    finished epoch. The progress counters rewritten are those of Lightning 2.6's
+    checkpoints (`loops.fit_loop`), checked against 2.6.6. A checkpoint written elsewhere
+    is left as it is.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches:
+        return
+    # processed: the epoch's batches ran; completed: its end hooks too. The totals, as the
+    # `current` counters lag after Lightning's own restart at an epoch's start.
+    done = epochs["total"]
+    at_epoch_end = done["ready"] == done["started"] == done["processed"] \
+        and done["completed"] in (done["processed"] - 1, done["processed"])
+    if not (at_epoch_end and batches.get("is_last_batch")):
+        return
+    for counts in (epochs["total"], epochs["current"]):  # finished; the next one made ready
+        counts["started"] = counts["completed"] = counts["processed"]
+        counts["ready"] = counts["processed"] + 1
+    batches["current"] = dict.fromkeys(batches["current"], 0)  # no batch of it yet
+    batches["is_last_batch"] = False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

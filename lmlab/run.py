@@ -24,6 +24,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from lmlab.build import build, load_task
+from lmlab.callbacks import InterruptCheckpoint
 from lmlab.checkpoints import (WEIGHTS_FILES, check_fits, disk_full, export_weights,
                                final_checkpoint, load_checkpoint, load_weights, plan_resume,
                                refused, run_folder_of, unpack_data_files)
@@ -137,6 +138,10 @@ def test_best(trainer: L.Trainer, cfg: DictConfig, data) -> tuple[dict[str, floa
 def signal_status(trainer: L.Trainer, stop: SystemExit) -> int | str | None:
     """The exit status of a run stopped by a signal: 128 + its number, as shells report it
     (Lightning itself exits with 1 after Ctrl-C, and with 0 after its own SIGTERM stop)."""
+    received = next((c.received for c in trainer.callbacks
+                     if isinstance(c, InterruptCheckpoint) and c.received), None)
+    if received is not None:
+        return 128 + received
     if trainer.received_sigterm:
         return 128 + signal.SIGTERM
     if trainer.interrupted and stop.code == 1:

@@ -22,11 +22,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch import Callback
 from omegaconf import DictConfig
 
 from lmlab.cli import fail
@@ -60,6 +62,42 @@ def as_mapping(overrides: list[str]) -> dict[str, str | None]:
 
 
 FAILED: list[int] = []  # the numbers of the jobs that failed in this process's sweep
+# The Optuna sweeper's trial of each job it runs in this process, by trial (= job) number,
+# and the numbers of those its pruner stopped.
+TRIALS: dict[int, Any] = {}
+PRUNED: set[int] = set()
+
+
+class TrialPruned(Exception):
+    """A job stopped by its Optuna study's pruner: neither finished nor failed."""
+
+
+class PruneTrial(Callback):
+    """Reports the monitored metric to the job's Optuna trial after each validation and
+    stops the job when the study's pruner says so (`hydra.sweeper.pruner`; added to each
+    job by the Optuna sweeper).
+
+    Args:
+        trial: the trial's number (the job's).
+        monitor: the metric reported.
+    """
+
+    def __init__(self, trial: int, monitor: str):
+        self.trial, self.monitor = int(trial), monitor
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        trial = TRIALS.get(self.trial)
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None:
+            return
+        if trial is None:  # a job in a process of its own: the trial is the sweep process's
+            log.warning("trial %d is not in this process: not pruned", self.trial)
+            return
+        trial.report(float(value), step=trainer.global_step)
+        if trial.should_prune():
+            PRUNED.add(self.trial)
+            raise TrialPruned(f"trial {self.trial} pruned at step {trainer.global_step} "
+                              f"({self.monitor} = {float(value):.4g})")
 
 
 def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) -> float | None:
@@ -80,6 +118,9 @@ def sweep_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, float]]) 
             objective = run_in_own_process(sweep_overrides(cfg))  # the sweep's W&B group
             return finite(objective, job.job.num)
         return finite(train(cfg).get(f"best {cfg.monitor}"), job.job.num)
+    except TrialPruned as pruned:
+        log.info("job %s stopped: %s", job.job.num, pruned)
+        return None
     except LmlabError as err:
         log.error("job %s failed: %s", job.job.num, err)
     except Exception:  # noqa: BLE001 - one broken job must not end the sweep

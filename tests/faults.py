@@ -104,6 +104,23 @@ class KillAtStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalAtStep(Callback):
+    """Sends `signum` to this process while training step `step` runs (in its backward
+    pass): the signal lands mid-step, as a scheduler's does.
+
+    Args:
+        step: the optimizer steps taken before the step that receives it.
+        signum: the signal's number (15: SIGTERM).
+    """
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum = step, signum
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
 class StallingCheckpointIO(AtomicCheckpointIO):
     """lmlab's atomic writer that, from the checkpoint of step `step` on, writes half of the
     file, creates `marker` and sleeps: the moment for a test to kill the process mid-write.

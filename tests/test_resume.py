@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import random
 import signal
@@ -200,11 +201,27 @@ def test_a_failed_write_leaves_the_previous_checkpoint_whole_and_no_temporary_fi
 
 # --- end to end: killed runs resumed --------------------------------------------------------
 
-EVERY = 3  # steps between mid-epoch checkpoints
+EVERY = 4  # steps between mid-epoch checkpoints: it divides the epoch of 8 steps
 KILL = 13  # killed as step 14 begins: the newest checkpoint is step 12's, mid-epoch 1
 COMMON = ["trainer.max_epochs=2", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2",
           "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
           f"callbacks.last_checkpoint.every_n_train_steps={EVERY}", "resume=auto"]
+BOUNDS = {"epochs": ["trainer.max_epochs=3"],
+          "steps": ["trainer.max_epochs=-1", "trainer.max_steps=24"]}
+# Every way a run ends mid-way, in order along one run (epochs of 8 steps, validation after
+# steps 7, 15 and 23), each resumed by the next: killed as the epoch's last step begins, as
+# the next epoch's first step begins (right after the validation), and as its second
+# begins; SIGTERM during an epoch's last step (it and its validation finish first); killed
+# mid-epoch.
+EDGES = [["+callbacks.kill._target_=faults.KillAtStep", "+callbacks.kill.step=7"],
+         ["+callbacks.kill._target_=faults.KillAtStep", "+callbacks.kill.step=8"],
+         ["+callbacks.kill._target_=faults.KillAtStep", "+callbacks.kill.step=9"],
+         ["+callbacks.sig._target_=faults.SignalAtStep", "+callbacks.sig.step=15"],
+         ["+callbacks.kill._target_=faults.KillAtStep", "+callbacks.kill.step=21"]]
+# Early stopping that never stops these runs, but whose count of validations without
+# progress (by 10) counts every validation after the first: a resume that lost one shows.
+STOPPING = ["callbacks=early_stopping", "monitor=val/loss", "callbacks.early_stopping.patience=5",
+            "+callbacks.early_stopping.min_delta=10"]
 TASKS = {  # each with dropout, so the random state matters
     "classifier": ["trainer.limit_train_batches=8"],
     "gpt": ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=300",
@@ -279,31 +296,54 @@ def classifier_curve(tmp_path_factory, cache):
     return train_losses(run_dir)
 
 
-def assert_same_curve(resumed: dict[int, float], uninterrupted: dict[int, float]) -> None:
-    assert sorted(resumed) == sorted(uninterrupted) == list(range(16))
+def assert_same_curve(resumed: dict[int, float], uninterrupted: dict[int, float],
+                      steps: int = 16) -> None:
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(steps))
     assert [resumed[s] for s in sorted(resumed)] == \
         pytest.approx([uninterrupted[s] for s in sorted(uninterrupted)], rel=1e-6, abs=1e-7)
 
 
+def val_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(row["step"]): float(row["val/loss"])
+                for row in csv.DictReader(f) if row.get("val/loss")}
+
+
+def what_it_kept(run_dir: Path) -> dict:
+    """Early stopping's state in the last checkpoint, the best checkpoint and its score."""
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)["callbacks"]
+    stopping = next(v for k, v in state.items() if k.startswith("EarlyStopping"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    return {"stopping": {k: float(v) if torch.is_tensor(v) else v for k, v in stopping.items()},
+            "best": sorted(p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt")),
+            "metrics": metrics}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("task,layout", [
-    *((task, "one") for task in TASKS),
-    # seq2seq batches come from the classifier's records data module: its DDP case is that one
-    *(pytest.param(task, "ddp", marks=pytest.mark.distributed) for task in ("classifier", "gpt"))])
-def test_a_run_killed_mid_epoch_resumes_on_the_same_loss_trajectory(tmp_path, cache, task, layout,
-                                                                    record_property):
-    overrides = [*COMMON, *TASKS[task], *LAYOUTS[layout]]
+@pytest.mark.parametrize("task,bound,layout", [
+    # each task and each bound, as the experiments bound them (LMs by steps), one DDP run
+    ("classifier", "epochs", "one"), ("classifier", "steps", "one"), ("gpt", "steps", "one"),
+    ("seq2seq", "epochs", "one"),
+    pytest.param("gpt", "steps", "ddp", marks=pytest.mark.distributed)])
+def test_a_run_stopped_at_every_edge_of_an_epoch_resumes_as_the_uninterrupted_run(
+        tmp_path, cache, task, bound, layout):
+    """Round 2: a step-bounded run resumed after an epoch's end trained an extra step; a
+    step checkpoint on an epoch's last step lost that epoch's validation; the step that
+    received SIGTERM was never logged. Each stop of EDGES in turn, then the run's end."""
+    overrides = [*COMMON, *TASKS[task], *BOUNDS[bound], *LAYOUTS[layout], *STOPPING]
     run_ok(tmp_path / "uninterrupted", overrides, cache)
-    status, seconds = kill_and_resume(tmp_path / "killed", overrides, cache, KILL_AT)
-    record_property("exit", status)
-    record_property("seconds_to_exit", round(seconds, 2))
-    print(f"killed run: exit {status}, {seconds:.2f} s from its last checkpoint to its exit")
-    assert status == -signal.SIGKILL
-    rows = list(csv.DictReader(open(tmp_path / "killed" / "csv" / "metrics.csv")))
-    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
-    assert steps[:KILL] == list(range(KILL))  # the killed run's rows, kept in the same file
-    assert steps.count(EVERY * (KILL // EVERY)) == 2  # trained again after the kill
-    assert_same_curve(train_losses(tmp_path / "killed"), train_losses(tmp_path / "uninterrupted"))
+    statuses = [finish(launch(tmp_path / "stopped", [*overrides, *edge], cache))
+                for edge in EDGES]
+    run_ok(tmp_path / "stopped", overrides, cache)
+    log = (tmp_path / "stopped.log").read_text()
+    assert statuses == [-signal.SIGKILL] * 3 + [143, -signal.SIGKILL], log[-3000:]
+    assert_same_curve(train_losses(tmp_path / "stopped"), train_losses(tmp_path / "uninterrupted"),
+                      steps=24)
+    uninterrupted = val_losses(tmp_path / "uninterrupted")
+    assert sorted(uninterrupted) == [7, 15, 23]
+    assert val_losses(tmp_path / "stopped") == pytest.approx(uninterrupted, rel=1e-6)
+    assert what_it_kept(tmp_path / "stopped") == what_it_kept(tmp_path / "uninterrupted")
 
 
 @pytest.mark.slow
@@ -391,8 +431,6 @@ def test_weights_outside_a_run_folder_are_named_in_a_warning(make_cfg, tmp_path,
 @pytest.mark.parametrize("kind", ["weights.ckpt", "weights.safetensors"])
 def test_loose_weights_bring_the_tokenizer_they_carry(make_cfg, tmp_path, kind):
     """Round 2: a weights file outside its run folder fitted a fresh tokenizer (other ids)."""
-    import json
-
     from safetensors.torch import save_file
 
     files = {"source_tokenizer.json": '{"a": 1}', "target_tokenizer.json": '{"b": 2}'}

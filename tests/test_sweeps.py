@@ -21,7 +21,8 @@ from optuna.trial import TrialState
 from wandb.sdk.launch.sweeps import utils as wandb_sweeps
 
 from conftest import DATA_DIR, ROOT, run_cli
-from hydra_plugins.lmlab_sweepers.resumable_optuna import ResumableOptunaSweeper
+from hydra_plugins.lmlab_sweepers.optuna_sweeper import (RAN, OptunaSweeper, resume,
+                                                         search_space, storage)
 from lmlab.config import CONF_DIR, check_config, monitor_mode, register_schema
 
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
@@ -67,10 +68,22 @@ def test_the_seq2seq_sweep_sets_keys_the_models_take():
 
 def test_the_optuna_study_lives_in_the_sweep_folder_under_a_fixed_name():
     sweeper = compose_hydra("sweep=lstm_optuna", "hydra.sweep.dir=/runs/x").hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.lmlab_sweepers.resumable_optuna." \
-        "ResumableOptunaSweeper"
-    assert sweeper.storage == "sqlite:////runs/x/optuna.db"
+    assert sweeper._target_ == "hydra_plugins.lmlab_sweepers.optuna_sweeper.OptunaSweeper"
+    assert sweeper.storage == "/runs/x/optuna.journal"
     assert sweeper.study_name == "lstm_optuna" and sweeper.max_failure_rate == 1.0
+
+
+def test_hydra_sweep_syntax_becomes_optuna_distributions():
+    from optuna import distributions as d
+
+    space, fixed = search_space({"lr": "tag(log, interval(1e-4, 1e-2))", "units": "choice(64, 128)",
+                                 "layers": "range(1, 4)", "drop": "interval(0, 0.5)",
+                                 "seed": "7"})
+    assert space == {"lr": d.FloatDistribution(1e-4, 1e-2, log=True),
+                     "units": d.CategoricalDistribution([64, 128]),
+                     "layers": d.IntDistribution(1, 3),
+                     "drop": d.FloatDistribution(0, 0.5)}
+    assert fixed == ["seed=7"]
 
 
 def test_the_slurm_launcher_asks_for_the_trainers_nodes_and_devices():
@@ -80,40 +93,56 @@ def test_the_slurm_launcher_asks_for_the_trainers_nodes_and_devices():
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
 
 
-def study_with(path, states: list[TrialState]) -> str:
-    """A SQLite study whose trials end in `states` (RUNNING: asked and left, as a killed
-    sweep leaves them); returns its storage URL."""
-    storage = f"sqlite:///{path}"
-    study = optuna.create_study(study_name="s", storage=storage)
+def study_with(path, states: list[TrialState]):
+    """A study in a journal file whose trials end in `states` (RUNNING: asked and left, as a
+    killed sweep leaves them)."""
+    study = optuna.create_study(study_name="s", storage=storage(str(path)))
     for state in states:
         trial = study.ask()
         if state != TrialState.RUNNING:
+            trial.set_user_attr(RAN, True)
             study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
-    return storage
-
-
-def resumable(storage: str, n_trials: int) -> ResumableOptunaSweeper:
-    return ResumableOptunaSweeper(sampler=None, direction="minimize", storage=storage,
-                                  study_name="s", n_trials=n_trials, n_jobs=1,
-                                  max_failure_rate=1.0, search_space=None,
-                                  custom_search_space=None, params=None)
+    return study
 
 
 def test_resuming_fails_the_trials_a_killed_sweep_left_running_and_counts_the_finished(tmp_path):
-    storage = study_with(tmp_path / "optuna.db", [TrialState.COMPLETE, TrialState.FAIL,
-                                                  TrialState.RUNNING])
-    sweeper = resumable(storage, n_trials=5)
-    assert sweeper._resume() == (2, 3)  # the running one is not finished...
-    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
+    study = study_with(tmp_path / "optuna.journal", [TrialState.COMPLETE, TrialState.FAIL,
+                                                     TrialState.RUNNING])
+    assert resume(study) == 2  # the running one is not finished...
+    states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
-    assert sweeper._resume() == (2, 3)  # ...nor counted once marked failed
+    assert resume(study) == 2  # ...nor counted once marked failed
 
 
-def test_a_jobs_overrides_compare_as_a_mapping():
-    from lmlab.sweep import as_mapping
+def sweeper_on(path) -> OptunaSweeper:
+    sampler = OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 42})
+    return OptunaSweeper(study_name="s", storage=str(path), direction="maximize", n_trials=6,
+                         n_jobs=1, max_failure_rate=1.0, sampler=sampler, pruner=None,
+                         params={"lr": "interval(1e-4, 1e-2)"})
 
-    assert as_mapping(["a=1", "+b=x=y", "~c"]) == as_mapping(["~c", "+b=x=y", "a=1"])
-    assert as_mapping(["a=1"]) != as_mapping(["a=2"])
+
+def test_a_resumed_study_proposes_new_trials_not_the_first_ones_again(tmp_path):
+    """Round 2 case: the sampler was rebuilt with the same seed, so the resumed sweep's
+    trials 3, 4, 5 had exactly trials 0, 1, 2's parameters."""
+    space, _ = search_space({"lr": "interval(1e-4, 1e-2)"})
+
+    def ask_three(study):
+        found = []
+        for _ in range(3):
+            trial = study.ask(space)
+            trial.set_user_attr(RAN, True)
+            study.tell(trial, 0.5)
+            found.append(trial.params["lr"])
+        return found
+
+    sweeper = sweeper_on(tmp_path / "optuna.journal")
+    first = ask_three(sweeper.study())
+    resumed = ask_three(sweeper.study())  # the same command again
+    assert not set(resumed) & set(first)
+    # negative control: the sampler seeded as before, with the sweep's seed alone
+    again = sweeper.study()
+    again.sampler = optuna.samplers.TPESampler(seed=42)
+    assert ask_three(again) == first
 
 
 def test_the_wandb_sweep_command_with_sampled_values_composes_with_lmlab():
@@ -179,11 +208,13 @@ def test_optuna_records_failed_trials_goes_on_and_resumes_up_to_n_trials(tmp_pat
     first = sweep(tmp_path, *command, "hydra.sweeper.n_trials=3", CRASH_JOB="1", NAN_JOB="2")
     assert first.returncode == 1, first.stderr[-3000:]
     assert "error: 2 job(s) of the sweep failed (1, 2;" in first.stderr
-    storage = f"sqlite:///{tmp_path}/optuna.db"
+    journal = storage(str(tmp_path / "optuna.journal"))
+
+    def trials():
+        return optuna.load_study(study_name="lstm_optuna", storage=journal).trials
 
     def states():
-        return [t.state for t in optuna.load_study(study_name="lstm_optuna",
-                                                   storage=storage).trials]
+        return [t.state for t in trials()]
 
     assert states() == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
     # the NaN job is stopped at its step by the numerical guard: no results, a failed trial
@@ -196,13 +227,28 @@ def test_optuna_records_failed_trials_goes_on_and_resumes_up_to_n_trials(tmp_pat
     assert states() == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL,
                         TrialState.COMPLETE]  # one more: 4 in all
     assert stamps(tmp_path) == {**before, "3": stamps(tmp_path)["3"]}  # 0-2 left alone
+    assert trials()[3].params not in [t.params for t in trials()[:3]]  # new, not trial 0's
 
     third = sweep(tmp_path, *command, "hydra.sweeper.n_trials=4")
     assert third.returncode == 0, third.stderr[-3000:]
     assert len(states()) == 4 and not (tmp_path / "4").exists()
     results = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert results.best_value == optuna.load_study(study_name="lstm_optuna",
-                                                   storage=storage).best_value
+                                                   storage=journal).best_value
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_stops_at_its_validation_and_is_recorded_pruned(tmp_path):
+    # a pruner that prunes every trial at its first report: an accuracy is never above 1.1
+    done = sweep(tmp_path, "sweep=lstm_optuna", "hydra.sweeper.n_trials=2", *TINY,
+                 "trainer.max_epochs=3",
+                 "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, lower: 1.1}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="lstm_optuna",
+                              storage=storage(str(tmp_path / "optuna.journal")))
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert [list(t.intermediate_values) for t in study.trials] == [[2], [2]]  # epoch 0's
+    assert not list(tmp_path.glob("*/metrics.json"))  # neither ran on to its test
 
 
 @pytest.mark.slow
