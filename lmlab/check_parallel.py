@@ -14,7 +14,9 @@ validation loss (`val_batches` batches, averaged over every rank's examples) is 
 side by side, and the check fails (exit 2) if any strategy's differs from the first one's
 by more than `tolerance`, relative, if a loss is not finite, or if the first one's loss
 never moved `min_change` away from its first value (then no strategy could be told apart).
-Any other `key=value` is passed to every run.
+Where the model decodes in validation (sequence to sequence), the last validation's
+hypotheses must also be the first strategy's, line for line. Any other `key=value` is
+passed to every run.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def val_losses(run_dir: Path) -> list[float]:
 
 
 def run_strategy(strategy: str, devices: int, steps: int, overrides: list[str],
-                 run_dir: Path, timeout: float) -> list[float]:
+                 run_dir: Path, timeout: float) -> tuple[list[float], list[str] | None]:
+    """The validation losses of a run under `strategy`, and the hypotheses its last
+    validation decoded (None for a model that decodes none)."""
     layout = [] if strategy in SINGLE else [f"trainer.devices={devices}"]
     command = [sys.executable, "-m", "lmlab.run", f"strategy={strategy}", *layout,
                f"trainer.max_steps={steps}", *RUN, *overrides, f"hydra.run.dir={run_dir}"]
@@ -82,7 +86,26 @@ def run_strategy(strategy: str, devices: int, steps: int, overrides: list[str],
     if status != 0:
         raise LmlabError(f"strategy={strategy} failed ({'timed out' if status is None else status})"
                          f":\n{output[-2000:]}")
-    return val_losses(run_dir)
+    decoded = run_dir / "hypotheses" / "val.hyp.txt"
+    return val_losses(run_dir), decoded.read_text().splitlines() if decoded.is_file() else None
+
+
+def differing_hypotheses(decoded: dict[str, list[str] | None]) -> list[str]:
+    """Where a strategy's decoded hypotheses are not the first strategy's."""
+    reference_name, reference = next(iter(decoded.items()))
+    problems = []
+    for name, lines in decoded.items():
+        if reference is None or lines == reference:
+            continue
+        if lines is None or len(lines) != len(reference):
+            problems.append(f"{name}: {'no' if lines is None else len(lines)} hypotheses, "
+                            f"{reference_name} {len(reference)}")
+            continue
+        differ = [i for i, (a, b) in enumerate(zip(lines, reference)) if a != b]
+        problems.append(f"{name}: {len(differ)} of {len(lines)} hypotheses differ from "
+                        f"{reference_name}'s, the first at line {differ[0] + 1}: "
+                        f"{lines[differ[0]]!r} against {reference[differ[0]]!r}")
+    return problems
 
 
 def compare(curves: dict[str, list[float]], tolerance: float, min_change: float = 0.0
@@ -123,15 +146,18 @@ def check(strategies: list[str], steps: int = 10, devices: int = 2, tolerance: f
           min_change: float = 0.01) -> dict[str, list[float]]:
     overrides = [*plain_sgd(lr), *overrides]
     with tempfile.TemporaryDirectory(prefix="lmlab-check-") as root:
-        curves = {s: run_strategy(s, devices, steps, overrides, Path(root) / s, timeout)
-                  for s in strategies}
+        runs = {s: run_strategy(s, devices, steps, overrides, Path(root) / s, timeout)
+                for s in strategies}
+    curves = {s: losses for s, (losses, _) in runs.items()}
     show(curves)
     problems = compare(curves, tolerance, min_change)
+    problems += differing_hypotheses({s: decoded for s, (_, decoded) in runs.items()})
     if problems:
-        raise LmlabError(f"losses differ beyond relative tolerance {tolerance}:\n  "
-                         + "\n  ".join(problems))
+        raise LmlabError(f"the strategies disagree (losses: relative tolerance {tolerance}):"
+                         "\n  " + "\n  ".join(problems))
+    decoding = " and decode the same hypotheses" if next(iter(runs.values()))[1] else ""
     Console().print(f"all {len(strategies)} strategies agree within {tolerance} over {steps} "
-                    "steps", highlight=False)
+                    f"steps{decoding}", highlight=False)
     return curves
 
 

@@ -55,8 +55,8 @@ def one_process(tmp_path_factory):
     """The loss curve of the same steps in one process."""
     root = tmp_path_factory.mktemp("one_node")
     return run_strategy("cpu", 1, STEPS, [*plain_sgd(1.0), *LM, "data.batch_size=12",
-                                                  f"paths.cache_dir={root}/cache"],
-                        root / "run", timeout=300)
+                                          f"paths.cache_dir={root}/cache"],
+                        root / "run", timeout=300)[0]
 
 
 def check_same_curve(one_process: list[float], run_dir: Path) -> None:
@@ -106,7 +106,7 @@ def test_the_comparison_catches_a_run_that_is_not_data_parallel(one_process, tmp
     alone on its share would see) leaves the curve of the full batch."""
     half = run_strategy("cpu", 1, STEPS, [*plain_sgd(1.0), *LM, "data.batch_size=6",
                                           f"paths.cache_dir={tmp_path}/cache"],
-                        tmp_path / "run", timeout=300)
+                        tmp_path / "run", timeout=300)[0]
     assert compare({"one process": one_process, "half batch": half}, tolerance=1e-4)
 
 

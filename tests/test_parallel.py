@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from conftest import DATA_DIR, ROOT, run_cli
-from lmlab.check_parallel import check, compare, plain_sgd, run_subprocess
+from lmlab.check_parallel import (check, compare, differing_hypotheses, plain_sgd,
+                                  run_subprocess)
 from lmlab.errors import LmlabError
 
 # Plain SGD at a constant rate: unlike Adam's, its update scales with the gradient, so a
@@ -145,6 +146,16 @@ def test_check_parallel_agrees_and_catches_a_gradient_summed_over_ranks(capsys, 
     doubled = ["+callbacks.fault._target_=faults.ScaleGradients", "+callbacks.fault.factor=2"]
     with pytest.raises(LmlabError, match="ddp: step 0 loss"):
         check(["cpu", "ddp"], steps=4, overrides=[*CHECK_DATA, *doubled], lr=3.0)
+
+
+def test_differing_hypotheses_are_named_with_the_first_line_that_differs():
+    one = ["a man rides", "two dogs"]
+    assert differing_hypotheses({"cpu": one, "fsdp": list(one), "lm": None} | {"x": one}) == \
+        ["lm: no hypotheses, cpu 2"]
+    assert differing_hypotheses({"cpu": one, "tp": ["a man rides", "two cats"]}) == \
+        ["tp: 1 of 2 hypotheses differ from cpu's, the first at line 2: 'two cats' against "
+         "'two dogs'"]
+    assert differing_hypotheses({"cpu": None, "ddp": None}) == []  # a model that decodes none
 
 
 def test_compare_flags_a_shifted_curve_a_flat_one_and_a_non_finite_loss():

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_give_the_losses_of_one_under_deepspeed_and_tensor_parallel():
     """Two processes under ZeRO 2, ZeRO 3 and tensor parallelism follow one process's
-    validation curve (check_parallel raises otherwise), decoding included."""
+    validation curve and decode its hypotheses, line for line (check_parallel raises
+    otherwise)."""
     strategies = ["cpu", "deepspeed_zero2", "deepspeed_zero3", "tp"]
     curves = check(strategies, steps=4, overrides=SHARED_OUTPUT, lr=1.0)
     assert all(len(curves[s]) == 4 for s in strategies)
