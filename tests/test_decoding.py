@@ -289,3 +289,20 @@ def test_the_consensus_is_by_the_datas_metric_in_the_task_and_in_generate(make_c
     assert task.metric == metric
     choose = consensus_choice(cfg, module.describe(), GenerateConfig(ckpt="", mbr=True))
     assert choose.keywords["metric"] == metric  # from the run's saved config
+
+
+def test_generate_keeps_the_users_max_length_or_names_both_limits():
+    """Round 2 case: `generate max_length=3` on a run with `min_length=6` wrote 6 tokens."""
+    from omegaconf import OmegaConf
+
+    from lmlab.errors import LmlabError
+    from lmlab.generate import search_settings
+
+    model = OmegaConf.create({"min_length": 6, "beam": 1})
+    with pytest.raises(LmlabError, match=r"max_length=3 is below min_length=6 \(the run's\)"):
+        search_settings(model, GenerateConfig(ckpt="", max_length=3))
+    search = search_settings(model, GenerateConfig(ckpt="", max_length=3, min_length=2))
+    assert (search["max_len_a"], search["max_len_b"], search["min_length"]) == (0.0, 3, 2)
+    net, (source, _) = tiny("transformer"), batch()
+    del search["use_cache"]
+    assert max(len(t) for t in best_tokens(net, source, **search)) <= 3  # tokens before <eos>
