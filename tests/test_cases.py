@@ -183,10 +183,14 @@ def test_deepspeed_cpu_adam_steps_the_offloaded_optimizer(tmp_path):
 
 
 # -- Round 2 ---------------------------------------------------------------------------------
-# Elsewhere, next to the code they concern: copier gradient (test_seq2seq_models.py), BLEU
-# through the word tokenizer and ROUGE of non-Latin text (test_text_metrics.py), grid re-run
-# with reordered overrides (test_sweeps.py), limited validation (test_data.py,
-# test_lm_data.py), MFU and perf/* under accumulation (test_throughput.py).
+# Elsewhere, next to the code they concern: the three resume cases (step-bounded resume
+# after an epoch's end, a step checkpoint on an epoch's last step, the SIGTERM step) and
+# loose weights.ckpt (test_resume.py); copier gradient (test_seq2seq_models.py); BLEU
+# through the word tokenizer and ROUGE of non-Latin text (test_text_metrics.py); max_length
+# overridden (test_decoding.py); resumed Optuna sweep and grid re-run with reordered
+# overrides (test_sweeps.py); compare without --metric (test_compare.py); limited
+# validation (test_data.py, test_lm_data.py); MFU and perf/* under accumulation
+# (test_throughput.py); the seq2seq loss per token (test_seq2seq_loss.py).
 
 
 def test_lightnings_common_trainer_arguments_compose_without_plus(make_cfg):

@@ -152,9 +152,9 @@ SHARED_OUTPUT = ["model=transformer_tiny", "data=stdlib_summaries",
 @pytest.mark.distributed
 def test_two_processes_give_the_losses_of_one_under_data_parallel_and_fsdp():
     """Two processes under DDP, FSDP and FSDP2 follow one process's validation curve and
-    decode its hypotheses, line for line (check_parallel raises otherwise); DeepSpeed and tensor parallelism
-    are in test_seq2seq_sharded.py, a file of its own so that two test workers share the
-    work."""
+    decode its hypotheses, line for line (check_parallel raises otherwise); DeepSpeed and
+    tensor parallelism are in test_seq2seq_sharded.py, a file of its own so that two test
+    workers share the work."""
     strategies = ["cpu", "ddp", "fsdp", "fsdp2"]
     curves = check(strategies, steps=4, overrides=SHARED_OUTPUT, lr=1.0)
     assert all(len(curves[s]) == 4 for s in strategies)
