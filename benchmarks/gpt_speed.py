@@ -32,6 +32,7 @@ from lmlab.models.gpt import GPT
 from lmlab.models.sampling import generate
 from lmlab.config import compose
 from lmlab.kernels import kernels_of
+from lmlab.tasks.base import TRAINING_PASSES
 from lmlab.tasks.causal_lm import parameter_groups
 from lmlab.tasks.schedules import warmup_cosine
 
@@ -56,7 +57,7 @@ def flops_per_step(model: GPT, batch: int) -> float:
     """Model FLOPs of a training step on `batch` full blocks: 3 x the net's forward formula,
     as the runs' MFU counts them."""
     lengths = torch.full((batch,), model.config.block_size)
-    return 3 * float(model.flops(lengths).sum())
+    return TRAINING_PASSES * float(model.flops(lengths).sum())
 
 
 def plain_step_fn(model, batches, hf: bool = False):

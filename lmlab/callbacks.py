@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, OnExceptionCheckpoin
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmlab.errors import NumericalFault
+from lmlab.errors import NumericalFault, TrialPruned
 from lmlab.parallel.memory import live_tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,15 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
         # `on_train_batch_end`.
         self.listen()
         self.training = True
+        self.last_step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.training = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stepped, self.last_step = trainer.global_step != self.last_step, trainer.global_step
+        if not stepped:  # mid-accumulation: stopping here would lose the gradients so far
+            return
         stop = self.received is not None
         if trainer.world_size > 1:  # a small collective each step, so that every rank stops here
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
@@ -139,7 +143,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             rank_zero_only(say)(resume_hint(self.received, trainer.global_step, self.ckpt_path,
                                             self.run_dir))
         else:
-            if not isinstance(exception, NumericalFault) and trainer.world_size == 1:
+            # a diverged run keeps its last good checkpoint; a pruned trial is over
+            if not isinstance(exception, (NumericalFault, TrialPruned)) \
+                    and trainer.world_size == 1:
                 super().on_exception(trainer)
             self.restore()  # Lightning calls no teardown after a failure
 

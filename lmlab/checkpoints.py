@@ -27,8 +27,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmlab.config import flatten
@@ -256,12 +255,16 @@ def disk_full(err: OSError, output_dir: Path) -> str | None:
 
 
 def unpack_data_files(weights: Path, folder: Path) -> bool:
-    """Writes the data files that a `weights.ckpt` or `weights.safetensors` carries (its
-    run's tokenizer and labels) into `folder`; False when it carries none (a Lightning
-    checkpoint, or weights written before they were carried)."""
+    """Writes the data files that weights exported by a run carry (`weights.ckpt` or
+    `weights.safetensors`, whatever their names now: its tokenizer and labels) into
+    `folder`; False when they carry none (a Lightning checkpoint, or weights written before
+    they were carried)."""
     if weights.suffix == ".safetensors":
-        with safe_open(weights, "pt") as f:
-            files = json.loads((f.metadata() or {}).get("data_files", "{}"))
+        try:
+            with safe_open(weights, "pt") as f:
+                files = json.loads((f.metadata() or {}).get("data_files", "{}"))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise corrupt(weights, err) from None
     else:
         content = load_checkpoint(weights, mmap=True)
         files = content.get("data_files") or ({"tokenizer.json": content["tokenizer"]}

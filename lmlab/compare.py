@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = find_runs(args.paths)
         metric = args.metric or default_metric(runs)
         mode = args.mode or monitor_mode(metric)
+        if mode is None:  # a monitored metric of the runs', whose name does not say
+            raise LmlabError(f"the runs' metric {metric}: cannot tell whether higher or lower "
+                             "is better; add --mode min or --mode max")
         if not any(metric in run.curves for run in runs):
             known = sorted({k for run in runs for k in run.curves})
             raise LmlabError(f"no run logged {metric}; they logged: {', '.join(known)}")

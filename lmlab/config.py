@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmlab.data.corpora import CLASSIFICATION_CORPORA, LM_CORPORA, SEQ2SEQ_CORPORA
-from lmlab.data.seq2seq import task_type_of
+from lmlab.data.seq2seq import metric_of, task_type_of
 from lmlab.errors import ConfigError
 from lmlab.parallel import specs
 from lmlab.parallel.specs import strategy_problems
@@ -217,9 +217,8 @@ def _lossy_tokenizer_problems(cfg: DictConfig) -> list[str]:
     spec = _importable(node.get("_target_")) if node is not None else None
     if spec is None or not hasattr(spec, "loses"):
         return []
-    metric = cfg.model.get("metric") or \
-        ("bleu" if task_type_of(data.get("corpus"), data.get("task_type")) == "translation"
-         else "rouge")
+    metric = metric_of(cfg.model.get("metric"),
+                       task_type_of(data.get("corpus"), data.get("task_type")))
     lost = instantiate(node).loses(case_matters=metric == "bleu")
     if lost is None:
         return []

@@ -36,3 +36,7 @@ class PeerLost(LmlabError):
     """A process of a multi-process run died, or a collective waited past its timeout."""
 
     exit_code = 4
+
+
+class TrialPruned(Exception):
+    """A sweep job stopped by its Optuna study's pruner: neither finished nor failed."""

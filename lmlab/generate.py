@@ -31,7 +31,7 @@ from rich.progress import track
 from lmlab.checkpoints import check_fits, read_state_dict, with_tied_names
 from lmlab.cli import fail, parse_args
 from lmlab.data.description import DataDescription
-from lmlab.data.seq2seq import language_of, task_type_of
+from lmlab.data.seq2seq import language_of, metric_of, task_type_of
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.evaluate import find_checkpoint, load_run_config
@@ -39,7 +39,7 @@ from lmlab.kernels import kernels_of
 from lmlab.data.batching import pad_batch
 from lmlab.models.decoding import best_tokens
 from lmlab.models.sampling import generate
-from lmlab.tasks.seq2seq import consensus_of, english, task_metric
+from lmlab.tasks.seq2seq import consensus_of, english
 from lmlab.tasks.text_metrics import one_line
 
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
@@ -188,7 +188,7 @@ def consensus_choice(cfg: DictConfig, data: DataDescription, args: GenerateConfi
     task_type = task_type_of(cfg.data.get("corpus"), cfg.data.get("task_type", ""))
     language = language_of(cfg.data.get("corpus"), cfg.data.get("target_lang"))
     return partial(consensus_of, tokenizer=data.target_tokenizer,
-                   metric=task_metric(cfg.model.get("metric"), task_type),
+                   metric=metric_of(cfg.model.get("metric"), task_type),
                    stem=english(language))
 
 

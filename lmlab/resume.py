@@ -66,9 +66,10 @@ class LastCheckpoint(ModelCheckpoint):
     `every_n_train_steps` training steps when that is set (Lightning's own option of that
     name would stop the writes at validation), except before a validation: the write after
     it holds its results (early stopping's count, the best score), and a newest checkpoint
-    written before it would resume past it. Uses ModelCheckpoint's private save methods and
-    its record of the last step saved (Lightning 2.6.6): its public options cannot ask for
-    writes every N steps and at every validation together.
+    written before it would resume past it (Lightning, which skips a second save at one
+    step, would not write the one after it either). Uses ModelCheckpoint's private save
+    methods (Lightning 2.6.6): its public options cannot ask for writes every N steps and
+    at every validation together.
 
     Args:
         every_n_train_steps: write mid-epoch every this many steps; None: only at validation
@@ -83,30 +84,22 @@ class LastCheckpoint(ModelCheckpoint):
         self.every_steps = every_n_train_steps or 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning's own check skips a step already saved (the rest of its micro-batches)
         if not self.every_steps or trainer.global_step % self.every_steps \
                 or self._should_skip_saving_checkpoint(trainer) \
-                or validation_follows(trainer, batch_idx):  # saved after it, with its results
+                or validation_follows(trainer):  # written after it, with its results
             return
-        saved_before = self._last_global_step_saved
         self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-        # A validation may still come at this step (an epoch's last batch, or
-        # val_check_interval). Lightning skips a save at a step already saved, so its state
-        # (early stopping's count, the best score, plateau schedules) would be in no
-        # checkpoint, and a resume would never run it again: that save must still happen.
-        self._last_global_step_saved = saved_before
 
 
-def validation_follows(trainer, batch_idx: int) -> bool:
-    """Whether a validation runs right after this training batch: at an epoch's end, or every
-    `val_check_interval` batches, in the epochs that validate. A checkpoint written before it
-    would, as the newest, resume past it: a kill during the validation would lose it."""
-    every_epochs = trainer.check_val_every_n_epoch
-    if not trainer.enable_validation or (every_epochs is not None
-                                         and (trainer.current_epoch + 1) % every_epochs):
-        return False
-    every_batches = trainer.val_check_batch
-    return trainer.is_last_batch or (isinstance(every_batches, int)
-                                     and (batch_idx + 1) % every_batches == 0)
+def validation_follows(trainer) -> bool:
+    """Whether a validation runs right after this training batch (an epoch's end, every
+    `val_check_interval`, time-based ones included), as Lightning's epoch loop decides it
+    (`_should_check_val_fx`, private: it holds the rule and its inputs; checked against
+    2.6.6). A checkpoint written before that validation would, as the newest, resume past
+    it: a kill during the validation would lose it."""
+    loop = trainer.fit_loop
+    return loop.epoch_loop._should_check_val_fx(loop._data_fetcher)
 
 
 def random_state() -> dict[str, Any]:

@@ -25,9 +25,9 @@ from omegaconf import DictConfig, open_dict
 
 from lmlab.build import build, load_task
 from lmlab.callbacks import InterruptCheckpoint
-from lmlab.checkpoints import (WEIGHTS_FILES, check_fits, disk_full, export_weights,
-                               final_checkpoint, load_checkpoint, load_weights, plan_resume,
-                               refused, run_folder_of, unpack_data_files)
+from lmlab.checkpoints import (check_fits, disk_full, export_weights, final_checkpoint,
+                               load_checkpoint, load_weights, plan_resume, refused,
+                               run_folder_of, unpack_data_files)
 from lmlab.cli import fail, report
 from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
 from lmlab.dry_run import dry_run
@@ -87,7 +87,7 @@ def encode_as_trained(cfg: DictConfig, checkpoint: Path) -> None:
     accepts = "load_from" in signature(get_class(cfg.data._target_)).parameters
     if not accepts or cfg.data.get("load_from"):
         return
-    if folder is None and checkpoint.name in WEIGHTS_FILES and checkpoint.is_file() \
+    if folder is None and checkpoint.is_file() \
             and unpack_data_files(checkpoint, Path(cfg.paths.output_dir)):
         folder = Path(cfg.paths.output_dir)
     if folder is None:

@@ -32,7 +32,7 @@ from lightning.pytorch import Callback
 from omegaconf import DictConfig
 
 from lmlab.cli import fail
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, TrialPruned
 from lmlab.loggers import sweep_overrides
 from lmlab.run_info import recorded_overrides
 from lmlab.parallel.specs import world_size
@@ -66,10 +66,6 @@ FAILED: list[int] = []  # the numbers of the jobs that failed in this process's 
 # and the numbers of those its pruner stopped.
 TRIALS: dict[int, Any] = {}
 PRUNED: set[int] = set()
-
-
-class TrialPruned(Exception):
-    """A job stopped by its Optuna study's pruner: neither finished nor failed."""
 
 
 class PruneTrial(Callback):

@@ -164,9 +164,6 @@ def test_a_limited_evaluation_scores_a_fixed_sample_of_every_length_not_the_shor
     lengths = torch.randint(1, 200, (2000,), generator=torch.Generator().manual_seed(3))
     first = [i for batch in indices(BucketBatchSampler(lengths.tolist(), 20, shuffle=False,
                                                        seed=0))[:20] for i in batch]
-    other_seed = [i for batch in indices(BucketBatchSampler(lengths.tolist(), 20, shuffle=False,
-                                                            seed=7))[:20] for i in batch]
-    assert first == other_seed  # the same sample whatever the run's seed
     sample, shortest = lengths[first].float(), lengths.sort()[0][:400].float()
     assert abs(sample.mean() - lengths.float().mean()) < 0.1 * lengths.float().mean()
     assert sample.mean() > 2 * shortest.mean()  # the earlier order's sample

@@ -30,8 +30,8 @@ from lmlab.data.batching import BucketBatchSampler, ResumableLoader, Skip
 from lmlab.data.lm import RandomOffsets
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.run import encode_as_trained
-from lmlab.resume import (AtomicCheckpointIO, checkpoint_to_resume, newest_checkpoint,
-                          random_state, set_random_state)
+from lmlab.resume import (AtomicCheckpointIO, LastCheckpoint, checkpoint_to_resume,
+                          newest_checkpoint, random_state, set_random_state)
 from lmlab.config import check_config
 
 # --- the loader's position ------------------------------------------------------------------
@@ -98,14 +98,37 @@ def test_a_finished_epoch_resumes_at_the_next_ones_start():
     assert as_lists(loader) == as_lists(bucket_loader(epoch=1))
 
 
-def fit_recording(dm, ckpt_path=None, callbacks=()) -> BatchRecorder:
+def fit_recording(dm, ckpt_path=None, callbacks=(), accumulate: int = 1) -> BatchRecorder:
     model = BatchRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, max_epochs=2,
                         callbacks=list(callbacks), enable_checkpointing=bool(callbacks),
                         enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, limit_val_batches=0)
+                        use_distributed_sampler=False, limit_val_batches=0,
+                        accumulate_grad_batches=accumulate)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model
+
+
+class WritesCounted(LastCheckpoint):
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.written = []
+
+    def _save_checkpoint(self, trainer, filepath) -> None:
+        self.written.append(trainer.global_step)
+        super()._save_checkpoint(trainer, filepath)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_last_checkpoint_every_n_steps_is_written_once_a_step_and_never_mid_accumulation(
+        tmp_path, accumulate):
+    rows = [(f"word{i % 7} more words here", str(i % 3)) for i in range(60)]
+    dm = module({"train": write(tmp_path / "train.csv", "csv", rows)})
+    last = WritesCounted(dirpath=tmp_path, filename="last", every_n_train_steps=2)
+    fit_recording(dm, callbacks=[last], accumulate=accumulate)
+    per_epoch = -(-len(dm.train_dataloader()) // accumulate)  # optimizer steps; no validation
+    expected = [s for e in range(2) for s in range(e * per_epoch + 1, (e + 1) * per_epoch + 1)
+                if s % 2 == 0 or s % per_epoch == 0]  # every 2 steps, and each epoch's end
+    assert last.written == sorted(set(expected))  # once a step, of its micro-batches the last
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -73,16 +73,26 @@ def test_the_optuna_study_lives_in_the_sweep_folder_under_a_fixed_name():
     assert sweeper.study_name == "lstm_optuna" and sweeper.max_failure_rate == 1.0
 
 
+def test_the_study_direction_follows_the_monitored_metric():
+    from hydra_plugins.lmlab_sweepers.optuna_sweeper import direction_of
+
+    lm = compose_hydra("model=gpt_tiny", "data=stdlib_source")
+    assert direction_of(None, lm) == "minimize"  # val/loss, the LM's own
+    assert direction_of(None, compose_hydra()) == "maximize"  # val/acc, the classifier's
+    with pytest.raises(ValueError, match="direction=minimize"):
+        direction_of("maximize", lm)  # would keep the highest loss
+
+
 def test_hydra_sweep_syntax_becomes_optuna_distributions():
     from optuna import distributions as d
 
     space, fixed = search_space({"lr": "tag(log, interval(1e-4, 1e-2))", "units": "choice(64, 128)",
                                  "layers": "range(1, 4)", "drop": "interval(0, 0.5)",
-                                 "seed": "7"})
+                                 "heads": "tag(int, interval(1, 8))", "seed": "7"})
     assert space == {"lr": d.FloatDistribution(1e-4, 1e-2, log=True),
                      "units": d.CategoricalDistribution([64, 128]),
                      "layers": d.IntDistribution(1, 3),
-                     "drop": d.FloatDistribution(0, 0.5)}
+                     "drop": d.FloatDistribution(0, 0.5), "heads": d.IntDistribution(1, 8)}
     assert fixed == ["seed=7"]
 
 

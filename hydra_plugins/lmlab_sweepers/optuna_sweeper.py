@@ -54,13 +54,15 @@ class OptunaSweeper(Sweeper):
         sampler: an Optuna sampler's config (`_target_`, and `seed`: the sweep's seed).
         pruner: an Optuna pruner's config, or null (no pruning).
         params: key -> search space, in Hydra's sweep syntax (`choice(64, 128)`,
-            `interval(1e-4, 1e-2)`, `tag(log, interval(1e-4, 1e-2))`, `range(1, 5)`).
+            `interval(1e-4, 1e-2)`, `tag(log, interval(1e-4, 1e-2))`,
+            `tag(int, interval(1, 8))`, `range(1, 5)`).
     """
 
-    def __init__(self, study_name: str, storage: str | None, direction: str, n_trials: int,
-                 n_jobs: int, max_failure_rate: float, sampler: DictConfig | None,
-                 pruner: DictConfig | None, params: DictConfig | None):
-        if direction not in DIRECTIONS:
+    def __init__(self, study_name: str, storage: str | None, direction: str | None,
+                 n_trials: int, n_jobs: int, max_failure_rate: float,
+                 sampler: DictConfig | None, pruner: DictConfig | None,
+                 params: DictConfig | None):
+        if direction not in (None, *DIRECTIONS):
             raise ValueError(f"hydra.sweeper.direction must be minimize or maximize, "
                              f"not {direction!r}")
         self.study_name, self.storage, self.direction = study_name, storage, direction
@@ -73,6 +75,7 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.direction = direction_of(self.direction, config)
 
     def sweep(self, arguments: list[str]) -> None:
         space, fixed = search_space({**self.params, **as_params(arguments)})
@@ -167,6 +170,33 @@ class OptunaSweeper(Sweeper):
         log.info("best trial %d: %s = %s", best.number, best.params, best.value)
 
 
+def direction_of(direction: str | None, config: DictConfig) -> str:
+    """The study's direction: the one given, checked against the monitored metric's, else
+    that metric's (a loss is minimised, an accuracy maximised).
+
+    Raises:
+        ValueError: the direction would keep the worst trials, or none can be told.
+    """
+    from hydra.utils import get_class
+
+    from lmlab.config import monitor_mode
+
+    monitor = config.get("monitor")
+    mode = config.get("monitor_mode") or (monitor_mode(monitor) if monitor else None)
+    if mode is None and not monitor:  # the task's own metric, where its class states it
+        own = getattr(get_class(config.model._target_), "monitor", None)
+        mode = own[1] if isinstance(own, tuple) else None
+    wanted = {"min": "minimize", "max": "maximize"}.get(mode)
+    if direction and wanted and direction != wanted:
+        raise ValueError(f"hydra.sweeper.direction={direction} would keep the worst trials of "
+                         f"{monitor or 'the monitored metric'} ({mode} is best); set "
+                         f"hydra.sweeper.direction={wanted}")
+    if not (direction or wanted):
+        raise ValueError("cannot tell whether the monitored metric is minimized or maximized; "
+                         "set hydra.sweeper.direction=minimize or maximize")
+    return direction or wanted
+
+
 def storage(path: str | None):
     """Optuna's storage for `path`: a journal file (with a lock that works on shared file
     systems), an RDB URL as it is, or None (in memory)."""
@@ -225,8 +255,8 @@ def search_space(params: dict[str, Any]) -> tuple[dict, list[str]]:
 
 def distribution(override: Override):
     """An Optuna distribution for a Hydra sweep: `choice` and `range` are categorical (a
-    `range` of integers with a step an integer one), `interval` a float or integer range,
-    log-scaled with the `log` tag."""
+    `range` of integers with a step an integer one), `interval` a float range (integers
+    with the `int` tag: `tag(int, interval(1, 8))`), log-scaled with the `log` tag."""
     from optuna import distributions as d
 
     value = override.value()
@@ -238,10 +268,10 @@ def distribution(override: Override):
             return d.IntDistribution(value.start, value.stop - 1, step=value.step)
         return d.CategoricalDistribution(list(override.sweep_iterator(
             transformer=Transformer.encode)))
-    if override.is_interval_sweep():
+    if override.is_interval_sweep():  # Hydra reads its bounds as floats: `int` tags integers
         log_scale = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return d.IntDistribution(value.start, value.end, log=log_scale)
+        if "int" in value.tags:
+            return d.IntDistribution(int(value.start), int(value.end), log=log_scale)
         return d.FloatDistribution(value.start, value.end, log=log_scale)
     raise ValueError(f"{override.input_line}: not a sweep Optuna can search (choice, range, "
                      "interval)")

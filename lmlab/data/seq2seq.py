@@ -36,6 +36,15 @@ def language_of(corpus: str | None, target_lang: str | None) -> str:
     return SEQ2SEQ_CORPORA[corpus].language if corpus in SEQ2SEQ_CORPORA else ""
 
 
+METRIC_OF_TASK = {"translation": "bleu", "summarization": "rouge"}
+
+
+def metric_of(metric: str | None, task_type: str | None) -> str:
+    """The metric set, else the task type's own: BLEU for translation, ROUGE for
+    summarization."""
+    return metric or METRIC_OF_TASK.get(task_type, "bleu")
+
+
 def task_type_of(corpus: str | None, task_type: str) -> str:
     """The task type data of `corpus` is scored as: a named corpus's or the embedded
     corpus's own, else the configured `task_type`."""

@@ -59,15 +59,17 @@ class Task(L.LightningModule):
         step), in evaluation the mean over the real examples, also accumulated for
         `epoch_loss`. With `sizes` (B,), the number of tokens each example's loss is the mean
         of, each token counts alike: the mean over the real tokens of the global batch in
-        training, over the split's real tokens in evaluation."""
-        real = (weight > 0).to(losses.dtype)
+        training, over the split's real tokens in evaluation. (With gradient accumulation,
+        each micro-batch is its own mean, and Lightning averages those.)"""
+        losses = losses.float()  # counts past 256 are not exact in bfloat16
+        real = (weight > 0).float()
         if split != "train":
             counts = real if sizes is None else real * sizes
             self.eval_losses[f"{split}_loss"].update(losses.detach(), counts)
             return (losses * counts).sum() / counts.sum().clamp(min=1)
         if sizes is None:
             loss = (losses * weight).mean()
-        else:
+        else:  # one small all-reduce of the token count: the denominator is global
             counts = real * sizes
             loss = (losses * counts).sum() / self.mean_over_ranks(counts.sum()).clamp(min=1)
         if self.writes_logs():  # batch_size given: Lightning would walk the batch for it

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data.description import DataDescription
+from lmlab.data.seq2seq import metric_of
 from lmlab.models.decoding import Hypothesis, best_tokens, max_lengths
 from lmlab.tasks.base import Task, example_weights, real_examples
 from lmlab.tasks.causal_lm import parameter_groups
@@ -21,7 +22,6 @@ from lmlab.tasks.text_metrics import bleu, consensus, one_line, rouge, rouge_sig
 log = logging.getLogger(__name__)
 METRICS = ("bleu", "rouge")
 LOSS_PER = ("tokens", "sentences")
-METRIC_OF_TASK = {"translation": "bleu", "summarization": "rouge"}
 
 
 class Seq2SeqTask(Task):
@@ -68,7 +68,7 @@ class Seq2SeqTask(Task):
                  no_repeat_ngram_size: int = 0, mbr: bool = False,
                  data: DataDescription | None = None):
         super().__init__(net, optimizer, scheduler)
-        metric = task_metric(metric, getattr(data, "task_type", None))
+        metric = metric_of(metric, getattr(data, "task_type", None))
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
         if loss_per not in LOSS_PER:
@@ -223,11 +223,6 @@ def gather(items: list) -> list:
     return [item for part in gathered for item in part]
 
 
-def task_metric(metric: str | None, task_type: str | None) -> str:
-    """The metric set, else the data's own: BLEU for translation, ROUGE for summarization."""
-    return metric or METRIC_OF_TASK.get(task_type, "bleu")
-
-
 def consensus_of(hypotheses: list[Hypothesis], tokenizer, metric: str, stem: bool) -> int:
     """The index of the hypothesis whose text is most like the others' under `metric`
     (`bleu` or `rouge`, stemmed with `stem`): minimum Bayes risk decoding."""
@@ -235,5 +230,5 @@ def consensus_of(hypotheses: list[Hypothesis], tokenizer, metric: str, stem: boo
 
 
 def english(language: str | None) -> bool:
-    """Whether a language code (`en`, `en-US`, `en_GB`) names English."""
-    return (language or "").lower().replace("_", "-").split("-")[0] == "en"
+    """Whether a language code (`en`, `en-US`, `en_GB`, `eng`) or name names English."""
+    return (language or "").lower().replace("_", "-").split("-")[0] in ("en", "eng", "english")

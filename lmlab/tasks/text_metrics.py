@@ -11,34 +11,37 @@ nltk), so they are not used.
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from functools import cache
 from importlib.metadata import version
 from itertools import combinations
 
+import regex
 from nltk.stem import porter
 from rouge_score import rouge_scorer, tokenizers
 from sacrebleu.metrics import BLEU
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-WORD = re.compile(r"[^\W_]+")  # a run of letters and digits, of any script
-# Scripts written without spaces between words: each character is a word.
-UNSPACED = re.compile("[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
-                      "\uac00-\ud7af\uf900-\ufaff]")
+# Scripts written without spaces between words, where each character (with its marks) is a
+# word; elsewhere a word is a run of letters, combining marks and digits, of any script.
+UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}"
+WORD = regex.compile(rf"[{UNSPACED}]\p{{M}}*|[[\p{{L}}\p{{M}}\p{{N}}]--[{UNSPACED}]]+",
+                     regex.V1)
 
 
 class Words(tokenizers.Tokenizer):
-    """ROUGE's words in any script: the text lowercased, cut into runs of letters and
-    digits (Han, kana, Hangul and Thai: one character a word), and with `stem`
-    Porter-stemmed where longer than 3 characters, as rouge-score's own tokenizer does for
-    `[a-z0-9]` alone. Porter's rules are English ones: stem English text only."""
+    """ROUGE's words in any script: the text in Unicode's composed form (NFC), lowercased,
+    cut into runs of letters, marks and digits (Han, kana, Thai and the other scripts
+    without spaces: one character a word), and with `stem` Porter-stemmed where longer than
+    3 characters, as rouge-score's own tokenizer does for `[a-z0-9]` alone. Porter's rules
+    are English ones: stem English text only."""
 
     def __init__(self, stem: bool):
         self.stemmer = porter.PorterStemmer() if stem else None
 
     def tokenize(self, text: str) -> list[str]:
-        words = WORD.findall(UNSPACED.sub(r" \g<0> ", text.lower()))
+        words = WORD.findall(unicodedata.normalize("NFC", text).lower())
         if self.stemmer is None:
             return words
         return [self.stemmer.stem(w) if len(w) > 3 else w for w in words]
@@ -46,7 +49,7 @@ class Words(tokenizers.Tokenizer):
 
 def rouge_signature(stem: bool, references: str = "first") -> str:
     """What a ROUGE figure was computed with, as sacreBLEU's signature says for BLEU."""
-    return (f"rouge-score:{version('rouge-score')}|words:letters+digits of any script"
+    return (f"rouge-score:{version('rouge-score')}|words:letters+marks+digits of any script, NFC"
             f"|lowercase|stem:{'porter' if stem else 'no'}|refs:{references}|f-measure")
 
 
