@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from rouge_score import rouge_scorer
 
-from lmlab.tasks.text_metrics import rouge
+from lmlab.tasks.text_metrics import Words, rouge
 
 SENTENCE_END = re.compile(r"\n|(?<=[.!?])\s")
 
@@ -97,7 +97,7 @@ def agreement(rows: list[dict], leads: list[str]) -> None:
 
 def rouge_l_each(texts: list[str], references: list[list[str]]) -> list[float]:
     """Each text's stemmed ROUGE-L F against the best of its references."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Words(stem=True))  # as the runs'
     return [scorer.score_multi(refs, text)["rougeL"].fmeasure
             for text, refs in zip(texts, references)]
 
