@@ -25,8 +25,8 @@ import time
 import torch
 from hydra.utils import instantiate
 
-from lmlab.build import task_for
-from lmlab.config import compose
+from lmlab.training.build import task_for
+from lmlab.config.schema import compose
 
 CASES = {  # name: overrides; the seq2seq one is AESLC's GPU experiment
     "seq2seq (AESLC, bucketed lengths)": ["experiment=aeslc_transformer_gpu"],

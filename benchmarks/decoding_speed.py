@@ -24,7 +24,7 @@ import torch
 from benchmarks.lstm_throughput import machine
 from lmlab.models.decoding import beam_search, greedy
 from lmlab.models.rnn_seq2seq import RNNSeq2Seq
-from lmlab.models.seq2seq import Seq2SeqTransformer
+from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
 
 VOCAB, PAD, BOS, EOS = 8_000, 0, 1, 2
 
@@ -79,8 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.run:
-        from lmlab.generate import load_model
-        net, data, _ = load_model(args.run)
+        from lmlab.training.runs import load_run
+        task, data, _ = load_run(args.run, "python -m benchmarks.decoding_speed --run")
+        net = task.net
         if args.sources is None:
             parser.error("--run needs --sources, the sentences to decode")
         lines = args.sources.read_text(encoding="utf-8").splitlines()

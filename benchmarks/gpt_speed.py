@@ -30,8 +30,8 @@ from lmlab.data.lm import LMDataModule
 from lmlab.data.tokenizers import CharTokenizer
 from lmlab.models.gpt import GPT
 from lmlab.models.sampling import generate
-from lmlab.config import compose
-from lmlab.kernels import kernels_of
+from lmlab.config.schema import compose
+from lmlab.training.kernels import kernels_of
 from lmlab.tasks.base import TRAINING_PASSES
 from lmlab.tasks.causal_lm import parameter_groups
 from lmlab.tasks.schedules import warmup_cosine

@@ -30,10 +30,10 @@ from lightning.pytorch import Callback
 from lmlab.data.classification import ClassificationDataModule
 from lmlab.data.tokenizers import WordTokenizer
 from lmlab.models.rnn import RNNClassifier
-from lmlab.config import compose
-from lmlab.kernels import kernels_of
+from lmlab.config.schema import compose
+from lmlab.training.kernels import kernels_of
 from lmlab.tasks.classification import ClassificationTask
-from lmlab.throughput import Throughput
+from lmlab.training.callbacks.throughput import Throughput
 
 
 class TimedThroughput(Throughput):

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from lmlab.check_parallel import run_subprocess
-from lmlab.callbacks import TensorMemory
+from lmlab.training.callbacks.memory import TensorMemory
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from lmlab.build import load_task
-from lmlab.evaluate import find_checkpoint, load_run_config
+from lmlab.training.build import load_task
+from lmlab.training.runs import find_checkpoint, load_run_config
 from lmlab.tasks.text_metrics import one_line, rouge
 
 

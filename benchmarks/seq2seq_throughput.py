@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from benchmarks.lstm_throughput import EpochTimer, print_rates
-from lmlab.build import task_for
-from lmlab.config import compose
-from lmlab.kernels import kernels_of
+from lmlab.training.build import task_for
+from lmlab.config.schema import compose
+from lmlab.training.kernels import kernels_of
 
 MODEL = "transformer_small"
 

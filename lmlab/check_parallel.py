@@ -34,7 +34,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lmlab.cli import did_you_mean, fail, parse_known_args
+from lmlab.config.cli import did_you_mean, fail, parse_known_args
 from lmlab.errors import LmlabError
 
 STRATEGY_CONFIGS = Path(__file__).resolve().parent.parent / "conf" / "strategy"

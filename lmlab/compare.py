@@ -26,10 +26,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lmlab.cli import fail
-from lmlab.config import flatten, monitor_mode
-from lmlab import wandb_offline
+from lmlab.config.cli import fail
+from lmlab.config.schema import flatten, monitor_mode
 from lmlab.errors import LmlabError
+from lmlab.tracking import wandb_offline
 
 TRAIN_CURVE = "train/loss"
 
@@ -116,7 +116,7 @@ def wandb_file(path: Path) -> Path | None:
 
 
 def read_wandb_run(path: Path) -> Run:
-    """A W&B offline run, from its `.wandb` log (read by `lmlab.wandb_offline`)."""
+    """A W&B offline run, from its `.wandb` log (read by `lmlab.tracking.wandb_offline`)."""
     run = wandb_offline.read_run(path)
     root = str(path.parent.parent)  # the lmlab run folder that holds wandb/
     config = {k: v for k, v in flatten(run.config).items()

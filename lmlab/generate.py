@@ -17,30 +17,23 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
-from lmlab.checkpoints import check_fits, read_state_dict, with_tied_names
-from lmlab.cli import fail, parse_args
+from lmlab.config.cli import fail, parse_args
+from lmlab.data.batching import pad_batch
 from lmlab.data.description import DataDescription
-from lmlab.data.seq2seq import language_of, metric_of, task_type_of
+from lmlab.data.seq2seq import encode_sources
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
-from lmlab.evaluate import find_checkpoint, load_run_config
-from lmlab.kernels import kernels_of
-from lmlab.data.batching import pad_batch
-from lmlab.models.decoding import best_tokens
 from lmlab.models.sampling import generate
-from lmlab.tasks.seq2seq import consensus_of, english
 from lmlab.tasks.text_metrics import one_line
+from lmlab.training.runs import load_run
 
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
          "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]; "
@@ -74,36 +67,6 @@ class GenerateConfig:
     batch_size: int = 32  # input_file lines decoded together
 
 
-def load_model(ckpt: str, device: str = "cpu"
-               ) -> tuple[torch.nn.Module, DataDescription, DictConfig]:
-    """The net of a run, its data's description (its tokenizers) and its config, from the
-    run folder or one of its checkpoint files; sets the run's kernel choices in this
-    process (lmlab/kernels.py)."""
-    path = Path(ckpt)
-    run_dir = next((p for p in (path, *path.parents) if (p / ".hydra").is_dir()), path)
-    cfg = load_run_config(run_dir)
-    command = lambda _, found: f"python -m lmlab.generate ckpt={found or run_dir}"  # noqa: E731
-    checkpoint = find_checkpoint(run_dir, None if path == run_dir else str(path), command)
-    data = saved_description(run_dir)
-    sizes = get_class(cfg.model._target_).config_from_data(data)
-    net = instantiate(cfg.model.net, **sizes.get("net", {}))
-    state = with_tied_names({k.removeprefix("net."): v for k, v in
-                             read_state_dict(checkpoint).items() if k.startswith("net.")}, net)
-    check_fits(net, state, checkpoint, cfg)
-    net.load_state_dict(state)
-    kernels_of(cfg).apply()
-    return net.to(device).eval(), data, cfg
-
-
-def saved_description(run_dir: Path) -> DataDescription:
-    """The tokenizers a run saved: one `tokenizer.json`, or one a side."""
-    sides = [run_dir / f"{side}_tokenizer.json" for side in ("source", "target")]
-    if all(p.is_file() for p in sides):
-        source, target = (Tokenizer.load(p) for p in sides)
-        return DataDescription(target, source_tokenizer=source, target_tokenizer=target)
-    return DataDescription(Tokenizer.load(run_dir / "tokenizer.json"))
-
-
 def stream(net: torch.nn.Module, tokenizer: Tokenizer, args: GenerateConfig) -> str:
     """Prints the prompt and then each new piece of text as it is produced; returns it all."""
     ids = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
@@ -131,65 +94,50 @@ def stream(net: torch.nn.Module, tokenizer: Tokenizer, args: GenerateConfig) -> 
     return args.prompt + text
 
 
-def transduce(net: torch.nn.Module, data: DataDescription, cfg: DictConfig,
-              args: GenerateConfig) -> list[str]:
-    """Translates or summarizes `input`, or each line of `input_file`, with the run's search
-    settings unless the arguments change them; prints or writes one output a line."""
+SEARCH_KEYS = ("beam", "length_penalty", "min_length", "no_repeat_ngram_size", "mbr")
+
+
+def search_changes(args: GenerateConfig) -> dict:
+    """The run's model keys the command line changes: the test search's settings, and
+    `max_length` as a fixed limit (`max_len_a=0`, `max_len_b`)."""
+    changes = {key: getattr(args, key) for key in SEARCH_KEYS if getattr(args, key) is not None}
+    if args.max_length is not None:
+        changes.update(max_len_a=0.0, max_len_b=args.max_length)
+    return changes
+
+
+def check_limits(task, args: GenerateConfig) -> None:
+    """Refuses a `max_length` below the search's `min_length` (the run's, or the one given):
+    no output could keep both."""
+    shortest = task.search["min_length"]
+    if args.max_length is not None and shortest > args.max_length:
+        given = "" if args.min_length is not None else " (the run's)"
+        raise LmlabError(f"max_length={args.max_length} is below min_length={shortest}{given}: "
+                         f"no output can keep both; raise max_length, or pass "
+                         f"min_length={args.max_length} or less")
+
+
+def transduce(task, data: DataDescription, cfg: DictConfig, args: GenerateConfig) -> list[str]:
+    """Translates or summarizes `input`, or each line of `input_file`, with the run's task
+    and its test search (as the command line changes it); prints or writes one output a
+    line."""
     if (args.input is None) == (args.input_file is None):
         raise LmlabError(f"a sequence-to-sequence run takes input=TEXT or input_file=PATH "
                          f"(one of them)\nusage: {USAGE}")
+    check_limits(task, args)
     lines = [args.input] if args.input is not None else read_lines(Path(args.input_file))
-    search = search_settings(cfg.model, args)
-    choose = consensus_choice(cfg, data, args)
     longest = cfg.data.get("max_source_length") or None  # cut as in training
     outputs = []
     progress = Console(stderr=True)  # stdout may be the outputs
     for start in track(range(0, len(lines), args.batch_size), description="decoding",
                        disable=args.input_file is None, console=progress):
-        batch = [data.source_tokenizer.encode(" ".join(line.split()))[:longest]
-                 or [data.source_tokenizer.unk_id]  # as the DataModule encodes it
-                 for line in lines[start:start + args.batch_size]]
+        batch = encode_sources(data.source_tokenizer, lines[start:start + args.batch_size],
+                               longest)
         source, _ = pad_batch([torch.tensor(ids) for ids in batch], data.pad_id)
-        with torch.no_grad():
-            found = best_tokens(net, source.to(args.device), choose=choose, **search)
+        found = task.decode(source.to(args.device), task.beams["test"])
         outputs += [one_line(data.target_tokenizer.decode(tokens)) for tokens in found]
     write_lines(outputs, args.output_file)
     return outputs
-
-
-def search_settings(model: DictConfig, args: GenerateConfig) -> dict:
-    """The run's test search, with what the command line changes."""
-    def chosen(name: str, default):
-        given = getattr(args, name)
-        return model.get(name, default) if given is None else given
-
-    search = {"beam": args.beam or model.get("beam", 5),
-              "length_penalty": chosen("length_penalty", 1.0),
-              "no_repeat_ngram_size": chosen("no_repeat_ngram_size", 0),
-              "max_len_a": model.get("max_len_a", 1.2), "max_len_b": model.get("max_len_b", 10),
-              "min_length": chosen("min_length", 1),
-              "n_finished": model.get("n_finished"), "use_cache": args.use_cache}
-    if args.max_length is not None:
-        if search["min_length"] > args.max_length:
-            given = "" if args.min_length is not None else " (the run's)"
-            raise LmlabError(f"max_length={args.max_length} is below min_length="
-                             f"{search['min_length']}{given}: no output can keep both; raise "
-                             f"max_length, or pass min_length={args.max_length} or less")
-        search.update(max_len_a=0.0, max_len_b=args.max_length)
-    return search
-
-
-def consensus_choice(cfg: DictConfig, data: DataDescription, args: GenerateConfig
-                     ) -> Callable | None:
-    """With `mbr` (the run's, unless the arguments change it), the chooser of the consensus
-    hypothesis under the run's metric; else None (the best-scored)."""
-    if not (cfg.model.get("mbr", False) if args.mbr is None else args.mbr):
-        return None
-    task_type = task_type_of(cfg.data.get("corpus"), cfg.data.get("task_type", ""))
-    language = language_of(cfg.data.get("corpus"), cfg.data.get("target_lang"))
-    return partial(consensus_of, tokenizer=data.target_tokenizer,
-                   metric=metric_of(cfg.model.get("metric"), task_type),
-                   stem=english(language))
 
 
 def read_lines(path: Path) -> list[str]:
@@ -210,11 +158,12 @@ def write_lines(lines: list[str], path: str | None) -> None:
 def main(argv: list[str]) -> None:
     try:
         args = parse_args(GenerateConfig, argv, USAGE)
-        net, data, cfg = load_model(args.ckpt, args.device)
-        if get_class(cfg.model._target_).kind == "seq2seq":
-            transduce(net, data, cfg, args)
+        task, data, cfg = load_run(args.ckpt, "python -m lmlab.generate", search_changes(args),
+                                   args.device)
+        if task.kind == "seq2seq":
+            transduce(task, data, cfg, args)
         else:
-            stream(net, data.tokenizer, args)
+            stream(task.net, data.tokenizer, args)
     except LmlabError as err:
         fail(str(err))
 

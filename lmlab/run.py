@@ -18,27 +18,34 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.utils import get_class
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
-from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
-from lmlab.build import build, load_task
-from lmlab.callbacks import InterruptCheckpoint
-from lmlab.checkpoints import (check_fits, disk_full, export_weights, final_checkpoint,
-                               load_checkpoint, load_weights, plan_resume, refused,
-                               run_folder_of, unpack_data_files)
-from lmlab.cli import fail, report
-from lmlab.config import CONF_DIR, check_config, register_schema, to_yaml
-from lmlab.dry_run import dry_run
+from lmlab.checkpointing.io import disk_full, load_checkpoint, refused
+from lmlab.checkpointing.resume import checkpoint_to_resume, plan_resume
+from lmlab.checkpointing.weights import (
+    check_fits,
+    export_weights,
+    final_checkpoint,
+    load_weights,
+    run_folder_of,
+    unpack_data_files,
+)
+from lmlab.config.checks import check_config
+from lmlab.config.cli import fail, report
+from lmlab.config.redact import redacted
+from lmlab.config.schema import CONF_DIR, register_schema, to_yaml
 from lmlab.errors import LmlabError
-from lmlab.loggers import finish
 from lmlab.parallel.failures import peer_lost
-from lmlab.redact import redacted
-from lmlab.resume import checkpoint_to_resume
-from lmlab.run_info import recorded_overrides
-from lmlab.sweep import exit_if_jobs_failed, in_sweep, sweep_job
-from lmlab.throughput import Throughput
+from lmlab.tracking.loggers import finish
+from lmlab.tracking.run_info import recorded_overrides
+from lmlab.training.build import build, load_task
+from lmlab.training.callbacks.interrupt import InterruptCheckpoint
+from lmlab.training.callbacks.throughput import Throughput
+from lmlab.training.dry_run import dry_run
+from lmlab.training.sweeps import exit_if_jobs_failed, in_sweep, sweep_job
 
 log = logging.getLogger(__name__)
 
@@ -150,24 +157,14 @@ def signal_status(trainer: L.Trainer, stop: SystemExit) -> int | str | None:
 
 
 def best_score(callback) -> float | None:
-    """The best monitored value. Under ddp_spawn the trainer's callback lives in the spawned
-    processes, and only the best checkpoint's path comes back: read the score from it."""
-    if callback is None:
-        return None
-    if callback.best_model_score is not None:
-        return float(callback.best_model_score)
-    path = Path(callback.best_model_path or "")
-    if not path.is_file():
-        return None
-    states = torch.load(path, map_location="cpu", weights_only=True).get("callbacks", {})
-    state = states.get(callback.state_key, {})
-    score = state.get("best_model_score")
+    """The best monitored value, if a checkpoint callback kept one."""
+    score = getattr(callback, "best_model_score", None)
     return None if score is None else float(score)
 
 
 def throughput(trainer: L.Trainer) -> dict[str, float]:
-    """The training speed the `Throughput` callback measured over the run (none under
-    ddp_spawn, where the callback lived in the spawned processes, or without it)."""
+    """The training speed the `Throughput` callback measured over the run (none without
+    it)."""
     found = [c for c in trainer.callbacks if isinstance(c, Throughput)]
     return found[0].summary if found else {}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from lmlab.config import compose
+from lmlab.config.schema import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LMLAB_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
-from lmlab.resume import AtomicCheckpointIO
+from lmlab.checkpointing.io import AtomicCheckpointIO
 
 
 class ScaleGradients(Callback):
@@ -170,7 +170,7 @@ class ForgetDataOrder(Callback):
 
 class ForgetRandomState(Callback):
     """Leaves the random generators out of every checkpoint (the negative control of
-    `lmlab.resume.ExactResume`)."""
+    `lmlab.checkpointing.exact_resume.ExactResume`)."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint["callbacks"] = {key: state for key, state in checkpoint["callbacks"].items()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from lmlab.throughput import Throughput
+from lmlab.training.callbacks.throughput import Throughput
 
 
 class ProgressProbe(Callback):

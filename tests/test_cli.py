@@ -16,11 +16,12 @@ from omegaconf import OmegaConf
 
 from conftest import DATA_DIR, ROOT, needs_data, run_cli
 from lmlab.check_parallel import parse
-from lmlab.cli import parse_args, parse_known_args
+from lmlab.config.cli import parse_args, parse_known_args
 from lmlab.errors import LmlabError
-from lmlab.evaluate import EvaluateArgs, find_checkpoint, override
-from lmlab.generate import GenerateConfig, search_settings
+from lmlab.evaluate import EvaluateArgs
+from lmlab.generate import GenerateConfig, search_changes
 from lmlab.generate import main as generate_main
+from lmlab.training.runs import find_checkpoint, override
 
 
 def run(tmp_path, *overrides, expect_ok=True, **kwargs):
@@ -390,12 +391,11 @@ def test_the_documented_hydra_quoting_keeps_the_text(make_cfg):
         ("0.001", [2024.1], 2024.1)
 
 
-def test_generate_searches_as_the_run_tests_unless_the_command_line_says_otherwise():
-    model = OmegaConf.create({"beam": 4, "length_penalty": 0.6, "no_repeat_ngram_size": 3})
-    run = search_settings(model, GenerateConfig(ckpt="run"))
-    assert (run["beam"], run["length_penalty"], run["no_repeat_ngram_size"]) == (4, 0.6, 3)
-    given = search_settings(model, GenerateConfig(ckpt="run", beam=2, length_penalty=1.0,
-                                                  no_repeat_ngram_size=0))
-    assert (given["beam"], given["length_penalty"], given["no_repeat_ngram_size"]) == (2, 1.0, 0)
-    older = search_settings(OmegaConf.create({}), GenerateConfig(ckpt="run"))  # keys it lacks
-    assert (older["beam"], older["length_penalty"], older["no_repeat_ngram_size"]) == (5, 1.0, 0)
+def test_generate_changes_only_the_search_settings_the_command_line_gives():
+    assert search_changes(GenerateConfig(ckpt="run")) == {}  # the run's own search
+    given = search_changes(GenerateConfig(ckpt="run", beam=2, length_penalty=1.0,
+                                          no_repeat_ngram_size=0, max_length=7))
+    assert given == {"beam": 2, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+                     "max_len_a": 0.0, "max_len_b": 7}
+
+

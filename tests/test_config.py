@@ -9,10 +9,11 @@ from hydra.utils import get_class, instantiate
 from omegaconf import open_dict
 
 from conftest import GPU
-from lmlab.build import callbacks, loggers, task_for
+from lmlab.training.build import callbacks, loggers, task_for
 from lmlab.data.description import DataDescription
 from lmlab.data.tokenizers import WordTokenizer
-from lmlab.config import CONF_DIR, _kind_problems, check_config
+from lmlab.config.schema import CONF_DIR
+from lmlab.config.checks import _kind_problems, check_config
 from lmlab.errors import ConfigError
 from lmlab.parallel.specs import world_size
 
@@ -203,10 +204,10 @@ def test_seq2seq_nets_are_checked_against_their_data(make_cfg):
 
 
 def test_every_target_of_the_configs_may_be_loaded_from_a_saved_run():
-    """A run folder's saved config is instantiated only through lmlab.safety's allow-list,
+    """A run folder's saved config is instantiated only through lmlab.config.safety's allow-list,
     so every `_target_` lmlab's own configs name must be on it (hydra's sweepers and
     launchers excepted: they are never instantiated from a run folder)."""
-    from lmlab.safety import allowed
+    from lmlab.config.safety import allowed
     named = {line.split("_target_:")[1].split("#")[0].strip()
              for path in Path(CONF_DIR).rglob("*.yaml") if "hydra" not in path.parts
              for line in path.read_text().splitlines() if "_target_:" in line}

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from test_seq2seq_models import BOS, EOS, PAD, batch, tiny
 
-from lmlab.build import task_for
-from lmlab.generate import GenerateConfig, consensus_choice
+from lmlab.training.build import task_for
+from lmlab.generate import GenerateConfig
 from lmlab.models.decoding import beam_search, best_tokens, block_repeats, greedy, max_lengths
 from lmlab.models.rnn_seq2seq import RNNSeq2Seq
-from lmlab.models.seq2seq import Seq2SeqTransformer
+from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
 from lmlab.tasks.text_metrics import consensus
+from lmlab.training.runs import run_description
 
 DECODING_NETS = ["transformer", "lstm-luong", "lstm-bahdanau"]
 
@@ -283,26 +284,27 @@ def test_the_task_outputs_the_consensus_of_its_beam_with_mbr(make_cfg, mbr):
 
 
 @pytest.mark.parametrize("data,metric", [("stdlib_summaries", "rouge"), ("multi30k", "bleu")])
-def test_the_consensus_is_by_the_datas_metric_in_the_task_and_in_generate(make_cfg, data,
-                                                                          metric):
+def test_a_run_rebuilt_from_its_folder_scores_by_its_datas_metric(make_cfg, tmp_path, data,
+                                                                  metric):
     cfg, task, module = task_and_data(make_cfg, data, True)
     assert task.metric == metric
-    choose = consensus_choice(cfg, module.describe(), GenerateConfig(ckpt="", mbr=True))
-    assert choose.keywords["metric"] == metric  # from the run's saved config
+    module.save(tmp_path)  # what a run folder keeps; generate and evaluate rebuild from it
+    rebuilt = task_for(cfg, run_description(tmp_path, cfg))
+    assert (rebuilt.metric, rebuilt.stem, rebuilt.mbr) == (metric, task.stem, True)
 
 
 def test_generate_keeps_the_users_max_length_or_names_both_limits():
     """Round 2 case: `generate max_length=3` on a run with `min_length=6` wrote 6 tokens."""
-    from omegaconf import OmegaConf
-
     from lmlab.errors import LmlabError
-    from lmlab.generate import search_settings
+    from lmlab.generate import check_limits, search_changes
+    from lmlab.tasks.seq2seq import Seq2SeqTask
 
-    model = OmegaConf.create({"min_length": 6, "beam": 1})
+    args = GenerateConfig(ckpt="", max_length=3)
+    run = Seq2SeqTask(tiny("transformer"), torch.optim.SGD, min_length=6, beam=1)
     with pytest.raises(LmlabError, match=r"max_length=3 is below min_length=6 \(the run's\)"):
-        search_settings(model, GenerateConfig(ckpt="", max_length=3))
-    search = search_settings(model, GenerateConfig(ckpt="", max_length=3, min_length=2))
-    assert (search["max_len_a"], search["max_len_b"], search["min_length"]) == (0.0, 3, 2)
-    net, (source, _) = tiny("transformer"), batch()
-    del search["use_cache"]
-    assert max(len(t) for t in best_tokens(net, source, **search)) <= 3  # tokens before <eos>
+        check_limits(run, args)
+    args.min_length = 2
+    changed = Seq2SeqTask(tiny("transformer"), torch.optim.SGD, beam=1, **search_changes(args))
+    check_limits(changed, args)
+    source, _ = batch()
+    assert max(len(t) for t in changed.decode(source, beam=1)) <= 3  # tokens before <eos>

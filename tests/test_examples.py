@@ -33,7 +33,8 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import DATA_DIR, ROOT, run_cli
 from lmlab.check_parallel import RUN, SINGLE, parse
-from lmlab.config import CONF_DIR, check_config, register_schema
+from lmlab.config.schema import CONF_DIR, register_schema
+from lmlab.config.checks import check_config
 from lmlab.errors import ConfigError
 
 COMMAND = re.compile(r"python3? -m\s+lmlab\.\w+")

@@ -27,14 +27,15 @@ from safetensors import safe_open
 
 from conftest import DATA_DIR, ROOT
 from faults import Payload
-from lmlab.checkpoints import (SAFE_WEIGHTS, WEIGHTS, check_fits, load_checkpoint,
-                               read_state_dict, with_tied_names)
-from lmlab.config import compose
+from lmlab.checkpointing.weights import (SAFE_WEIGHTS, WEIGHTS, check_fits, read_state_dict,
+                                         with_tied_names)
+from lmlab.checkpointing.io import load_checkpoint
+from lmlab.config.schema import compose
 from lmlab.errors import LmlabError
-from lmlab.models.seq2seq import Seq2SeqTransformer
-from lmlab.safety import check_targets, check_writable
+from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
+from lmlab.config.safety import check_targets, check_writable
 
-USER_ERROR = 2  # lmlab.cli.fail
+USER_ERROR = 2  # lmlab.config.cli.fail
 TINY = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1", "logger=csv"]
 TINY_LM = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=300",
@@ -338,7 +339,8 @@ def test_a_run_config_naming_foreign_code_is_refused_before_it_runs(runs, tmp_pa
 
 @pytest.mark.parametrize("target", ["builtins.exec", "os.system", "subprocess.Popen",
                                     "torch.hub.load", "torch.load", "lmlab.data.lm.publish",
-                                    "lmlab.checkpoints.export_weights", "hydra.utils.call"])
+                                    "lmlab.checkpointing.weights.export_weights",
+                                    "hydra.utils.call"])
 def test_targets_that_run_code_are_refused(tmp_path, target):
     cfg = OmegaConf.create({"model": {"net": {"_target_": target}}})
     with pytest.raises(LmlabError, match=rf"model.net._target_={target} is not a class"):
@@ -384,7 +386,7 @@ def test_every_run_writes_weights_safetensors_that_evaluate_and_generate_load(ru
 
 
 def test_a_run_with_only_weights_safetensors_is_evaluated_from_it(tmp_path):
-    from lmlab.evaluate import run_checkpoints
+    from lmlab.training.runs import run_checkpoints
     (tmp_path / SAFE_WEIGHTS).write_bytes(b"")
     assert run_checkpoints(tmp_path) == {"weights": tmp_path / SAFE_WEIGHTS}
     (tmp_path / WEIGHTS).write_bytes(b"")

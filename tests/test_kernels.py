@@ -7,10 +7,11 @@ from omegaconf import OmegaConf
 
 from conftest import GPU
 from lmlab import run
-from lmlab.build import build
-from lmlab.evaluate import load_run_config, trainer_for_test
-from lmlab.kernels import DEFAULT_NODE, Kernels, kernels_of
-from lmlab.models.seq2seq import Seq2SeqTransformer
+from lmlab.training.build import build
+from lmlab.evaluate import trainer_for_test
+from lmlab.training.runs import load_run_config
+from lmlab.training.kernels import DEFAULT_NODE, Kernels, kernels_of
+from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
 
 SHORT_RUN = ("model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=300",
              "strategy=cpu", "logger=none", "trainer.max_epochs=1",

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from lmlab.data import lm
-from lmlab.data.lm import Blocks, LMDataModule, RandomOffsets, cut_at_lines, stdlib_source_files
+from lmlab.data.blocks import Blocks, RandomOffsets
+from lmlab.data.lm import LMDataModule, stdlib_source_files
+from lmlab.data.token_cache import cut_at_lines
 from lmlab.data.tokenizers import ByteBPETokenizer, CharTokenizer
 from lmlab.errors import DataError, LmlabError
 

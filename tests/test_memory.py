@@ -12,8 +12,8 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import ROOT
-from lmlab.build import build_task
-from lmlab.callbacks import TensorMemory
+from lmlab.training.build import build_task
+from lmlab.training.callbacks.memory import TensorMemory
 from lmlab.parallel.memory import activation_bytes, estimate, live_tensor_bytes, local_batch
 from test_parallel import run_isolated
 
@@ -64,7 +64,8 @@ def test_two_sharded_processes_hold_what_the_estimate_says(make_cfg, text_file, 
                  f"strategy={strategy}", "trainer.devices=2", "trainer.accelerator=cpu"]
     # 900 s: on a fresh machine the first DeepSpeed run compiles its CPU Adam first
     output = run_isolated(tmp_path / "run", *overrides,
-                          "+callbacks.memory._target_=lmlab.callbacks.TensorMemory", timeout=900)
+                          "+callbacks.memory._target_=lmlab.training.callbacks.memory.TensorMemory",
+                          timeout=900)
     measured = [float(m) * 2**20 for m in
                 re.findall(r"live tensor memory on rank \d: ([\d.]+) MiB", output)]
     assert len(measured) == 2

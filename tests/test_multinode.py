@@ -14,7 +14,8 @@ import pytest
 from omegaconf import open_dict
 
 from conftest import DATA_DIR, ROOT
-from lmlab.config import check_config, compose
+from lmlab.config.checks import check_config
+from lmlab.config.schema import compose
 from lmlab.errors import ConfigError
 from lmlab.check_parallel import RUN, compare, plain_sgd, run_strategy, run_subprocess, val_losses
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from conftest import DATA_DIR, ROOT
 from faults import ScaleOutputAt
-from lmlab.callbacks import NumericalGuard
+from lmlab.training.callbacks.numerics import NumericalGuard
 from lmlab.data.batching import ResumableLoader
 from lmlab.errors import NumericalFault
 

@@ -27,12 +27,13 @@ import torch
 from conftest import DATA_DIR, ROOT
 from test_data import ROWS, BatchRecorder, module, write
 from lmlab.data.batching import BucketBatchSampler, ResumableLoader, Skip
-from lmlab.data.lm import RandomOffsets
+from lmlab.data.blocks import RandomOffsets
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.run import encode_as_trained
-from lmlab.resume import (AtomicCheckpointIO, LastCheckpoint, checkpoint_to_resume,
-                          newest_checkpoint, random_state, set_random_state)
-from lmlab.config import check_config
+from lmlab.checkpointing.io import AtomicCheckpointIO
+from lmlab.checkpointing.exact_resume import LastCheckpoint, random_state, set_random_state
+from lmlab.checkpointing.resume import checkpoint_to_resume, newest_checkpoint
+from lmlab.config.checks import check_config
 
 # --- the loader's position ------------------------------------------------------------------
 

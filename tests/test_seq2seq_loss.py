@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.models.seq2seq import Seq2SeqTransformer
+from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
 from lmlab.tasks.seq2seq import Seq2SeqTask
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 17

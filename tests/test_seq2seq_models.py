@@ -14,7 +14,7 @@ from conftest import GPU
 from lmlab.models.attention import Attention
 from lmlab.models.decoding import beam_search
 from lmlab.models.rnn_seq2seq import RNNSeq2Seq
-from lmlab.models.seq2seq import Seq2SeqTransformer
+from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
 
 PAD, BOS, EOS = 0, 1, 2
 SRC_VOCAB, TGT_VOCAB = 23, 19

@@ -10,8 +10,9 @@ import torch
 from conftest import DATA_DIR, ROOT, needs_data, run_cli
 from lmlab.check_parallel import check, run_subprocess
 from lmlab.data.corpora import stdlib_summaries
-from lmlab.generate import GenerateConfig, consensus_choice, load_model
+from lmlab.generate import GenerateConfig, search_changes
 from lmlab.tasks.text_metrics import bleu, rouge
+from lmlab.training.runs import load_run, load_run_config, run_description
 
 TINY = ["model=transformer_tiny", "data=stdlib_summaries", "data.tokenizer.vocab_size=600",
         "trainer.max_epochs=2", "trainer.limit_train_batches=8", "data.batch_size=32",
@@ -88,24 +89,24 @@ def test_generate_sets_the_runs_kernel_choices(summary_run):
     before = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         torch.backends.cuda.enable_cudnn_sdp(True)
-        load_model(str(summary_run))
+        load_run(str(summary_run), "python -m lmlab.generate")
         assert torch.backends.cuda.cudnn_sdp_enabled() is False  # the run's kernels node
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-def test_generate_chooses_the_consensus_with_mbr(summary_run):
-    net, data, cfg = load_model(str(summary_run))
-    assert consensus_choice(cfg, data, GenerateConfig(ckpt=str(summary_run))) is None  # the run's
-    choose = consensus_choice(cfg, data, GenerateConfig(ckpt=str(summary_run), mbr=True))
-    assert choose.keywords == {"tokenizer": data.target_tokenizer, "metric": "rouge"}
+def test_generate_decodes_with_the_runs_task_as_the_command_line_changes_it(summary_run):
+    task, _, cfg = load_run(str(summary_run), "python -m lmlab.generate")
+    assert (task.mbr, task.metric, task.beams["test"]) == (False, "rouge", cfg.model.beam)
+    changed, _, _ = load_run(str(summary_run), "python -m lmlab.generate",
+                             search_changes(GenerateConfig(ckpt="", mbr=True, beam=3)))
+    assert (changed.mbr, changed.beams["test"]) == (True, 3)
 
 
 def test_generate_scores_a_named_corpus_by_its_own_task_type(summary_run):
-    net, data, cfg = load_model(str(summary_run))
+    cfg = load_run_config(summary_run)
     cfg.data.corpus, cfg.data.task_type = "multi30k", "summarization"  # the corpus decides
-    choose = consensus_choice(cfg, data, GenerateConfig(ckpt=str(summary_run), mbr=True))
-    assert choose.keywords["metric"] == "bleu"
+    assert run_description(summary_run, cfg).task_type == "translation"
 
 
 def test_generate_asks_for_an_input(summary_run):

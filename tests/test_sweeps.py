@@ -23,7 +23,8 @@ from wandb.sdk.launch.sweeps import utils as wandb_sweeps
 from conftest import DATA_DIR, ROOT, run_cli
 from hydra_plugins.lmlab_sweepers.optuna_sweeper import (RAN, OptunaSweeper, resume,
                                                          search_space, storage)
-from lmlab.config import CONF_DIR, check_config, monitor_mode, register_schema
+from lmlab.config.schema import CONF_DIR, monitor_mode, register_schema
+from lmlab.config.checks import check_config
 
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "logger=none", "trainer.enable_progress_bar=false"]

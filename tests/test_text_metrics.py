@@ -119,7 +119,7 @@ def test_perfect_outputs_score_100_through_every_tokenizer_a_seq2seq_config_acce
     A tokenizer is either refused before training, naming the fix, or gives 100."""
     from hydra.utils import instantiate
 
-    from lmlab.config import check_config
+    from lmlab.config.checks import check_config
     from lmlab.errors import ConfigError
 
     name, _, lowercase = tokenizer.partition("-")

@@ -19,15 +19,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import DATA_DIR, ROOT, run_cli
 from lmlab.check_parallel import run_subprocess
-from lmlab.build import callbacks
-from lmlab.loggers import CSVLogger
+from lmlab.training.build import callbacks
+from lmlab.tracking.loggers import CSVLogger
 from lmlab.models.rnn import RNNClassifier
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.tasks.classification import ClassificationTask
 from lmlab.tasks.seq2seq import Seq2SeqTask
 from lmlab.models.flops import recurrent
-from lmlab.throughput import (StepFlops, Throughput, compute_dtype, cpu_model, peak_flops,
-                              progress_bar)
+from lmlab.training.flops import StepFlops, compute_dtype, cpu_model, peak_flops
+from lmlab.training.callbacks.throughput import Throughput
+from lmlab.training.callbacks.progress import progress_bar
 
 B, T, EMBED, HIDDEN, CLASSES = 4, 6, 8, 16, 3
 
@@ -301,7 +302,7 @@ def flop_tasks():
     from lmlab.models.gpt import GPT
     from lmlab.models.rnn_lm import RNNLanguageModel
     from lmlab.models.rnn_seq2seq import RNNSeq2Seq
-    from lmlab.models.seq2seq import Seq2SeqTransformer
+    from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
 
     torch.manual_seed(0)
     V = 23

@@ -9,10 +9,10 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
-from lmlab.build import build
-from lmlab.callbacks import MovingAverage
-from lmlab.checkpoints import export_weights
-from lmlab.config import check_config
+from lmlab.training.build import build
+from lmlab.training.callbacks.ema import MovingAverage
+from lmlab.checkpointing.weights import export_weights
+from lmlab.config.checks import check_config
 from lmlab.errors import ConfigError
 
 SHORT_RUN = ("callbacks=ema", "callbacks.ema.decay=0.9", "strategy=cpu", "logger=none",

@@ -12,7 +12,7 @@ running the same command again continues it:
   the study holds, so a resumed sweep proposes new trials, not the first ones again.
 - A trial left running by a killed sweep is marked failed and does not count, so another
   trial takes its place. Job folders are numbered by trial, so none is overwritten.
-- A trial that fails (an exception, or a NaN or infinite objective: `lmlab.sweep`) is
+- A trial that fails (an exception, or a NaN or infinite objective: `lmlab.training.sweeps`) is
   recorded as failed and the sweep goes on (`max_failure_rate: 1.0` by default here).
 - With a `pruner`, each trial reports its monitored metric at every validation, and one
   the pruner stops is recorded as pruned (jobs run in the sweep's process: the basic
@@ -119,7 +119,7 @@ class OptunaSweeper(Sweeper):
         """Launches one job a trial (its folder: the trial's number) and tells the results."""
         from optuna.trial import TrialState
 
-        from lmlab import sweep as jobs
+        from lmlab.training import sweeps as jobs
 
         batch = [tuple([*fixed, *(f"{k}={v}" for k, v in trial.params.items()),
                         *self.pruning_overrides(trial)]) for trial in trials]
@@ -142,7 +142,7 @@ class OptunaSweeper(Sweeper):
         """With a pruner, the callback that reports each validation to the trial."""
         if not self.pruner_config:
             return []
-        return ["+callbacks.optuna_pruning._target_=lmlab.sweep.PruneTrial",
+        return ["+callbacks.optuna_pruning._target_=lmlab.training.sweeps.PruneTrial",
                 f"+callbacks.optuna_pruning.trial={trial.number}",
                 "+callbacks.optuna_pruning.monitor=${monitor}"]
 
@@ -179,7 +179,7 @@ def direction_of(direction: str | None, config: DictConfig) -> str:
     """
     from hydra.utils import get_class
 
-    from lmlab.config import monitor_mode
+    from lmlab.config.schema import monitor_mode
 
     monitor = config.get("monitor")
     mode = config.get("monitor_mode") or (monitor_mode(monitor) if monitor else None)

@@ -113,8 +113,8 @@ class Skip:
 def leave_signals_to_the_trainer(worker_id: int) -> None:
     """A DataLoader worker's `worker_init_fn`: SIGTERM and Ctrl-C reach the whole process
     group, and a worker they killed would fail the step it serves. The main process stops
-    the run at the end of the step (`lmlab.callbacks.InterruptCheckpoint`) and then ends its
-    workers; a worker whose main process is gone exits by itself."""
+    the run at the end of the step (`lmlab.training.callbacks.interrupt.InterruptCheckpoint`)
+    and then ends its workers; a worker whose main process is gone exits by itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -124,9 +124,10 @@ class ResumableLoader(DataLoader):
 
     Lightning's fit loop saves `state_dict()` of a loader that has one (under `loops ->
     fit_loop -> state_dict -> combined_loader`) and, resuming mid-epoch, gives it back to
-    `load_state_dict` (see `lmlab.resume.ExactResume` for when it does not). The position
-    is the sampler's epoch and the batches this loader has given in it, counted as they
-    leave (not as workers prefetch them), so a resumed run continues with the batch after
+    `load_state_dict` (see `lmlab.checkpointing.exact_resume.ExactResume` for when it does
+    not). The position is the sampler's epoch and the batches this loader has given in it,
+    counted as they leave (not as workers prefetch them), so a resumed run continues with
+    the batch after
     the last one trained. The sampler (`sampler`, or `batch_sampler` for a batch sampler)
     needs `set_epoch` and a `skip` (`Skip`).
 

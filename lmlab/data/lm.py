@@ -8,172 +8,46 @@ larger than memory work: only the blocks a batch needs are read.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
-import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from lmlab.data.batching import (ResumableLoader, ShardedDataModule, Skip,
-                                 leave_signals_to_the_trainer, spread)
+from lmlab.data.batching import (
+    ResumableLoader,
+    ShardedDataModule,
+    leave_signals_to_the_trainer,
+)
+from lmlab.data.blocks import Blocks, RandomOffsets, Sweep
 from lmlab.data.corpora import LM_CORPORA, STDLIB_PACKAGES, load_hub_dataset, stdlib_files
 from lmlab.data.description import DataDescription
 from lmlab.data.readers import open_text
+from lmlab.data.token_cache import (
+    CHUNK_CHARS,
+    FORMAT,
+    SPLITS,
+    cut_at_lines,
+    private_name,
+    publish,
+    write_tokens,
+)
 from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
 from lmlab.errors import DataError, LmlabError
 
 log = logging.getLogger(__name__)
 EMBEDDED = "stdlib_source"
-CHUNK_CHARS = 1 << 20  # text is tokenized in pieces of about 1 MB, cut at line ends
-FORMAT = 3  # the cache layout's version, part of its key: bump it when the layout or the
-# encoding changes (3: special-token names in text stay text)
-SPLITS = ("train", "val", "test")
 
 
 def stdlib_source_files() -> list[Path]:
     """The embedded LM corpus: the Python source of a fixed set of standard-library packages."""
     return [path for package in STDLIB_PACKAGES for path in stdlib_files(package)]
-
-
-class Blocks(Dataset):
-    """(input, target) pairs of `block_size` tokens starting at a given offset, weight 1."""
-
-    def __init__(self, tokens: np.ndarray, block_size: int):
-        self.tokens, self.block_size = tokens, block_size
-
-    def __len__(self) -> int:
-        return len(self.tokens) - self.block_size
-
-    def __getitem__(self, offset: int) -> dict[str, torch.Tensor]:
-        chunk = torch.from_numpy(self.tokens[offset:offset + self.block_size + 1].astype(np.int64))
-        return {"tokens": chunk[:-1], "targets": chunk[1:], "weight": torch.tensor(1.0)}
-
-
-class Sweep(Dataset):
-    """One rank's share of a deterministic sweep over non-overlapping blocks.
-
-    The sweep's offsets are padded with copies of the first block up to a multiple of
-    `per_device * world`, so every rank gets the same number of full batches (a sharded
-    strategy hangs when one rank runs a batch more than another). Copies have weight 0, real
-    blocks weight 1, and rank r takes blocks r, r + world, ... so the ranks together see
-    every real block exactly once.
-
-    Args:
-        blocks: the split's blocks.
-        per_device: batch size on each rank.
-        world: data-parallel world size.
-        rank: this rank.
-        max_batches: a limit on the sweep's global batches (None: the whole split): that
-            many batches of blocks spread over the whole split (`spread`), in text order,
-            the same in every run.
-    """
-
-    def __init__(self, blocks: Blocks, per_device: int, world: int, rank: int,
-                 max_batches: int | None = None):
-        offsets = list(range(0, len(blocks), blocks.block_size))
-        if max_batches and max_batches * per_device * world < len(offsets):
-            kept = spread(len(offsets))[:max_batches * per_device * world].sort()[0]
-            offsets = [offsets[i] for i in kept]
-        padding = -len(offsets) % (per_device * world)
-        weights = [1.0] * len(offsets) + [0.0] * padding
-        offsets += offsets[:1] * padding
-        self.blocks = blocks
-        self.offsets, self.weights = offsets[rank::world], weights[rank::world]
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {**self.blocks[self.offsets[index]], "weight": torch.tensor(self.weights[index])}
-
-
-class RandomOffsets(Sampler[int]):
-    """Random block offsets: `num_batches` global batches of `batch_size` a epoch.
-
-    The global batches are drawn from `seed + epoch` alone, the same on every rank; each rank
-    yields its share of each (examples rank, rank + world, ...), so N processes train on the
-    same blocks as one. Lightning sets the epoch before each training epoch (`set_epoch`),
-    resumed runs included, so a run resumed at epoch k draws epoch k's blocks; `skip`
-    leaves out the batches of that epoch that were trained before the checkpoint.
-    """
-
-    def __init__(self, num_offsets: int, num_batches: int, batch_size: int, seed: int,
-                 num_replicas: int = 1, rank: int = 0):
-        self.num_offsets, self.num_batches, self.batch_size = num_offsets, num_batches, batch_size
-        self.seed, self.num_replicas, self.rank, self.epoch = seed, num_replicas, rank, 0
-        self.skip = Skip()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        size = (self.num_batches, self.batch_size)
-        offsets = torch.randint(self.num_offsets, size, generator=generator)
-        offsets = offsets[self.skip.take(self.epoch):]  # whole global batches
-        yield from offsets[:, self.rank::self.num_replicas].flatten().tolist()
-
-    def __len__(self) -> int:
-        return self.num_batches * len(range(self.rank, self.batch_size, self.num_replicas))
-
-
-def cut_at_lines(pieces: Iterable[str], cuts: Sequence[int]) -> Iterator[tuple[int, str]]:
-    """Cuts a stream of text pieces, each beginning a line, into consecutive parts.
-
-    Part i + 1 begins at the first line start at or after character `cuts[i]` of the
-    stream, so no line is shared by two parts.
-
-    Args:
-        pieces: the text, in order.
-        cuts: ascending character positions.
-
-    Returns:
-        (part index, text) pairs in stream order; a part may get no text.
-    """
-    part, seen = 0, 0
-    for piece in pieces:
-        start = 0
-        while part < len(cuts) and cuts[part] - seen <= len(piece):
-            at = _line_start(piece, max(cuts[part] - seen, start))
-            if at > start:
-                yield part, piece[start:at]
-            part, start = part + 1, at
-        if start < len(piece):
-            yield part, piece[start:]
-        seen += len(piece)
-
-
-def _line_start(piece: str, position: int) -> int:
-    """The first line start at or after `position` (the piece's end counts as one)."""
-    if position == 0 or piece[position - 1] == "\n":
-        return position
-    newline = piece.find("\n", position)
-    return len(piece) if newline < 0 else newline + 1
-
-
-def private_name(name: str) -> str:
-    """A name for this process's copy of `name` while it is written: with the host, since
-    processes of two nodes on a shared file system may have the same id."""
-    return f"{name}.{socket.gethostname()}.{os.getpid()}.tmp"
-
-
-def publish(tmp: Path, folder: Path) -> None:
-    """Moves a finished folder into place in one rename, so readers see all of it or none.
-    Another process building the same folder may have won the race: its copy is as good."""
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        if not folder.is_dir():
-            raise
 
 
 class LMDataModule(ShardedDataModule):
@@ -400,18 +274,3 @@ class LMDataModule(ShardedDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._sweep("test")
-
-
-def write_tokens(tokenizer: Tokenizer, parts: Iterable[tuple[int, str]], folder: Path) -> dict:
-    """Encodes each (split index, text) piece into `folder/SPLIT.bin`; returns the layout
-    (format, dtype) and each split's characters and tokens."""
-    dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
-    counts = {split: {"chars": 0, "tokens": 0} for split in SPLITS}
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(folder / f"{split}.bin", "wb")) for split in SPLITS]
-        for part, text in parts:
-            ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-            files[part].write(ids.tobytes())
-            count = counts[SPLITS[part]]
-            count["chars"], count["tokens"] = count["chars"] + len(text), count["tokens"] + len(ids)
-    return {"format": FORMAT, "dtype": np.dtype(dtype).name, "splits": counts}

@@ -241,14 +241,13 @@ class Seq2SeqDataModule(TextRecordsDataModule):
         return [_one_line(record, field) for field in (self.target_field, *extra)]
 
     def _encode(self, records: list[Record]) -> list[dict]:
-        sources = self.source_tokenizer.encode_batch(
-            [_one_line(record, self.source_field) for record in records])
+        sources = encode_sources(self.source_tokenizer,
+                                 [record.fields[self.source_field] for record in records],
+                                 self.max_source_length)
         targets = self._framed.encode_batch(
             [_one_line(record, self.target_field) for record in records])
-        unk = [self.source_tokenizer.unk_id]  # a source that encodes to nothing has length 1
-        return [{"source": torch.tensor(source[:self.max_source_length] or unk),
-                 "target": torch.tensor(self._cut_target(target)), "index": index}
-                for index, (source, target) in enumerate(zip(sources, targets))]
+        return [{"source": torch.tensor(source), "target": torch.tensor(self._cut_target(target)),
+                 "index": index} for index, (source, target) in enumerate(zip(sources, targets))]
 
     def _cut_target(self, ids: list[int]) -> list[int]:
         """Cuts `<bos> y1 ... yn <eos>` to `max_target_length`, keeping the `<eos>` so the
@@ -263,6 +262,14 @@ class Seq2SeqDataModule(TextRecordsDataModule):
         if not self._originals:
             raise LmlabError("the data are not read yet: call setup() first")
         return self._originals[split]
+
+
+def encode_sources(tokenizer: Tokenizer, texts: list[str], longest: int | None
+                   ) -> list[list[int]]:
+    """Source texts as the model reads them: white space folded to single spaces, encoded,
+    cut to `longest` tokens; a text that encodes to nothing is `<unk>` (length 1)."""
+    encoded = tokenizer.encode_batch([" ".join(text.split()) for text in texts])
+    return [ids[:longest] or [tokenizer.unk_id] for ids in encoded]
 
 
 def _one_line(record: Record, field: str) -> str:

@@ -43,7 +43,7 @@ class Attention(nn.Module):
         self.q, self.k, self.v = (nn.Linear(d_model, d_model, bias=bias) for _ in range(3))
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
-        self._register_load_state_dict_pre_hook(split_fused_qkv)
+        self.register_load_state_dict_pre_hook(split_fused_qkv)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *,
                 causal: bool = False, key_mask: torch.Tensor | None = None,
@@ -106,7 +106,7 @@ def attention_mask(n_queries: int, n_keys: int, causal: bool, key_mask: torch.Te
     return (order if mask is None else mask & order), False
 
 
-def split_fused_qkv(state_dict: dict, prefix: str, *args) -> None:
+def split_fused_qkv(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Loads checkpoints of the earlier fused `qkv` projection into `q`, `k` and `v`."""
     for kind in ("weight", "bias"):
         fused = state_dict.pop(f"{prefix}qkv.{kind}", None)

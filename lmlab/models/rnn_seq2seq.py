@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmlab.models.encoder_decoder import EncoderDecoder
 from lmlab.models.flops import linear, recurrent
 from lmlab.models.rnn import reverse_index
 
@@ -91,7 +92,7 @@ class RNNDecoder(nn.Module):
         return torch.bmm(weights[:, None], encoded["memory"])[:, 0]  # (B, 2H)
 
 
-class RNNSeq2Seq(nn.Module):
+class RNNSeq2Seq(EncoderDecoder):
     """LSTM encoder-decoder with attention: source (B, S) and target input (B, T) to logits
     (B, T, V).
 
@@ -115,18 +116,11 @@ class RNNSeq2Seq(nn.Module):
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int, pad_id: int, bos_id: int,
                  eos_id: int, embed_dim: int = 256, hidden_size: int = 256, num_layers: int = 1,
                  dropout: float = 0.3, attention: str = "luong", share_embeddings: bool = False):
-        super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
-        if share_embeddings and src_vocab_size != tgt_vocab_size:
-            raise ValueError(f"share_embeddings needs one joint vocabulary, but the source has "
-                             f"{src_vocab_size} ids and the target {tgt_vocab_size}: use a "
-                             f"joint tokenizer or share_embeddings=false")
-        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        super().__init__(src_vocab_size, tgt_vocab_size, pad_id, bos_id, eos_id, embed_dim,
+                         share_embeddings)
         self.num_layers, self.hidden_size = num_layers, hidden_size
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=pad_id)
-        self.src_embed = self.tgt_embed if share_embeddings else \
-            nn.Embedding(src_vocab_size, embed_dim, padding_idx=pad_id)
         self.encoder = RNNEncoder(embed_dim, hidden_size, num_layers, dropout)
         self.bridge = nn.Linear(2 * hidden_size, num_layers * hidden_size)
         self.decoder = RNNDecoder(embed_dim, hidden_size, num_layers, dropout, attention)
@@ -174,16 +168,11 @@ class RNNSeq2Seq(nn.Module):
             out, cache = self.decoder(self.drop(self.tgt_embed(tokens[:, t])), encoded, cache)
         return self.lm_head(out), cache
 
-    @staticmethod
-    def reorder(encoded: dict, cache: dict | None, indices: torch.Tensor
-                ) -> tuple[dict, dict | None]:
-        """Keeps rows `indices` (B',) of the encoder output and of the state, in that order."""
-        encoded = {name: t.index_select(0, indices) for name, t in encoded.items()}
-        if cache is None:
-            return encoded, None
-        return encoded, {"h": cache["h"].index_select(1, indices),
-                         "c": cache["c"].index_select(1, indices),
-                         "feed": cache["feed"].index_select(0, indices)}
+    def reorder_cache(self, cache: dict, indices: torch.Tensor) -> dict:
+        """The recurrent state (layers first) and the last attentional vector of rows
+        `indices`."""
+        return {"h": cache["h"].index_select(1, indices), "c": cache["c"].index_select(1, indices),
+                "feed": cache["feed"].index_select(0, indices)}
 
     def flops(self, source_lengths: torch.Tensor, target_lengths: torch.Tensor
               ) -> torch.Tensor:
@@ -200,6 +189,3 @@ class RNNSeq2Seq(nn.Module):
         if decoder.attention == "bahdanau":
             steps = steps + linear(T, H, H)
         return encoder + steps + linear(T, E, self.lm_head.out_features)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

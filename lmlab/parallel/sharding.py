@@ -19,8 +19,7 @@ from hydra.utils import get_object
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                               parallelize_module)
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 log = logging.getLogger(__name__)
 STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}

@@ -137,6 +137,9 @@ def _sharding(kind: str, arguments: DictConfig) -> tuple[set[str], set[str]]:
 def strategy_problems(cfg: DictConfig) -> list[str]:
     """What the chosen strategy needs that the config or this machine lacks."""
     spec = describe(cfg.trainer)
+    if spec.arguments.get("start_method") in ("spawn", "forkserver"):
+        return [f"strategy=ddp_spawn (start_method={spec.arguments['start_method']}) is not "
+                "offered: use strategy=ddp, which starts one process per device as well"]
     problems = _mesh_problems(spec, cfg)
     if spec.kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append("DeepSpeed is not installed; install it with "

@@ -20,8 +20,12 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig,
-                                    FullyShardedDataParallel, StateDictType)
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    StateDictType,
+)
 from torch.distributed.fsdp.wrap import enable_wrap
 
 from lmlab.parallel.sharding import block_classes

@@ -25,9 +25,9 @@ LOSS_PER = ("tokens", "sentences")
 
 
 class Seq2SeqTask(Task):
-    """Trains an encoder-decoder net (`lmlab.models.seq2seq`, `lmlab.models.rnn_seq2seq`)
-    with teacher forcing; validation and test decode their sources with the configured
-    search and score the text against the references.
+    """Trains an encoder-decoder net (`lmlab.models.transformer_seq2seq`,
+    `lmlab.models.rnn_seq2seq`) with teacher forcing; validation and test decode their
+    sources with the configured search and score the text against the references.
 
     Args:
         net: the model; it maps (source, target_in) to logits and decodes step by step.

@@ -31,11 +31,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElastic
 from lightning.pytorch import Callback
 from omegaconf import DictConfig
 
-from lmlab.cli import fail
+from lmlab.config.cli import fail
 from lmlab.errors import LmlabError, TrialPruned
-from lmlab.loggers import sweep_overrides
-from lmlab.run_info import recorded_overrides
 from lmlab.parallel.specs import world_size
+from lmlab.tracking.run_info import recorded_overrides
+from lmlab.tracking.wandb_identity import sweep_overrides
 
 log = logging.getLogger(__name__)
 

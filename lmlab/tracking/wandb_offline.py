@@ -4,7 +4,7 @@ wandb has no Python reader for the `.wandb` file of an offline run; its command 
 prints the file's records as JSON lines (`wandb leet inspect --json RUN`), which this
 module reads and folds into one `OfflineRun`:
 
-    from lmlab.wandb_offline import offline_runs, read_run
+    from lmlab.tracking.wandb_offline import offline_runs, read_run
     for path in offline_runs("outputs/2024-06-01/12-00-00"):
         run = read_run(path)
         print(run.id, run.group, run.config["model"]["optimizer"]["lr"], run.summary["val/loss"])

@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmlab.cli import fail
+from lmlab.config.cli import fail
 from lmlab.errors import LmlabError
 
 # Classes from these modules may be instantiated from a saved config ...
@@ -26,7 +26,7 @@ CLASS_MODULES = ("lmlab.", "torch.optim.", "torch.nn.", "lightning.pytorch.",
 # ... and functions from these (the schedules, strategy factories, collective timeout and
 # progress bar that configs name).
 FUNCTION_MODULES = ("lmlab.tasks.schedules.", "lmlab.parallel.strategies.",
-                    "lmlab.parallel.failures.", "lmlab.throughput.")
+                    "lmlab.parallel.failures.", "lmlab.training.callbacks.progress.")
 
 
 def check_targets(cfg: DictConfig, source: Path) -> None:

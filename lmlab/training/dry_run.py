@@ -8,11 +8,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lmlab.build import build_task, check_schedule
-from lmlab.config import to_yaml
+from lmlab.config.redact import redacted
+from lmlab.config.schema import to_yaml
 from lmlab.parallel.memory import estimate, local_batch
 from lmlab.parallel.specs import describe
-from lmlab.redact import redacted
+from lmlab.training.build import build_task, check_schedule
 
 
 def dry_run(cfg: DictConfig) -> dict[str, float]:

@@ -3,25 +3,18 @@
 Lightning's checkpoints depend on the strategy: DeepSpeed writes a folder of per-rank
 shards, FSDP can write sharded folders. Every run therefore also writes `weights.ckpt` to
 its folder: the consolidated float32 `state_dict` of its best checkpoint (else its last,
-else its final weights), with the run's resolved config and tokenizer, so that a single
-file is enough to evaluate, sample, fine-tune or resume under another strategy; and the
-same tensors as `weights.safetensors` (config, tokenizer and source as its metadata), a
-format that holds tensors only. `plan_resume` decides whether a checkpoint resumes exactly
-or by its weights alone.
-
-Checkpoints may come from elsewhere: every one is read with `weights_only=True`, so a file
-that would run code when unpickled is refused, and a corrupt file, or one whose tensors do
-not fit the model, is a one-line error naming the file and what to use instead.
+else its final weights), with the run's resolved config and its data files (tokenizers,
+labels), so that a single file is enough to evaluate, sample, fine-tune or resume under
+another strategy; and the same tensors as `weights.safetensors` (config, data files and
+source as its metadata), a format that holds tensors only. A checkpoint whose tensors do not
+fit the model is a one-line error naming what differs.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import pickle
-import re
 from pathlib import Path
 
 import lightning as L
@@ -30,18 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lmlab.config import flatten
-from lmlab.parallel.specs import describe
+from lmlab.checkpointing.io import (
+    SAFE_WEIGHTS,
+    WEIGHTS,
+    corrupt,
+    instead,
+    load_checkpoint,
+)
+from lmlab.config.schema import flatten
 from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
-WEIGHTS = "weights.ckpt"
-SAFE_WEIGHTS = "weights.safetensors"  # the same tensors, in a format that cannot hold code
-WEIGHTS_FILES = (WEIGHTS, SAFE_WEIGHTS)
+
 # What the DataModules save to a run folder: how its texts and labels were encoded.
 DATA_FILES = ("tokenizer.json", "source_tokenizer.json", "target_tokenizer.json", "labels.json")
 SHOWN_KEYS = 4  # mismatched tensors or config keys listed in an error, then "and N more"
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def final_checkpoint(trainer: L.Trainer, output_dir: Path) -> Path:
@@ -97,62 +93,8 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                                   for v in state.values()):
             raise LmlabError(f"{checkpoint} holds no state_dict: it is not a checkpoint of "
-                             f"lmlab or Lightning; {_instead(checkpoint)}")
+                             f"lmlab or Lightning; {instead(checkpoint)}")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def load_checkpoint(path: Path, mmap: bool = False) -> dict:
-    """A checkpoint file's content, read without running code (`weights_only=True`);
-    with `mmap`, tensors are mapped rather than read (for a look at names and shapes).
-
-    Raises:
-        LmlabError: the file is corrupt or truncated, or holds objects other than tensors
-            and plain containers (refused: unpickling them could run code).
-    """
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # not a pickle of objects: damage
-            operation = re.search(r"Unsupported operand \d+", str(err))
-            raise corrupt(path, operation.group(0) if operation else err) from None
-        raise LmlabError(refused(path, err)) from None
-    except (FileNotFoundError, PermissionError):
-        raise  # not damage: its own message is right
-    except Exception as err:  # torch reports damage as RuntimeError, OSError, KeyError, ...
-        raise corrupt(path, err) from None
-    if not isinstance(content, dict):
-        raise LmlabError(f"{path} is not a checkpoint (it holds a {type(content).__name__}); "
-                         f"{_instead(path)}")
-    return content
-
-
-def refused(path, err: pickle.UnpicklingError) -> str:
-    """The message for a checkpoint that `weights_only` loading refused."""
-    found = re.search(r"GLOBAL (\S+)", str(err))
-    what = found.group(1) if found else "objects other than tensors"
-    return (f"{path} was refused: it holds Python objects ({what}) whose loading could run "
-            f"code; use a checkpoint written by lmlab, or its {SAFE_WEIGHTS}")
-
-
-def corrupt(path: Path, err: Exception | str) -> LmlabError:
-    """The error for a checkpoint that cannot be read: what broke, and what to use instead."""
-    if isinstance(err, EOFError):
-        err = "it ends where more was expected"
-    elif isinstance(err, Exception):
-        first = str(err).split(". ")[0].splitlines()[0][:100] if str(err) else "no detail"
-        err = f"{type(err).__name__}: {first}"
-    return LmlabError(f"{path} is corrupt or truncated ({err}); {_instead(path)}")
-
-
-def _instead(path: Path) -> str:
-    """Names the run's other checkpoints, for an error about `path`."""
-    run_dir = next((p for p in path.parents if (p / ".hydra").is_dir()), path.parent)
-    others = [p for p in [*sorted((run_dir / "checkpoints").glob("*.ckpt")),
-                          *(run_dir / name for name in WEIGHTS_FILES)]
-              if p.is_file() and p.resolve() != path.resolve()]
-    if not others:
-        return "no other checkpoint was found beside it: retrain, or copy the file again"
-    return "use another checkpoint of the run: " + ", ".join(str(p) for p in others)
 
 
 def load_weights(task: L.LightningModule, path: Path, config: DictConfig | None = None
@@ -229,31 +171,6 @@ def _few(items: list[str]) -> str:
     return ", ".join(items[:SHOWN_KEYS]) + (f" and {more} more" if more > 0 else "")
 
 
-def disk_full(err: OSError, output_dir: Path) -> str | None:
-    """The message for a write that failed because the disk (or a size limit) is full:
-    where, and which of the run's checkpoints are still whole; None for other errors."""
-    if err.errno not in DISK_FULL:
-        return None
-    where = err.filename or output_dir
-    whole, broken = [], []
-    for path in sorted((output_dir / "checkpoints").glob("*.ckpt")):
-        try:
-            if path.is_file():  # a DeepSpeed folder is taken as it is
-                load_checkpoint(path)
-            whole.append(path.name)
-        except LmlabError:
-            broken.append(path.name)
-    kept = (f"the checkpoints written before are kept in {output_dir / 'checkpoints'}: "
-            f"{', '.join(whole)}" if whole else "no checkpoint was complete before this one")
-    lost = f"; incomplete, delete them: {', '.join(broken)}" if broken else ""
-    newest = "last.ckpt" if "last.ckpt" in whole else whole[-1] if whole else None
-    return (f"no room to write {where} ({err.strerror}): the disk is full or a size limit "
-            f"was reached; {kept}{lost}; free space there, or point hydra.run.dir at a disk "
-            "with room"
-            + (f", and resume with ckpt_path={output_dir / 'checkpoints' / newest}"
-               if whole else ""))
-
-
 def unpack_data_files(weights: Path, folder: Path) -> bool:
     """Writes the data files that weights exported by a run carry (`weights.ckpt` or
     `weights.safetensors`, whatever their names now: its tokenizer and labels) into
@@ -281,29 +198,3 @@ def unpack_data_files(weights: Path, folder: Path) -> bool:
 def run_folder_of(path: Path) -> Path | None:
     """The run folder a checkpoint lies in (the nearest one above with a saved config)."""
     return next((p for p in path.parents if (p / ".hydra" / "config.yaml").is_file()), None)
-
-
-def plan_resume(ckpt_path: str | None, trainer: DictConfig) -> tuple[str | None, Path | None]:
-    """(checkpoint for Lightning to resume exactly, or weights to start from instead).
-
-    A checkpoint resumes exactly under a strategy that keeps training state the same way;
-    otherwise, and for a `weights.ckpt`, only its weights carry over, with a warning."""
-    if ckpt_path is None or ckpt_path in ("last", "best", "hpc"):  # Lightning's own names
-        return ckpt_path, None
-    path = Path(ckpt_path)
-    if not path.exists():
-        raise LmlabError(f"ckpt_path={ckpt_path} does not exist; pass a checkpoint file or "
-                         "DeepSpeed checkpoint folder of an earlier run")
-    folder = run_folder_of(path)
-    if path.name not in WEIGHTS_FILES and folder is not None:
-        before = describe(OmegaConf.load(folder / ".hydra" / "config.yaml").trainer
-                          ).checkpoint_family
-        now = describe(trainer).checkpoint_family
-        if before == now:
-            return ckpt_path, None
-        reason = f"it was written under {before} and this run is {now}"
-    else:
-        reason = "it holds weights only" if path.name in WEIGHTS_FILES else "its run is unknown"
-    log.warning("resuming from %s: %s, so only its weights carry over; the optimizer state, "
-                "learning-rate schedule and step count start afresh", ckpt_path, reason)
-    return None, path

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.models.attention import Attention
+from lmlab.models.encoder_decoder import EncoderDecoder
 from lmlab.models.flops import attention, linear
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
@@ -84,7 +85,7 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.ln_3(x)), {"self": self_kv, "cross": cross_kv}
 
 
-class Seq2SeqTransformer(nn.Module):
+class Seq2SeqTransformer(EncoderDecoder):
     """Encoder-decoder transformer: source (B, S) and target input (B, T) to logits (B, T, V).
 
     Args:
@@ -130,17 +131,13 @@ class Seq2SeqTransformer(nn.Module):
                  positions: str = "sinusoidal", max_length: int = 256,
                  share_embeddings: bool = True, activation: str = "gelu", bias: bool = True,
                  copy: bool = False):
-        super().__init__()
-        check_arguments(src_vocab_size, tgt_vocab_size, d_model, n_head, positions,
-                        share_embeddings, activation)
+        check_arguments(d_model, n_head, positions, activation)
         if copy and not share_embeddings:
             raise ValueError("copy needs one joint vocabulary shared by source and target: "
                              "set share_embeddings=true (and a joint tokenizer)")
-        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        super().__init__(src_vocab_size, tgt_vocab_size, pad_id, bos_id, eos_id, d_model,
+                         share_embeddings)
         self.d_model, self.d_ff, self.max_length = d_model, d_ff, max_length
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
-        self.src_embed = self.tgt_embed if share_embeddings else \
-            nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
         if positions == "learned":
             self.positions = nn.Embedding(max_length, d_model)
         else:
@@ -227,16 +224,11 @@ class Seq2SeqTransformer(nn.Module):
         logits = self.output(self.decoder_norm(x[:, -1:]), encoded)[:, 0]  # (B, V)
         return logits, {"step": step + tokens.size(1), "layers": layers}
 
-    @staticmethod
-    def reorder(encoded: dict, cache: dict | None, indices: torch.Tensor
-                ) -> tuple[dict, dict | None]:
-        """Keeps rows `indices` (B',) of the encoder output and of the cache, in that order."""
-        encoded = {name: t.index_select(0, indices) for name, t in encoded.items()}
-        if cache is None:
-            return encoded, None
+    def reorder_cache(self, cache: dict, indices: torch.Tensor) -> dict:
+        """Each block's self- and cross-attention keys and values of rows `indices`."""
         layers = [{kind: tuple(t.index_select(0, indices) for t in kv)
                    for kind, kv in layer.items()} for layer in cache["layers"]]
-        return encoded, {"step": cache["step"], "layers": layers}
+        return {"step": cache["step"], "layers": layers}
 
     def flops(self, source_lengths: torch.Tensor, target_lengths: torch.Tensor
               ) -> torch.Tensor:
@@ -253,9 +245,6 @@ class Seq2SeqTransformer(nn.Module):
             flops = flops + linear(T, d, d) + attention(T, S, d) + linear(T, 2 * d, 1) \
                 + 2 * T * S * S
         return flops
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 class Copier(nn.Module):
@@ -299,18 +288,13 @@ def first_occurrences(same_id: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (mask & ~(same_id & earlier).any(-1)).float()
 
 
-def check_arguments(src_vocab_size: int, tgt_vocab_size: int, d_model: int, n_head: int,
-                    positions: str, share_embeddings: bool, activation: str) -> None:
+def check_arguments(d_model: int, n_head: int, positions: str, activation: str) -> None:
     if d_model % n_head:
         raise ValueError(f"d_model ({d_model}) must be a multiple of n_head ({n_head})")
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {activation!r}")
-    if share_embeddings and src_vocab_size != tgt_vocab_size:
-        raise ValueError(f"share_embeddings needs one joint vocabulary, but the source has "
-                         f"{src_vocab_size} ids and the target {tgt_vocab_size}: use a joint "
-                         f"tokenizer or share_embeddings=false")
 
 
 def sinusoids(length: int, d_model: int) -> torch.Tensor:

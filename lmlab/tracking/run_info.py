@@ -1,6 +1,6 @@
 """What a run records about itself: its resolved config, the code's git commit, the package
 versions and the machine. Written to RUN/run_info.json and logged as the run's config to
-every logger (W&B, CSV's hparams.yaml, TensorBoard), with secrets redacted (lmlab.redact).
+every logger (W&B, CSV's hparams.yaml, TensorBoard), with secrets redacted (lmlab.config.redact).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.redact import redact, redact_yaml_files, secret_values
+from lmlab.config.redact import redact, redact_yaml_files, secret_values
 
 RUN_INFO = "run_info.json"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -1,74 +1,29 @@
-"""The run's config: a typed schema for its top level, and the pre-flight checks.
+"""The pre-flight checks: every problem of a composed config, before anything is built.
 
 Hydra already rejects an unknown key or group given on the command line at compose time;
-the schema below does the same for top-level keys written in YAML (experiments included),
-and `check_config` checks every `_target_` node's keys against its constructor, plus the
-hardware, precision and batch combination, before anything is built. All problems are
-reported together, each with its fix.
+the schema (`lmlab.config.schema`) does the same for top-level keys written in YAML
+(experiments included), and `check_config` checks every `_target_` node's keys against its
+constructor, plus the hardware, precision and batch combination, before anything is built.
+All problems are reported together, each with its fix.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
-import inspect
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lmlab.config.schema import accepted_arguments, import_object, monitor_mode
 from lmlab.data.corpora import CLASSIFICATION_CORPORA, LM_CORPORA, SEQ2SEQ_CORPORA
 from lmlab.data.seq2seq import metric_of, task_type_of
 from lmlab.errors import ConfigError
 from lmlab.parallel import specs
 from lmlab.parallel.specs import strategy_problems
-
-
-@dataclass
-class RunConfig:
-    """Top-level keys of a run; the groups below them are checked by `check_config`."""
-
-    task_name: str = "train"  # names the run in logs and loggers
-    seed: int = 42  # seeds Python, NumPy, torch and the data order
-    ckpt_path: str | None = None  # resume training from this checkpoint; last: this run's newest
-    resume: str | None = None  # auto: continue this run folder's newest checkpoint, if any
-    monitor: str | None = None  # metric that picks the best checkpoint; None: the task's
-    monitor_mode: str | None = None  # max or min; None: the task's
-    dry_run: bool = False  # check and print the config, then stop
-    tags: Any = None  # free-form labels for loggers
-    model: Any = None
-    data: Any = None
-    trainer: Any = None
-    logger: Any = None
-    callbacks: Any = None
-    kernels: Any = None
-    paths: Any = None
-
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose(overrides: list[str] = ()) -> DictConfig:
-    """The run config with command-line `overrides`, as `python -m lmlab.run` composes it
-    (outside a Hydra app: for tests, benchmarks and notebooks)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    register_schema()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
-
-
-def register_schema() -> None:
-    """The top-level schema, and the `div` resolver (data-parallel size = devices / TP)."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
-    if not OmegaConf.has_resolver("div"):
-        OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -122,50 +77,10 @@ def _unknown_arguments(node: DictConfig, where: str):
             yield f"{where}.{key}: {node._target_} has no argument {key!r}{hint}"
 
 
-def accepted_arguments(target) -> list[str] | None:
-    """The keyword arguments `target` takes; None if it takes any. A target that forwards
-    `**kwargs` names where they go in `passes_to` (callables, e.g. a strategy factory's
-    strategy class)."""
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return None
-    names = [n for n, p in parameters.items() if p.kind is not p.VAR_KEYWORD]
-    if len(names) == len(parameters):
-        return names
-    if hasattr(target, "passes_to"):  # the named arguments of each, together
-        return names + [n for t in target.passes_to for n, p in
-                        inspect.signature(t).parameters.items() if p.kind is not p.VAR_KEYWORD]
-    return None
-
-
-def import_object(path: str):
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ImportError:
-        parent, _, cls = module.rpartition(".")  # a method such as pkg.Class.method
-        return getattr(getattr(importlib.import_module(parent), cls), name)
-
-
 def _missing_keys(cfg: DictConfig) -> list[str]:
     """Mandatory values (`???`) that the command line left unset."""
     return [f"{key} is required and has no value; set it on the command line, e.g. "
             f"{key}=..." for key in sorted(OmegaConf.missing_keys(cfg))]
-
-
-LOWER_IS_BETTER = ("loss", "ppl", "bpc", "perplexity", "error", "wer", "cer")
-HIGHER_IS_BETTER = ("acc", "f1", "bleu", "rouge", "precision", "recall", "auroc", "mfu")
-
-
-def monitor_mode(metric: str) -> str | None:
-    """`min` or `max` for a metric whose name says which is better; None if it does not."""
-    name = metric.rsplit("/", 1)[-1].lower()
-    if name.startswith(LOWER_IS_BETTER):
-        return "min"
-    if name.startswith(HIGHER_IS_BETTER):
-        return "max"
-    return None
 
 
 def _monitor_problems(cfg: DictConfig) -> list[str]:
@@ -307,18 +222,3 @@ def _kind_problems(cfg: DictConfig) -> list[str]:
                 f"({data.__name__}) gives {data_kind} data; pick a data= option of kind "
                 f"{task_kind} (see the README's Data section)"]
     return []
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-def flatten(tree, prefix: str = "") -> dict[str, object]:
-    """Nested dicts as `a.b.c` keys; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict)
-                    else {f"{prefix}{key}": value})
-    return flat

@@ -49,7 +49,7 @@ class Kernels(Callback):
 
 
 # The node of conf/config.yaml, for runs saved before it existed.
-DEFAULT_NODE = {"_target_": "lmlab.kernels.Kernels", "cudnn_attention": False}
+DEFAULT_NODE = {"_target_": "lmlab.training.kernels.Kernels", "cudnn_attention": False}
 
 
 def kernels_of(cfg: DictConfig) -> Kernels:

@@ -1,64 +1,30 @@
-"""What it takes to continue a run exactly: which checkpoint, written how, holding what.
+"""What it takes to continue a run exactly, in the checkpoints and as they are restored.
 
-- `checkpoint_to_resume`: `resume=auto` and `ckpt_path=last` mean the newest checkpoint of
-  the run's own folder (`hydra.run.dir=...` names it, so that a second start finds it).
-- `LastCheckpoint`: `last.ckpt` at every validation and, optionally, every N training steps.
+- `LastCheckpoint`: `last.ckpt` at every validation and, optionally, every N training
+  steps, never just before a validation.
 - `ExactResume`: the random generators of every rank, saved with each checkpoint and set
-  back when training resumes, so that dropout draws the masks it would have drawn.
-- `AtomicCheckpointIO`: a checkpoint is written to a temporary file beside its target,
-  flushed to disk and renamed over it, so a crash mid-write leaves the previous one whole.
+  back when training resumes, so that dropout draws the masks it would have drawn; and a
+  checkpoint written at an epoch's end restored as the next epoch's start.
 
-The data order is saved by the training DataLoader itself (`lmlab.data.batching.ResumableLoader`).
+The data order is saved by the training DataLoader itself
+(`lmlab.data.batching.ResumableLoader`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import random
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
-
-from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
-
-
-def newest_checkpoint(folder: Path) -> Path | None:
-    """The most recently written checkpoint (file, or DeepSpeed folder) in `folder`."""
-    found = [p for p in folder.glob("*.ckpt")] if folder.is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
-
-
-def checkpoint_to_resume(cfg: DictConfig) -> str | None:
-    """The `ckpt_path` to give `plan_resume`: `resume=auto` and `ckpt_path=last` become the
-    newest checkpoint of this run's folder; `resume=auto` without one starts afresh (what a
-    requeued job does the first time), `ckpt_path=last` without one is an error."""
-    folder = Path(cfg.paths.output_dir) / "checkpoints"
-    if cfg.get("resume") == "auto":
-        newest = newest_checkpoint(folder)
-        log.info("resume=auto: %s", f"resuming from {newest}" if newest else
-                 f"no checkpoint in {folder} yet, starting afresh")
-        return None if newest is None else str(newest)
-    if cfg.ckpt_path == "last":
-        newest = newest_checkpoint(folder)
-        if newest is None:
-            raise LmlabError(f"ckpt_path=last: no checkpoint in {folder}; name the run folder "
-                             "of the run to continue with hydra.run.dir=..., or use resume=auto "
-                             "to start afresh when there is none")
-        return str(newest)
-    return cfg.ckpt_path
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -211,38 +177,3 @@ def start_next_epoch(checkpoint: dict[str, Any]) -> None:
         counts["ready"] = counts["processed"] + 1
     batches["current"] = dict.fromkeys(batches["current"], 0)  # no batch of it yet
     batches["is_last_batch"] = False
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in its folder, flushes it to disk and
-    renames it over the target; then flushes the folder, so the rename survives a power cut.
-
-    Lightning's own writer goes through a temporary file in the system's temp folder and
-    `shutil.move`, which copies into the target when that folder is another file system
-    (a node-local /tmp), without flushing: a crash then leaves a torn checkpoint. Remote
-    paths (`s3://...`) are left to Lightning."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.ckpt: never resumed
-        try:
-            with open(temp, "wb") as f:
-                self.write(f, buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-    def write(self, file, data: memoryview) -> None:
-        file.write(data)

@@ -15,13 +15,14 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.checkpoints import load_weights
-from lmlab.config import monitor_mode
+from lmlab.checkpointing.weights import load_weights
+from lmlab.config.schema import monitor_mode
 from lmlab.data.description import DataDescription
 from lmlab.errors import ConfigError
-from lmlab.kernels import kernels_of
-from lmlab.loggers import WandbIdInCheckpoint, WandbLogger, wandb_arguments
-from lmlab.run_info import record_run
+from lmlab.tracking.loggers import WandbLogger
+from lmlab.tracking.run_info import record_run
+from lmlab.tracking.wandb_identity import WandbIdInCheckpoint, wandb_arguments
+from lmlab.training.kernels import kernels_of
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,15 @@ def check_schedule(cfg: DictConfig, batches_per_epoch: int) -> None:
 
 
 def callbacks(cfg: DictConfig) -> list:
-    """The callbacks group's, and the kernel choices (lmlab/kernels.py)."""
+    """The callbacks group's, and the kernel choices (lmlab/training/kernels.py)."""
     found = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     return [c for c in found if c is not None] + [kernels_of(cfg)]  # a factory may decide on none
 
 
 def loggers(cfg: DictConfig, resume: str | None = None) -> list | bool:
     """The loggers of `cfg`; a W&B one continues the run of the `resume` checkpoint, is
-    grouped with its sweep and tagged with the overrides (lmlab.loggers.wandb_arguments)."""
+    grouped with its sweep and tagged with the overrides
+    (`lmlab.tracking.wandb_identity.wandb_arguments`)."""
     found = []
     for node in (cfg.get("logger") or {}).values():
         if node is None:

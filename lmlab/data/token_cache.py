@@ -1,0 +1,87 @@
+"""The token cache of language-modelling corpora: text cut into splits at line ends,
+tokenized piece by piece into one token file a split, written in a private folder and
+published in one rename (so every process of a run, on every node, sees a whole cache or
+none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.data.tokenizers import Tokenizer
+
+CHUNK_CHARS = 1 << 20  # text is tokenized in pieces of about 1 MB, cut at line ends
+FORMAT = 3  # the cache layout's version, part of its key: bump it when the layout or the
+# encoding changes (3: special-token names in text stay text)
+SPLITS = ("train", "val", "test")
+
+
+def cut_at_lines(pieces: Iterable[str], cuts: Sequence[int]) -> Iterator[tuple[int, str]]:
+    """Cuts a stream of text pieces, each beginning a line, into consecutive parts.
+
+    Part i + 1 begins at the first line start at or after character `cuts[i]` of the
+    stream, so no line is shared by two parts.
+
+    Args:
+        pieces: the text, in order.
+        cuts: ascending character positions.
+
+    Returns:
+        (part index, text) pairs in stream order; a part may get no text.
+    """
+    part, seen = 0, 0
+    for piece in pieces:
+        start = 0
+        while part < len(cuts) and cuts[part] - seen <= len(piece):
+            at = _line_start(piece, max(cuts[part] - seen, start))
+            if at > start:
+                yield part, piece[start:at]
+            part, start = part + 1, at
+        if start < len(piece):
+            yield part, piece[start:]
+        seen += len(piece)
+
+
+def _line_start(piece: str, position: int) -> int:
+    """The first line start at or after `position` (the piece's end counts as one)."""
+    if position == 0 or piece[position - 1] == "\n":
+        return position
+    newline = piece.find("\n", position)
+    return len(piece) if newline < 0 else newline + 1
+
+
+def private_name(name: str) -> str:
+    """A name for this process's copy of `name` while it is written: with the host, since
+    processes of two nodes on a shared file system may have the same id."""
+    return f"{name}.{socket.gethostname()}.{os.getpid()}.tmp"
+
+
+def publish(tmp: Path, folder: Path) -> None:
+    """Moves a finished folder into place in one rename, so readers see all of it or none.
+    Another process building the same folder may have won the race: its copy is as good."""
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+
+
+def write_tokens(tokenizer: Tokenizer, parts: Iterable[tuple[int, str]], folder: Path) -> dict:
+    """Encodes each (split index, text) piece into `folder/SPLIT.bin`; returns the layout
+    (format, dtype) and each split's characters and tokens."""
+    dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
+    counts = {split: {"chars": 0, "tokens": 0} for split in SPLITS}
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(folder / f"{split}.bin", "wb")) for split in SPLITS]
+        for part, text in parts:
+            ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+            files[part].write(ids.tobytes())
+            count = counts[SPLITS[part]]
+            count["chars"], count["tokens"] = count["chars"] + len(text), count["tokens"] + len(ids)
+    return {"format": FORMAT, "dtype": np.dtype(dtype).name, "splits": counts}

@@ -1,0 +1,53 @@
+"""What lmlab's encoder-decoders share (`Seq2SeqTransformer`, `RNNSeq2Seq`): the special
+ids, the embeddings of the two sides (one matrix for a joint vocabulary), following the
+beams of a search, and the parameter count. Each net adds its encoder and decoder
+(`forward`, `encode`, `decode_step`) and says how its decoder's cache follows the beams
+(`reorder_cache`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EncoderDecoder(nn.Module):
+    """The base of lmlab's encoder-decoders.
+
+    Args:
+        src_vocab_size: rows of the source embedding.
+        tgt_vocab_size: rows of the target embedding (and of the output layer).
+        pad_id: padding id (source and target); its embedding stays zero.
+        bos_id: the id that starts every target.
+        eos_id: the id that ends every target.
+        embed_dim: the embeddings' width.
+        share_embeddings: one joint vocabulary: the source embedding is the target one (the
+            vocabulary sizes must be equal).
+
+    Raises:
+        ValueError: shared embeddings of vocabularies of different sizes.
+    """
+
+    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, pad_id: int, bos_id: int,
+                 eos_id: int, embed_dim: int, share_embeddings: bool):
+        super().__init__()
+        if share_embeddings and src_vocab_size != tgt_vocab_size:
+            raise ValueError(f"share_embeddings needs one joint vocabulary, but the source has "
+                             f"{src_vocab_size} ids and the target {tgt_vocab_size}: use a joint "
+                             f"tokenizer or share_embeddings=false")
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=pad_id)
+        self.src_embed = self.tgt_embed if share_embeddings else \
+            nn.Embedding(src_vocab_size, embed_dim, padding_idx=pad_id)
+
+    def reorder(self, encoded: dict, cache: dict | None, indices: torch.Tensor
+                ) -> tuple[dict, dict | None]:
+        """Keeps rows `indices` (B',) of the encoder output and of the cache, in that order."""
+        encoded = {name: t.index_select(0, indices) for name, t in encoded.items()}
+        return encoded, None if cache is None else self.reorder_cache(cache, indices)
+
+    def reorder_cache(self, cache: dict, indices: torch.Tensor) -> dict:
+        """The decoder's cache with rows `indices` (B',) only, in that order."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
