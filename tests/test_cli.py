@@ -380,11 +380,11 @@ def test_generate_from_a_missing_file_names_the_checkpoints_there(bare_lm_run):
 
 
 def test_the_documented_hydra_quoting_keeps_the_text(make_cfg):
-    documented = next(line for line in (ROOT / "README.md").read_text().splitlines()
+    documented = next(line for line in (ROOT / "docs" / "guide.md").read_text().splitlines()
                       if line.startswith("python -m lmlab.run \"task_name='1e-3'\""))
     cfg = make_cfg(*shlex.split(documented)[3:])
     assert cfg.task_name == "1e-3" and list(cfg.tags) == ["2024.10"]
-    # what the README warns of: unquoted, Hydra reads the text as a number
+    # what the guide warns of: unquoted, Hydra reads the text as a number
     unquoted = make_cfg("task_name=1e-3", "tags=[2024.10]", "data=files",
                         "data.files.train=2024.10")
     assert (unquoted.task_name, list(unquoted.tags), unquoted.data.files.train) == \

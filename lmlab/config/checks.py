@@ -220,5 +220,5 @@ def _kind_problems(cfg: DictConfig) -> list[str]:
     if task_kind and data_kind and task_kind != data_kind:
         return [f"the model ({task.__name__}) needs {task_kind} data, but the data config "
                 f"({data.__name__}) gives {data_kind} data; pick a data= option of kind "
-                f"{task_kind} (see the README's Data section)"]
+                f"{task_kind} (docs/guide.md, Data)"]
     return []

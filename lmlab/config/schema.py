@@ -36,7 +36,7 @@ class RunConfig:
     paths: Any = None
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.config.redact import redact, redact_yaml_files, secret_values
 
 RUN_INFO = "run_info.json"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("lmlab", "torch", "lightning", "hydra-core", "omegaconf", "wandb", "torchmetrics",
             "tokenizers", "numpy", "tensorboard", "deepspeed")
 # Lightning launches the other ranks with these set; NODE_RANK is set by hand on every node
