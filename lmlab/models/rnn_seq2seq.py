@@ -97,11 +97,8 @@ class RNNSeq2Seq(EncoderDecoder):
     (B, T, V).
 
     Args:
-        src_vocab_size: rows of the source embedding.
-        tgt_vocab_size: rows of the target embedding and of the output layer.
-        pad_id: padding id (source and target); its embedding stays zero.
-        bos_id: the id that starts every target.
-        eos_id: the id that ends every target.
+        src_vocab_size, tgt_vocab_size, pad_id, bos_id, eos_id: the vocabularies and the
+            special ids, as `lmlab.models.encoder_decoder.EncoderDecoder` takes them.
         embed_dim: width of the embeddings and of the attentional vector.
         hidden_size: width of each LSTM (each encoder direction, and the decoder).
         num_layers: stacked LSTM layers in the encoder and in the decoder.

@@ -89,11 +89,8 @@ class Seq2SeqTransformer(EncoderDecoder):
     """Encoder-decoder transformer: source (B, S) and target input (B, T) to logits (B, T, V).
 
     Args:
-        src_vocab_size: rows of the source embedding.
-        tgt_vocab_size: rows of the target embedding and of the output layer.
-        pad_id: padding id (source and target); its embedding stays zero.
-        bos_id: the id that starts every target.
-        eos_id: the id that ends every target.
+        src_vocab_size, tgt_vocab_size, pad_id, bos_id, eos_id: the vocabularies and the
+            special ids, as `lmlab.models.encoder_decoder.EncoderDecoder` takes them.
         d_model: model width.
         n_head: attention heads.
         n_encoder_layers: encoder blocks.
