@@ -399,3 +399,24 @@ def test_generate_changes_only_the_search_settings_the_command_line_gives():
                      "max_len_a": 0.0, "max_len_b": 7}
 
 
+
+
+def test_a_run_saved_by_the_earlier_layout_loads_with_its_targets_renamed(tmp_path):
+    """Run folders written before the modules moved name `lmlab.models.seq2seq`,
+    `lmlab.kernels`, `lmlab.resume`, ...: they still evaluate and generate."""
+    from omegaconf import OmegaConf
+
+    from lmlab.training.runs import load_run_config
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save({"paths": {"output_dir": "elsewhere"},
+                    "model": {"net": {"_target_": "lmlab.models.seq2seq.Seq2SeqTransformer"}},
+                    "kernels": {"_target_": "lmlab.kernels.Kernels"},
+                    "callbacks": {"last": {"_target_": "lmlab.resume.LastCheckpoint"},
+                                  "bar": {"_target_": "lmlab.throughput.progress_bar"}}},
+                   tmp_path / ".hydra" / "config.yaml")
+    cfg = load_run_config(tmp_path)
+    assert cfg.model.net._target_ == "lmlab.models.transformer_seq2seq.Seq2SeqTransformer"
+    assert cfg.kernels._target_ == "lmlab.training.kernels.Kernels"
+    assert cfg.callbacks.last._target_ == "lmlab.checkpointing.exact_resume.LastCheckpoint"
+    assert cfg.callbacks.bar._target_ == "lmlab.training.callbacks.progress.progress_bar"
