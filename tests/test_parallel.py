@@ -155,6 +155,10 @@ def test_differing_hypotheses_are_named_with_the_first_line_that_differs():
     assert differing_hypotheses({"cpu": one, "tp": ["a man rides", "two cats"]}) == \
         ["tp: 1 of 2 hypotheses differ from cpu's, the first at line 2: 'two cats' against "
          "'two dogs'"]
+    many = [f"line {i}" for i in range(100)]
+    tipped = many[:99] + ["a near-tie"]  # one line in 100: within the 2% allowed
+    assert differing_hypotheses({"cpu": many, "fsdp": tipped}) == []
+    assert differing_hypotheses({"cpu": many, "fsdp": tipped[:97] + ["x"] * 3})  # three
     assert differing_hypotheses({"cpu": None, "ddp": None}) == []  # a model that decodes none
 
 
