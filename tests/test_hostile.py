@@ -207,7 +207,7 @@ def test_generate_with_a_checkpoint_of_another_size_lists_the_shapes(runs, tmp_p
     done = entry("lmlab.generate", f"ckpt={lm / 'checkpoints' / 'other.ckpt'}",
                  "max_new_tokens=4", tmp=tmp_path)
     line = done.error_line()
-    assert f"other.ckpt does not fit this model: {first.removeprefix('net.')} (3, 3) in the " \
+    assert f"other.ckpt does not fit this model: {first} (3, 3) in the " \
         "checkpoint, " in line and "and " not in line.split("; ")[0]
 
 
