@@ -16,8 +16,8 @@ by more than `tolerance`, relative, if a loss is not finite, or if the first one
 never moved `min_change` away from its first value (then no strategy could be told apart).
 Where the model decodes in validation (sequence to sequence), the last validation's
 hypotheses must also be the first strategy's, line for line but for `hypothesis_tolerance`
-of them (a near-tie of a barely trained net tipped by a sum added up in another order). Any other `key=value` is
-passed to every run.
+of them (a near-tie of a barely trained net tipped by a sum added up in another order).
+Any other `key=value` is passed to every run.
 """
 
 from __future__ import annotations
