@@ -112,7 +112,10 @@ def matmul_peak(dtype: torch.dtype, size: int = 512, repeats: int = 50) -> float
     fastest of many short ones: on a machine shared with other work, a matmul long enough
     to be interrupted is (1024 x 1024 at 1 thread on this 2-core machine under load: 23
     GFLOP/s, against 101 for 512 x 512 in the same minute, and 90 for 1024 x 1024 unloaded)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    # a generator of its own: drawing from the global one, measured as a run starts, would
+    # change the dropout masks a resumed run draws from its restored state
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
