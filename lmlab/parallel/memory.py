@@ -96,7 +96,10 @@ def local_batch(batch: dict, size: int) -> dict:
 
 def live_tensor_bytes() -> int:
     """Bytes of every distinct tensor storage reachable from Python in this process, and of
-    the parameters' gradients (which autograd makes without a Python object)."""
+    the parameters' gradients (which autograd makes without a Python object). Garbage is
+    collected first: a tensor held only by a reference cycle is not live, but is reachable
+    until the collector happens to run (a whole parameter copy, seen under ZeRO-2)."""
+    gc.collect()
     storages = {}
     for obj in gc.get_objects():
         if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
