@@ -12,6 +12,7 @@ import json
 import logging
 import pickle
 import signal
+import sys
 from inspect import signature
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from lmlab.config.checks import check_config
 from lmlab.config.cli import fail, report
 from lmlab.config.redact import redacted
 from lmlab.config.schema import CONF_DIR, register_schema, to_yaml
+from lmlab.config.typos import suggestion
+from lmlab.config.user_dir import with_user_dir
 from lmlab.errors import LmlabError
 from lmlab.parallel.failures import peer_lost
 from lmlab.tracking.loggers import finish
@@ -201,5 +204,15 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     register_schema()
-    main()
+    try:
+        sys.argv[1:] = with_user_dir(sys.argv[1:])
+    except LmlabError as err:
+        fail(str(err))
+    try:
+        main()
+    except SystemExit as stop:  # Hydra exits with 1 after printing why it could not compose
+        hint = suggestion(sys.argv[1:]) if stop.code == 1 else None
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        raise
     exit_if_jobs_failed()

@@ -9,7 +9,6 @@ All problems are reported together, each with its fix.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lmlab.config.cli import closest
 from lmlab.config.schema import accepted_arguments, import_object, monitor_mode
 from lmlab.data.corpora import CLASSIFICATION_CORPORA, LM_CORPORA, SEQ2SEQ_CORPORA
 from lmlab.data.seq2seq import metric_of, task_type_of
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, LmlabError
 from lmlab.parallel import specs
 from lmlab.parallel.specs import strategy_problems
 
@@ -63,16 +63,16 @@ def _target_problems(node: Any, where: str):
 def _unknown_arguments(node: DictConfig, where: str):
     try:
         target = import_object(node._target_)
-    except (ImportError, AttributeError) as err:
-        yield f"{where}._target_: cannot import {node._target_!r} ({err})"
+    except LmlabError as err:
+        yield f"{where}._target_: {err}"
         return
     parameters = accepted_arguments(target)
     if parameters is None:
         return
     for key in node:
         if not str(key).startswith("_") and key not in parameters:
-            close = difflib.get_close_matches(str(key), list(parameters), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else \
+            close = closest(str(key), parameters)
+            hint = f"; did you mean {close!r}?" if close else \
                 f"; it takes {', '.join(list(parameters)[:12])}"
             yield f"{where}.{key}: {node._target_} has no argument {key!r}{hint}"
 
@@ -209,7 +209,7 @@ def _data_problems(data: DictConfig) -> list[str]:
 def _importable(path: str | None):
     try:
         return import_object(path) if path else None
-    except (ImportError, AttributeError):
+    except LmlabError:
         return None  # reported by _target_problems
 
 

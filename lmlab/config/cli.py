@@ -58,10 +58,22 @@ def report(metrics: dict[str, float], output_dir, checkpoint: str,
         console.print(f"tested:     {checkpoint}", soft_wrap=True)
 
 
+# How alike (difflib's ratio) a name must be to a typed one to be offered in its place: a
+# typo scores above 0.8 (hiden_size: 0.95, embed_dim -> embedding_dim: 0.82), an unrelated
+# name that shares a suffix below (hidden_size -> kernel_sizes: 0.61).
+SIMILAR = 0.75
+
+
+def closest(word: str, choices: Sequence[str]) -> str | None:
+    """The choice most like `word`, if any is like it enough (`SIMILAR`)."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=SIMILAR)
+    return close[0] if close else None
+
+
 def did_you_mean(word: str, choices: Sequence[str], prefix: str = "") -> str:
     """` (did you mean 'PREFIXx'?)` for the closest `x` of `choices`, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    close = closest(word, choices)
+    return f" (did you mean {prefix + close!r}?)" if close else ""
 
 
 def parse_args(schema: type[T], argv: Sequence[str], usage: str,
@@ -89,9 +101,25 @@ def parse_args(schema: type[T], argv: Sequence[str], usage: str,
 def parse_known_args(schema: type[T], argv: Sequence[str], usage: str,
                      positional: Sequence[str] = ()) -> tuple[T, list[str]]:
     """`parse_args`, except that a `key=value` whose key is not a field is returned, in
-    order, instead of refused (for an entry point that passes them on)."""
+    order, instead of refused (for an entry point that passes them on). `--help` or `-h`
+    anywhere prints the usage, the command's docstring and every argument with its default,
+    and exits with status 0, as argparse does."""
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    if "--help" in argv or "-h" in argv:
+        rows = []
+        for name, f in fields.items():
+            default = f.default if f.default_factory is dataclasses.MISSING \
+                else f.default_factory()
+            shown = ("(required)" if default is dataclasses.MISSING else "null" if default is None
+                     else str(default).lower() if isinstance(default, bool)
+                     else repr(default) if isinstance(default, str)
+                     else f"[{','.join(map(str, default))}]" if isinstance(default, list)
+                     else default)
+            rows.append(f"  {name}={shown}")
+        doc = (sys.modules[schema.__module__].__doc__ or "").strip()
+        print(f"usage: {usage}\n\n{doc}\n\narguments, with their defaults:\n" + "\n".join(rows))
+        sys.exit(0)
     values, unknown = {}, []
     slots = list(positional)
     for arg in argv:

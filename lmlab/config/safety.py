@@ -1,10 +1,11 @@
 """Checks on what comes from outside the project before it is used: the `_target_`s of a
 saved run config, and the folder a run writes to.
 
-A run folder may come from elsewhere (shared, downloaded), and `lmlab.evaluate` and
-`lmlab.generate` instantiate its saved `.hydra/config.yaml`: a `_target_` there is code
-that runs. Only lmlab's own classes, its schedules and strategy factories, and the
-optimizers, modules and Lightning objects a config may name are allowed.
+A run folder may come from elsewhere (shared, downloaded), and `lmlab.evaluate`,
+`lmlab.generate` and `lmlab.predict` instantiate its saved `.hydra/config.yaml`: a
+`_target_` there is code that runs. Only lmlab's own classes, its schedules and strategy
+factories, the optimizers, modules and Lightning objects a config may name, and the modules
+of the user directory the run was made with (`lmlab.config.user_dir`) are allowed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lmlab.config import user_dir
 from lmlab.config.cli import fail
 from lmlab.errors import LmlabError
 
@@ -31,16 +33,26 @@ FUNCTION_MODULES = ("lmlab.tasks.schedules.", "lmlab.parallel.strategies.",
 
 def check_targets(cfg: DictConfig, source: Path) -> None:
     """Refuses a config that names a `_target_` other than the allowed ones, before any
-    is imported.
+    is imported; a run made with a user directory activates it first (its modules are
+    allowed, and must be importable to rebuild the run).
 
     Raises:
-        LmlabError: naming the key, the target and the file it came from.
+        LmlabError: naming the key, the target and the file it came from; or a recorded
+            user directory that is gone.
     """
+    folder = cfg.get(user_dir.KEY)
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise LmlabError(f"{source}: the run was made with {user_dir.KEY}={folder}, which "
+                             "is not there; put the folder back at that path (its modules "
+                             "define the run's model or data)")
+        folder = user_dir.activate(folder)
     for key, target in targets(OmegaConf.to_container(cfg, resolve=False)):
-        if not allowed(str(target)):
+        if not allowed(str(target)) and not (folder and user_dir.holds(folder, str(target))):
             raise LmlabError(f"{source}: {key}={target} is not a class of lmlab, torch.optim, "
-                             "torch.nn or Lightning; refused, since instantiating it could run "
-                             "any code: use a run folder written by lmlab, or fix the key")
+                             "torch.nn or Lightning, nor of the run's user directory; refused, "
+                             "since instantiating it could run any code: use a run folder "
+                             "written by lmlab, or fix the key")
 
 
 def targets(node, prefix: str = "") -> list[tuple[str, object]]:

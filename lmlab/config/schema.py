@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.errors import LmlabError
+
 
 @dataclass
 class RunConfig:
@@ -27,6 +29,7 @@ class RunConfig:
     monitor_mode: str | None = None  # max or min; None: the task's
     dry_run: bool = False  # check and print the config, then stop
     tags: Any = None  # free-form labels for loggers
+    user_dir: str | None = None  # a folder of your own modules and conf/ (lmlab/config/user_dir.py)
     model: Any = None
     data: Any = None
     trainer: Any = None
@@ -75,12 +78,29 @@ def accepted_arguments(target) -> list[str] | None:
 
 
 def import_object(path: str):
+    """The class or function a dotted `_target_` names (`pkg.module.Class`, or a method
+    such as `pkg.Class.method`).
+
+    Raises:
+        LmlabError: one line naming the target and why it does not import (no such module
+            or name, or an error raised by the module itself), with the fix.
+    """
     module, _, name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except ImportError:
-        parent, _, cls = module.rpartition(".")  # a method such as pkg.Class.method
-        return getattr(getattr(importlib.import_module(parent), cls), name)
+        if not module:
+            raise ImportError(f"{path!r} names no module; write module.Name")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError:
+            parent, _, cls = module.rpartition(".")  # a method such as pkg.Class.method
+            if not parent:
+                raise
+            return getattr(getattr(importlib.import_module(parent), cls), name)
+    except Exception as err:  # a module's own error (SyntaxError, NameError ...) too
+        where = f" ({err.filename}:{err.lineno})" if isinstance(err, SyntaxError) else ""
+        raise LmlabError(f"cannot import {path!r}: {type(err).__name__}: {err}{where}; fix the "
+                         "name, or put its module in a folder given as user_dir=FOLDER "
+                         "(docs/extending.md)") from None
 
 
 LOWER_IS_BETTER = ("loss", "ppl", "bpc", "perplexity", "error", "wer", "cer")

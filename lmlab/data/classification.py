@@ -82,7 +82,7 @@ class ClassificationDataModule(TextRecordsDataModule):
         self.labels, self.label_names = labels, names
         self._label_index = {label: i for i, label in enumerate(labels)}
 
-    def _extras(self, record: Record) -> dict[str, int]:
+    def extras(self, record: Record) -> dict[str, int]:
         label = self._label(record)
         if label not in self._label_index:
             raise DataError(record.path, f"label {label!r} does not occur in the training "

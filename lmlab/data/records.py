@@ -55,10 +55,10 @@ class TextRecordsDataModule(ShardedDataModule):
     """Text records tokenized once and served in length buckets, sharded across ranks.
 
     Every batch holds, for each text key `K` of `texts`, the padded (B, T) token ids under
-    `K` and their (B,) lengths under `lengths_key(K)`; each value of `_extras` stacked into
+    `K` and their (B,) lengths under `lengths_key(K)`; each value of `extras` stacked into
     (B,); and `weight` (B,), 0.0 for the copies that pad the last global batch.
 
-    Subclasses define `texts` and `field_keys`, and extend `_fit`, `_extras`, `save` and
+    Subclasses define `texts` and `field_keys`, and extend `_fit`, `extras`, `save` and
     `_load` with what is their own; `corpora` and `embedded` name the corpora they know.
 
     Args:
@@ -85,10 +85,11 @@ class TextRecordsDataModule(ShardedDataModule):
     corpora: dict[str, Corpus] = {}  # named corpora on disk, under data_dir
     embedded: tuple[str, ...] = ()  # named corpora that need no files (`_read_embedded`)
 
-    def __init__(self, tokenizer: TokenizerSpec, corpus: str | None, files: dict | None,
-                 format: str, data_dir: str, batch_size: int, val_fraction: float,
-                 test_fraction: float, max_length: int, num_workers: int, seed: int,
-                 load_from: str | None, on_bad_record: str):
+    def __init__(self, tokenizer: TokenizerSpec, corpus: str | None = None,
+                 files: dict | None = None, format: str = "auto", data_dir: str = "data",
+                 batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 max_length: int = 256, num_workers: int = 0, seed: int = 0,
+                 load_from: str | None = None, on_bad_record: str = "error"):
         super().__init__()
         BadRecords(on_bad_record)  # an unknown policy fails at construction, before any reading
         self.tokenizer_spec, self.load_from = tokenizer, load_from
@@ -139,7 +140,7 @@ class TextRecordsDataModule(ShardedDataModule):
         self.tokenizer = self.tokenizer_spec.fit(
             [text_of(record, fields) for record in train for fields in self.texts.values()])
 
-    def _extras(self, record: Record) -> dict[str, int | float]:
+    def extras(self, record: Record) -> dict[str, int | float]:
         """What an example carries besides its token ids, e.g. `{"labels": 3}`."""
         return {}
 
@@ -152,15 +153,26 @@ class TextRecordsDataModule(ShardedDataModule):
     def _read_splits(self) -> dict[str, list[Record]]:
         """Every split's checked records; bad ones raise or are skipped (one warning)."""
         bad = BadRecords(self.on_bad_record)
-        if self.corpus in self.embedded:
-            raw = self._read_embedded(self.corpus)
-        elif self.corpus and self.corpus.startswith("hf:"):
-            raw = self._read_hub(self.corpus[3:])
-        else:
-            raw = self._read_files(self._resolve_corpus(), bad)
-        records = {split: self._checked(split, *read, bad) for split, read in raw.items()}
+        records = {split: self._checked(split, *read, bad)
+                   for split, read in self.read(bad).items()}
         bad.warn()
         return self._carve(records)
+
+    def read(self, bad: BadRecords) -> dict[str, Split]:
+        """Every split's records, as `split -> (sources, records)`: of the embedded corpus,
+        a hub dataset, or files. A DataModule for a format of its own overrides this (docs/
+        extending.md); what follows stays: the check that each record has its fields, a
+        val or test split carved out of train when absent, the tokenizer, batching.
+
+        Args:
+            bad: called as `bad(path, line, problem, fix)` on a malformed record: raises,
+                or counts it for one warning (`data.on_bad_record`).
+        """
+        if self.corpus in self.embedded:
+            return self._read_embedded(self.corpus)
+        if self.corpus and self.corpus.startswith("hf:"):
+            return self._read_hub(self.corpus[3:])
+        return self._read_files(self._resolve_corpus(), bad)
 
     def _resolve_corpus(self) -> Corpus:
         if self.corpus is None:
@@ -255,7 +267,7 @@ class TextRecordsDataModule(ShardedDataModule):
         columns = {key: self.tokenizer.encode_batch([text_of(r, fields) for r in records])
                    for key, fields in self.texts.items()}
         return [{**{key: torch.tensor(ids[i][:self.max_length] or unk)
-                    for key, ids in columns.items()}, **self._extras(record)}
+                    for key, ids in columns.items()}, **self.extras(record)}
                 for i, record in enumerate(records)]
 
     # -- loading ---------------------------------------------------------------------------

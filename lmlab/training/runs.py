@@ -171,7 +171,8 @@ def run_description(run_dir: Path, cfg: DictConfig) -> DataDescription:
     sides = [run_dir / f"{side}_tokenizer.json" for side in ("source", "target")]
     labels = run_dir / "labels.json"
     data = cfg.data
-    facts = {"classes": tuple(json.loads(labels.read_text())) if labels.is_file() else ()}
+    facts = {"classes": tuple(json.loads(labels.read_text())["labels"]) if labels.is_file()
+             else ()}
     if get_class(cfg.model._target_).kind == "seq2seq":
         facts.update(task_type=task_type_of(data.get("corpus"), data.get("task_type")),
                      target_lang=language_of(data.get("corpus"), data.get("target_lang")))
