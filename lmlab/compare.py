@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,13 @@ def run_labels(runs: list[Run]) -> list[str]:
     return [", ".join(f"{k}={show(run.config.get(k))}" for k in keys) for run in runs]
 
 
+def beside(paths: list[str]) -> Path:
+    """The folder that holds every path: their common folder (a single run folder or sweep
+    folder itself)."""
+    folders = [Path(p).resolve() for p in paths]
+    return Path(os.path.commonpath([p if p.is_dir() else p.parent for p in folders]))
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmlab.compare",
                                      description=__doc__.splitlines()[0])
@@ -252,7 +260,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("min", "max"),
                         help="whether lower or higher is better (default: from the name)")
     parser.add_argument("--format", choices=("md", "csv"), default="md")
-    parser.add_argument("--out", default="compare.png", help="the plot's file")
+    parser.add_argument("--out", help="the plot's file (default: compare.png in the folder "
+                        "that holds the compared runs)")
     return parser.parse_args(argv)
 
 
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
             raise LmlabError(f"no run logged {metric}; they logged: {', '.join(known)}")
         header, rows = table(runs, metric, mode)
         print(markdown(header, rows) if args.format == "md" else comma_separated(header, rows))
-        print(f"plot: {plot(runs, metric, Path(args.out))}")
+        out = Path(args.out) if args.out else beside(args.paths) / "compare.png"
+        print(f"plot: {plot(runs, metric, out)}")
     except LmlabError as err:
         fail(str(err))
 

@@ -41,6 +41,7 @@ from lmlab.config.typos import suggestion
 from lmlab.config.user_dir import with_user_dir
 from lmlab.errors import LmlabError
 from lmlab.parallel.failures import peer_lost
+from lmlab.tracking.console import log_final, quiet_console
 from lmlab.tracking.loggers import finish
 from lmlab.tracking.run_info import recorded_overrides
 from lmlab.training.build import build, load_task
@@ -77,6 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     speed = throughput(trainer)
     rank_zero_only(report)(metrics, output_dir, best, speed)
+    rank_zero_only(log_final)(metrics, speed)
     objective = metrics.get(f"best {cfg.monitor}")
     # the overrides tell a finished sweep job from another job of the same folder
     rank_zero_only(write_json)(output_dir / "metrics.json", {
@@ -182,6 +184,7 @@ def write_json(path: Path, content: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    quiet_console()
     if in_sweep():
         return sweep_job(cfg, train)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from lmlab.data.corpora import CLASSIFICATION_CORPORA, Corpus, stdlib_docstrings
@@ -59,16 +60,26 @@ class ClassificationDataModule(TextRecordsDataModule):
     def describe(self) -> DataDescription:
         return DataDescription(self.tokenizer, classes=tuple(self.labels))
 
+    def summary(self) -> str:
+        """The records per split and vocabulary, and each class's training examples."""
+        counts = Counter(example["labels"] for example in self.datasets["train"])
+        names = self.label_names or self.labels
+        classes = ", ".join(f"{names[i]} {counts[i]:,}" for i in range(len(self.labels)))
+        return f"{super().summary()}; {len(self.labels)} classes (train: {classes})"
+
     def save(self, folder: Path) -> None:
         """Writes what evaluation needs to rebuild this data: tokenizer and label set."""
         super().save(folder)
-        (folder / "labels.json").write_text(json.dumps(
-            {"labels": self.labels, "names": self.label_names}, indent=1))
+        # the labels in class-id order; their readable names where the corpus has them
+        # (TREC's 0-5 are ABBR ... NUM)
+        saved = {"labels": self.labels, **({"names": self.label_names} if self.label_names
+                                           else {})}
+        (folder / "labels.json").write_text(json.dumps(saved, indent=1))
 
     def _load(self, folder: Path) -> None:
         super()._load(folder)
         saved = json.loads((folder / "labels.json").read_text())
-        self._set_labels(saved["labels"], saved["names"])
+        self._set_labels(saved["labels"], saved.get("names", []))
 
     def _fit(self, train: list[Record]) -> None:
         super()._fit(train)

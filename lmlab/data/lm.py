@@ -97,6 +97,7 @@ class LMDataModule(ShardedDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, np.ndarray] = {}
+        self.counts: dict[str, dict] = {}  # characters and tokens of each split
         self.chars_per_token: dict[str, float] = {}
         self.cache_folder: Path | None = None
 
@@ -131,10 +132,7 @@ class LMDataModule(ShardedDataModule):
         self.splits = {split: np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
                        for split in SPLITS}
         self.chars_per_token = {split: c["chars"] / c["tokens"] for split, c in counts.items()}
-        total = sum(c["chars"] for c in counts.values())
-        log.info("train %s / val %s / test %s of the text: %d / %d / %d tokens",
-                 *(f"{counts[s]['chars'] / total:.0%}" for s in SPLITS),
-                 *(counts[s]["tokens"] for s in SPLITS))
+        self.counts = counts
 
     def _check_size(self, split: str, tokens: int) -> None:
         if tokens > self.block_size:
@@ -147,6 +145,13 @@ class LMDataModule(ShardedDataModule):
 
     def describe(self) -> DataDescription:
         return DataDescription(self.tokenizer, chars_per_token=dict(self.chars_per_token))
+
+    def summary(self) -> str:
+        """One line: tokens per split (and their share of the text), and the vocabulary."""
+        total = sum(c["chars"] for c in self.counts.values())
+        sizes = " / ".join(f"{s} {self.counts[s]['tokens']:,}" for s in SPLITS)
+        shares = " / ".join(f"{self.counts[s]['chars'] / total:.0%}" for s in SPLITS)
+        return f"{sizes} tokens ({shares} of the text); vocabulary {self.vocab_size:,}"
 
     def save(self, folder: Path) -> None:
         self.tokenizer.save(folder / "tokenizer.json")

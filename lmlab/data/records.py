@@ -127,6 +127,16 @@ class TextRecordsDataModule(ShardedDataModule):
         self.datasets = {split: self._encode(split_records)
                          for split, split_records in records.items()}
 
+    def summary(self) -> str:
+        """One line: records per split and the vocabulary size (the run logs it)."""
+        sizes = " / ".join(f"{split} {len(self.datasets[split]):,}" for split in SPLITS
+                           if split in self.datasets)
+        description = self.describe()
+        source, target = description.source_tokenizer, description.target_tokenizer
+        vocab = f"vocabulary {description.tokenizer.vocab_size:,}" if source is target \
+            else f"vocabulary {source.vocab_size:,} source, {target.vocab_size:,} target"
+        return f"{sizes} records; {vocab}"
+
     def save(self, folder: Path) -> None:
         """Writes what evaluation needs to rebuild this data: here the tokenizer."""
         self.tokenizer.save(folder / "tokenizer.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 
 import lightning as L
@@ -12,6 +13,8 @@ from torchmetrics import MeanMetric
 
 from lmlab.data.description import DataDescription
 from lmlab.parallel.sharding import shard
+
+log = logging.getLogger(__name__)
 
 TRAINING_PASSES = 3  # forward, and a backward of about twice its matrix products
 
@@ -178,6 +181,23 @@ class Task(L.LightningModule):
         scheduler = self.scheduler(optimizer=optimizer, **self.schedule_length())
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["planned_steps"] = float(self.trainer.estimated_stepping_batches)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.resumed_plan = checkpoint.get("planned_steps")  # compared once training starts
+
+    def on_train_start(self) -> None:
+        """Says in one line when a resumed run is longer or shorter than the run it resumes
+        (`trainer.max_steps` or `max_epochs` changed): a schedule fitted to the run's length
+        (`total_steps` left unset) now ends at the new length."""
+        before, now = getattr(self, "resumed_plan", None), self.trainer.estimated_stepping_batches
+        if before is not None and before != now:
+            log.warning("resuming with another length: the run was planned for %s optimizer "
+                        "steps and is now planned for %s (trainer.max_steps or max_epochs "
+                        "changed); a schedule fitted to the run's length follows the new one",
+                        f"{before:g}", f"{float(now):g}")
 
     def schedule_length(self) -> dict:
         """`total_steps` for a scheduler that takes it and was not given it: the run's

@@ -33,6 +33,8 @@ def build(cfg: DictConfig, resume: str | None = None
     `resume` is the checkpoint that training resumes from, whose W&B run continues."""
     data = instantiate(cfg.data)
     data.setup("fit")
+    if hasattr(data, "summary"):  # a DataModule of one's own may have none
+        rank_zero_only(log.info)("data: %s", data.summary())
     check_schedule(cfg, len(data.train_dataloader()))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
