@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LMLAB_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 needs_data = pytest.mark.skipif(not (DATA_DIR / "README.md").is_file(),
-                                reason=f"the public corpora folder {DATA_DIR} is not present")
+                                reason=f"the public corpora are not in {DATA_DIR}: set "
+                                "LMLAB_DATA_DIR to a folder holding them (docs/guide.md, "
+                                "Data, says where each comes from)")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "lmlab"
-COMMANDS = {"run", "evaluate", "generate", "compare", "check_parallel"}
+COMMANDS = {"run", "evaluate", "predict", "generate", "compare", "check_parallel"}
 # What each room may import from lmlab, itself included; the commands may import anything.
 ALLOWED = {
     "errors": set(),
