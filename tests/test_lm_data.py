@@ -9,7 +9,7 @@ import torch
 from lmlab.data import lm
 from lmlab.data.blocks import Blocks, RandomOffsets
 from lmlab.data.lm import LMDataModule, stdlib_source_files
-from lmlab.data.token_cache import cut_at_lines
+from lmlab.data.token_cache import cut_at_lines, write_tokens
 from lmlab.data.tokenizers import ByteBPETokenizer, CharTokenizer
 from lmlab.errors import DataError, LmlabError
 
@@ -20,7 +20,8 @@ TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i 
 
 def module(tmp_path, text=TEXT, setup=True, **kwargs) -> LMDataModule:
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(text)
+    if not corpus.is_file() or corpus.read_text() != text:  # a rewrite is a new cache
+        corpus.write_text(text)
     args = dict(tokenizer=CharTokenizer(), corpus=None, files=str(corpus),
                 cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4,
                 train_batches=5)
@@ -100,6 +101,30 @@ def test_the_cache_is_reused_and_keyed_by_tokenizer_split_and_format(tmp_path, m
     assert module(tmp_path, test_fraction=0.1).cache_folder != folder
     monkeypatch.setattr(lm, "FORMAT", lm.FORMAT + 1)
     assert module(tmp_path).cache_folder != folder
+
+
+def test_the_cache_is_found_from_the_files_stat_not_their_text(tmp_path, monkeypatch):
+    folder = module(tmp_path).cache_folder
+    monkeypatch.setattr(LMDataModule, "_texts", lambda *args: pytest.fail("read the text"))
+    assert module(tmp_path, setup=False)._find_cache() == folder
+    monkeypatch.undo()
+    corpus = tmp_path / "corpus.txt"
+    os.utime(corpus, ns=(corpus.stat().st_atime_ns, corpus.stat().st_mtime_ns + 10**9))
+    assert module(tmp_path, setup=False)._find_cache() != folder  # touched: built again
+    changed = module(tmp_path, text=TEXT.replace("fox", "cat"))
+    assert changed.cache_folder != folder and "cat" in split_texts(changed)["train"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_ids_do_not_depend_on_how_many_pieces_are_encoded_at_once(tmp_path, batch):
+    text = "".join(f"{i} " * (i % 7) + "\n" for i in range(3000))
+    tokenizer = ByteBPETokenizer(vocab_size=300).fit([text])
+    pieces = [(0, text[i:i + 997]) for i in range(0, len(text), 997)]
+    folder = tmp_path / str(batch)
+    folder.mkdir()
+    write_tokens(tokenizer, pieces, folder, batch=batch)
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16).tolist()
+    assert ids == [i for _, piece in pieces for i in tokenizer.encode(piece)]
 
 
 def test_prepare_data_builds_the_cache_and_setup_only_reads_it(tmp_path, monkeypatch):

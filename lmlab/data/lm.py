@@ -32,6 +32,7 @@ from lmlab.data.readers import open_text
 from lmlab.data.token_cache import (
     CHUNK_CHARS,
     FORMAT,
+    files_key,
     SPLITS,
     cut_at_lines,
     private_name,
@@ -208,9 +209,9 @@ class LMDataModule(ShardedDataModule):
         return self.cache_folder
 
     def _cache_key(self, paths: list[Path]) -> str:
-        digest = hashlib.sha1(f"format {FORMAT}\n".encode())
-        for piece in self._texts(paths):
-            digest.update(piece.encode())
+        """The files' paths, sizes and times (not their text, which every rank would read
+        at every start), the tokenizer and the split."""
+        digest = hashlib.sha1(f"format {FORMAT}\n{files_key(paths)}\n".encode())
         if self.load_from:
             digest.update(self._saved_tokenizer().read_bytes())
         else:

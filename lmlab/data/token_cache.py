@@ -17,9 +17,11 @@ import numpy as np
 from lmlab.data.tokenizers import Tokenizer
 
 CHUNK_CHARS = 1 << 20  # text is tokenized in pieces of about 1 MB, cut at line ends
-FORMAT = 3  # the cache layout's version, part of its key: bump it when the layout or the
-# encoding changes (3: special-token names in text stay text)
+FORMAT = 4  # the cache layout's version, part of its key: bump it when the layout or the
+# encoding changes (3: special-token names in text stay text; 4: keyed by the files' paths,
+# sizes and times, not their text)
 SPLITS = ("train", "val", "test")
+PIECES_A_BATCH = 16  # pieces given to the tokenizer at once: enough to keep every core busy
 
 
 def cut_at_lines(pieces: Iterable[str], cuts: Sequence[int]) -> Iterator[tuple[int, str]]:
@@ -72,16 +74,43 @@ def publish(tmp: Path, folder: Path) -> None:
             raise
 
 
-def write_tokens(tokenizer: Tokenizer, parts: Iterable[tuple[int, str]], folder: Path) -> dict:
+def write_tokens(tokenizer: Tokenizer, parts: Iterable[tuple[int, str]], folder: Path,
+                 batch: int = PIECES_A_BATCH) -> dict:
     """Encodes each (split index, text) piece into `folder/SPLIT.bin`; returns the layout
-    (format, dtype) and each split's characters and tokens."""
+    (format, dtype) and each split's characters and tokens. Pieces are encoded `batch` at a
+    time by the `tokenizers` library's `encode_batch`, which spreads them over the cores;
+    each piece is encoded whole, as alone, so the ids do not depend on `batch`."""
     dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
     counts = {split: {"chars": 0, "tokens": 0} for split in SPLITS}
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(folder / f"{split}.bin", "wb")) for split in SPLITS]
-        for part, text in parts:
-            ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-            files[part].write(ids.tobytes())
-            count = counts[SPLITS[part]]
-            count["chars"], count["tokens"] = count["chars"] + len(text), count["tokens"] + len(ids)
+        for pieces in batched(parts, batch):
+            encoded = tokenizer.encode_batch([text for _, text in pieces])
+            for (part, text), ids in zip(pieces, encoded):
+                files[part].write(np.asarray(ids, dtype=dtype).tobytes())
+                count = counts[SPLITS[part]]
+                count["chars"] += len(text)
+                count["tokens"] += len(ids)
     return {"format": FORMAT, "dtype": np.dtype(dtype).name, "splits": counts}
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def files_key(paths: Iterable[Path]) -> str:
+    """What identifies a corpus's files without reading them: each one's absolute path,
+    size and modification time (a file rewritten in place gets a new time)."""
+    lines = []
+    for path in paths:
+        stat = Path(path).stat()
+        lines.append(f"{Path(path).resolve()} {stat.st_size} {stat.st_mtime_ns}")
+    return "\n".join(lines)
