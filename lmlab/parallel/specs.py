@@ -153,6 +153,10 @@ def strategy_problems(cfg: DictConfig) -> list[str]:
         problems.append("the hybrid FSDP modes shard over the devices of each node and need "
                         "their number: set trainer.devices=N")
     problems += _averaging_problems(spec, cfg)
+    if cfg.model.get("compile") and spec.kind in ("fsdp", "deepspeed"):
+        problems.append(f"model.compile=true does not work under this strategy ({spec.kind}: "
+                        "it flattens or partitions the parameters the compiled graph reads); "
+                        "use strategy=fsdp2, ddp or tp, or model.compile=false")
     batch = cfg.data.get("batch_size")
     if isinstance(batch, int) and batch % spec.data_parallel:
         dp = spec.data_parallel

@@ -42,14 +42,19 @@ class Task(L.LightningModule):
         optimizer: a partial optimizer, called with `optimizer_params()`.
         scheduler: a partial LR scheduler, called with the optimizer, stepped every step. A
             `total_steps` it leaves unset is the run's length in optimizer steps.
+        compile: compile the net (`torch.compile`, in place: its parameter names stay) once
+            the strategy has sharded it, as the run starts.
+        compile_mode: `torch.compile`'s mode: default, reduce-overhead or max-autotune.
     """
 
     kind = ""  # the kind of data it needs; DataModules carry the same attribute
     monitor = ("val/loss", "min")  # what picks the best checkpoint
 
-    def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None):
+    def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
+                 compile: bool = False, compile_mode: str = "default"):
         super().__init__()
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
+        self.compile_mode = compile_mode if compile else None
         # Evaluation losses are weighted means over every example of every rank, synced by
         # torchmetrics (keys avoid "train"/"test", which nn.Module attributes shadow).
         self.eval_losses = nn.ModuleDict({"val_loss": MeanMetric(), "test_loss": MeanMetric()})
@@ -111,6 +116,8 @@ class Task(L.LightningModule):
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # set by ModelParallelStrategy (strategy=fsdp2)
             shard(self.net, self.device_mesh)
+        if self.compile_mode is not None:  # the net alone: self.log does not compile
+            self.net.compile(mode=self.compile_mode)
 
     def through_strategy(self, method: str, *args, **kwargs):
         """Calls `self.<method>` through the strategy's wrapper, as Lightning calls the steps,

@@ -35,8 +35,9 @@ class CausalLMTask(Task):
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  weight_decay: float = 0.1, sample_tokens: int = 200,
+                 compile: bool = False, compile_mode: str = "default",
                  data: DataDescription | None = None):
-        super().__init__(net, optimizer, scheduler)
+        super().__init__(net, optimizer, scheduler, compile, compile_mode)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
         self.weight_decay, self.sample_tokens = weight_decay, sample_tokens
         self.tokenizer = data.tokenizer if data is not None else None

@@ -37,8 +37,9 @@ class ClassificationTask(Task):
 
     def __init__(self, net: nn.Module, num_classes: int, optimizer: Callable,
                  scheduler: Callable | None = None, pretrained_vectors: str | None = None,
+                 compile: bool = False, compile_mode: str = "default",
                  data: DataDescription | None = None):
-        super().__init__(net, optimizer, scheduler)
+        super().__init__(net, optimizer, scheduler, compile, compile_mode)
         self.save_hyperparameters(ignore=["net", "data", "optimizer", "scheduler"])
         if pretrained_vectors:
             vocab = data.tokenizer.vocab if data is not None else None
@@ -59,6 +60,13 @@ class ClassificationTask(Task):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.net(tokens, lengths)
+
+    def probabilities(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, C) class probabilities of a batch's texts, in float32."""
+        return self(tokens, lengths).float().softmax(dim=-1)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.probabilities(batch["tokens"], batch["lengths"])
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["tokens"], batch["lengths"])

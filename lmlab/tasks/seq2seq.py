@@ -66,8 +66,9 @@ class Seq2SeqTask(Task):
                  val_beam: int = 1, length_penalty: float = 1.0, max_len_a: float = 1.2,
                  max_len_b: int = 10, min_length: int = 1, n_finished: int | None = None,
                  no_repeat_ngram_size: int = 0, mbr: bool = False,
+                 compile: bool = False, compile_mode: str = "default",
                  data: DataDescription | None = None):
-        super().__init__(net, optimizer, scheduler)
+        super().__init__(net, optimizer, scheduler, compile, compile_mode)
         metric = metric_of(metric, getattr(data, "task_type", None))
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
