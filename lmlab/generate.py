@@ -10,7 +10,8 @@ to the terminal; a sequence-to-sequence model translates or summarizes its input
 `ckpt` is a run folder (its best checkpoint, else its last, else its `weights.ckpt`) or a
 checkpoint file inside one; the run's saved config and tokenizer rebuild the model. Every
 `key=value` is the text after the first `=`, exactly: `prompt="ROMEO: hello"` continues
-`ROMEO: hello`, `prompt=123` continues `123`. `temperature=0` decodes greedily.
+`ROMEO: hello`, `prompt=123` continues `123`. `temperature=0` decodes greedily. A
+classifier's run labels text with `lmlab.predict` instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
@@ -33,8 +35,10 @@ from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.models.sampling import generate
 from lmlab.tasks.text_metrics import one_line
-from lmlab.training.runs import load_run
+from lmlab.training.runs import load_run, load_run_config, run_folder
 
+COMMAND = "python -m lmlab.generate"
+GENERATES = ("lm", "seq2seq")  # the kinds of task that produce text
 USAGE = ("python -m lmlab.generate ckpt=RUN_DIR|FILE [prompt=TEXT] [max_new_tokens=N] "
          "[temperature=T] [top_k=K|null] [top_p=P|null] [seed=S] [use_cache=BOOL] [device=D]; "
          "for a sequence-to-sequence run: input=TEXT | input_file=IN output_file=OUT "
@@ -155,15 +159,37 @@ def write_lines(lines: list[str], path: str | None) -> None:
         Path(path).write_text(text, encoding="utf-8")
 
 
+def run_kind(ckpt: str) -> str:
+    """The kind of task (`classification`, `lm`, `seq2seq`) of a run folder, or of the run
+    of a checkpoint file, read from its saved config."""
+    cfg = load_run_config(run_folder(Path(ckpt)))
+    return get_class(cfg.model._target_).kind
+
+
+def generate_from(args: GenerateConfig, command: str = COMMAND) -> None:
+    """Continues `args.prompt` with a language model's run, or translates or summarizes
+    `args.input` or `args.input_file` with a sequence-to-sequence one.
+
+    Raises:
+        LmlabError: the run of a task that generates no text, such as a classifier's
+            (refused before its weights are read; it names `lmlab.predict`), a missing
+            checkpoint, or arguments the run cannot use.
+    """
+    kind = run_kind(args.ckpt)
+    if kind not in GENERATES:
+        raise LmlabError(f"{args.ckpt} is a {kind} run, which generates no text: run "
+                         f"`python -m lmlab.predict {args.ckpt} input=TEXT` (or input_file=IN) "
+                         f"for its predictions")
+    task, data, cfg = load_run(args.ckpt, command, search_changes(args), args.device)
+    if task.kind == "seq2seq":
+        transduce(task, data, cfg, args)
+    else:
+        stream(task.net, data.tokenizer, args)
+
+
 def main(argv: list[str]) -> None:
     try:
-        args = parse_args(GenerateConfig, argv, USAGE)
-        task, data, cfg = load_run(args.ckpt, "python -m lmlab.generate", search_changes(args),
-                                   args.device)
-        if task.kind == "seq2seq":
-            transduce(task, data, cfg, args)
-        else:
-            stream(task.net, data.tokenizer, args)
+        generate_from(parse_args(GenerateConfig, argv, USAGE))
     except LmlabError as err:
         fail(str(err))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,13 @@ needs_data = pytest.mark.skipif(not (DATA_DIR / "README.md").is_file(),
                                 reason=f"the public corpora are not in {DATA_DIR}: set "
                                 "LMLAB_DATA_DIR to a folder holding them (docs/guide.md, "
                                 "Data, says where each comes from)")
+# A file of docs/extending.md: its path in bold code, then its code block.
+DOC_FILE = re.compile(r"\*\*`([^`]+)`\*\*\n+```\w*\n(.*?)```", re.S)
+
+
+def doc_files() -> dict[str, str]:
+    """docs/extending.md's files, by their path in the user directory."""
+    return dict(DOC_FILE.findall((ROOT / "docs" / "extending.md").read_text()))
 
 
 @pytest.fixture

@@ -214,7 +214,9 @@ def test_every_target_of_the_configs_may_be_loaded_from_a_saved_run():
     from lmlab.config.safety import allowed
     named = {line.split("_target_:")[1].split("#")[0].strip()
              for path in Path(CONF_DIR).rglob("*.yaml") if "hydra" not in path.parts
-             for line in path.read_text().splitlines() if "_target_:" in line}
+             for line in path.read_text().splitlines()
+             if "_target_:" in line and not line.lstrip().startswith("#")}
+    named -= {"???"}  # a net the user's own model option names (conf/model/classifier.yaml)
     assert len(named) > 20
     assert [t for t in sorted(named) if not allowed(t)] == []
     assert not allowed("os.system")  # negative control

@@ -8,7 +8,8 @@ of its own, named by the file and line it comes from:
 - `lmlab.run`: the overrides are parsed by Hydra's own parser and composed with the test
   config folder (a sweep: its first combination, and its sweep parameters must parse), then
   go through the pre-flight `check_config`.
-- `lmlab.evaluate`, `lmlab.generate`: run for real on a tiny trained run.
+- `lmlab.evaluate`, `lmlab.generate`, `lmlab.predict`: run for real on a tiny trained run
+  (a classifier's for `predict`, unless the command gives generation options).
 - `lmlab.check_parallel`: its arguments are parsed, and the run of each strategy is composed
   and checked (no multi-process training here).
 
@@ -31,10 +32,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
 from omegaconf import OmegaConf, open_dict
 
-from conftest import DATA_DIR, ROOT, run_cli
+from conftest import DATA_DIR, ROOT, doc_files, run_cli
 from lmlab.check_parallel import RUN, SINGLE, parse
 from lmlab.config.schema import CONF_DIR, register_schema
 from lmlab.config.checks import check_config
+from lmlab.config.user_dir import with_user_dir
 from lmlab.errors import ConfigError
 
 COMMAND = re.compile(r"python3? -m\s+lmlab\.\w+")
@@ -47,6 +49,10 @@ PLACEHOLDERS = {
     "outputs/sweeps/lstm_cells": "{run}",
     "outputs/.../checkpoints/last.ckpt": "{run}/checkpoints/last.ckpt",
     "lmlab.evaluate RUN": "lmlab.evaluate {run}",
+    "lmlab.predict RUN": "lmlab.predict {run}",
+    "user_dir=PATH": "user_dir={mine}",  # a folder holding docs/extending.md's files
+    "user_dir=~/mine": "user_dir={mine}",
+    "data.root=~/aclImdb": "data.root={mine}",
     "paths.data_dir=...": "paths.data_dir={data}",
 }
 # Values named in an optional `[key=A|B]` part.
@@ -64,6 +70,9 @@ TINY_SEQ2SEQ = ["model=transformer_tiny", "data=stdlib_summaries", "data.tokeniz
                 "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                 "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
                 "model.max_len_a=0.0", "model.max_len_b=8"]  # short outputs: wide beams stay quick
+TINY_CLASSIFIER = ["model=lstm", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                   "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+GENERATION = r"\b(max_new_tokens|temperature|top_[kp]|seed|use_cache)="  # an LM's options
 TINY_LM = ["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=300",
            "trainer.max_steps=3", "trainer.max_epochs=-1", "data.train_batches=3",
            "data.val_batches=2", "model.sample_tokens=0"]
@@ -185,7 +194,7 @@ def variants(command: str) -> list[tuple[str, str]]:
 
 EXAMPLES = [(example, label, command) for example in harvest()
             for label, command in variants(example.command)]
-SLOW_ENTRIES = ("lmlab.evaluate", "lmlab.generate", "lmlab.compare")
+SLOW_ENTRIES = ("lmlab.evaluate", "lmlab.generate", "lmlab.compare", "lmlab.predict")
 
 
 def params():
@@ -198,7 +207,7 @@ def params():
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     """A working folder holding the files the docs name: books/*.txt, train.csv, test.csv,
-    in.txt."""
+    in.txt, texts.txt, scores.tsv, and mine/ (docs/extending.md's user directory)."""
     folder = tmp_path_factory.mktemp("docs_sandbox")
     (folder / "books").mkdir()
     (folder / "books" / "a.txt").write_text("It was the best of times.\n" * 40)
@@ -207,6 +216,20 @@ def sandbox(tmp_path_factory):
     for name in ("train.csv", "test.csv"):
         (folder / name).write_text("text,label\n" + rows)
     (folder / "in.txt").write_text("def add(a, b):\n    return a + b\nA man rides a horse.\n")
+    (folder / "texts.txt").write_text("a gripping, funny film\ndull and far too long\n")
+    (folder / "scores.tsv").write_text("text\tscore\n" + "a fine film\t0.8\n" * 20)
+    for name, text in doc_files().items():
+        (folder / "mine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "mine" / name).write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier_run(sandbox):
+    """A tiny trained classifier run, for `lmlab.predict`."""
+    folder = sandbox / "classifier_run"
+    done = run_cli(*TINY_CLASSIFIER, f"hydra.run.dir={folder}", cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
 
@@ -233,13 +256,21 @@ def substitute(command: str, request) -> str:
     for placeholder, value in PLACEHOLDERS.items():
         command = command.replace(placeholder, value)
     if "{run}" in command:
-        seq2seq = re.search(r"\binput(_file)?=|\bmodel\.(beam|mbr)=", command)  # its options
-        run = request.getfixturevalue("tiny_seq2seq_run" if seq2seq else "tiny_run")
-        command = command.replace("{run}", str(run))
+        command = command.replace("{run}", str(request.getfixturevalue(run_for(command))))
     command = command.replace("{data}", str(DATA_DIR))
+    command = command.replace("{mine}", str(request.getfixturevalue("sandbox") / "mine"))
     left = re.findall(r"<\w+>|\.\.\.|\$\w+", command)
     assert not left, f"placeholder {left[0]!r}: add what stands for it to PLACEHOLDERS"
     return command
+
+
+def run_for(command: str) -> str:
+    """The fixture of the tiny run a command with `{run}` is given."""
+    if "lmlab.predict" in command and not re.search(GENERATION, command):
+        return "tiny_classifier_run"
+    if re.search(r"\binput(_file)?=|\bmodel\.(beam|mbr)=", command):  # seq2seq options
+        return "tiny_seq2seq_run"
+    return "tiny_run"
 
 
 @pytest.mark.parametrize("example,command", params())
@@ -311,6 +342,7 @@ def first_combination(overrides: list[str]) -> list[str]:
 
 
 def check_run(args: list[str], gpu_reason: str | None) -> None:
+    args = with_user_dir(args)  # as lmlab.run does: its modules importable, its conf/ searched
     overrides = first_combination([a for a in args if a not in ("-m", "--multirun")])
     compose_checked(overrides, gpu_reason)
     hydra = compose_checked(overrides, hydra_config=True).hydra

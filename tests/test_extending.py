@@ -15,17 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DATA_DIR, ROOT, needs_data, run_cli
+from conftest import DATA_DIR, ROOT, doc_files, needs_data, run_cli
 
-DOC = ROOT / "docs" / "extending.md"
-FILE = re.compile(r"\*\*`([^`]+)`\*\*\n+```\w*\n(.*?)```", re.S)
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "strategy=cpu", "logger=csv"]
-
-
-def doc_files() -> dict[str, str]:
-    """The page's files, by their path in the user directory."""
-    return dict(FILE.findall(DOC.read_text()))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """A user directory: a researcher's own nets, DataModules, tasks and configs, used without
 editing lmlab (as fairseq's `--user-dir`).
 
-    python -m lmlab.run user_dir=~/textcnn model=textcnn
+    python -m lmlab.run user_dir=~/mine model=textcnn
 
 - Its Python modules become importable: the folder goes first on `sys.path`, and on
   `PYTHONPATH` for the processes a run starts (DDP ranks, data workers). A path edit is the

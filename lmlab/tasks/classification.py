@@ -41,6 +41,7 @@ class ClassificationTask(Task):
                  data: DataDescription | None = None):
         super().__init__(net, optimizer, scheduler, compile, compile_mode)
         self.save_hyperparameters(ignore=["net", "data", "optimizer", "scheduler"])
+        self.classes = tuple(data.classes) if data is not None else ()  # names, by class id
         if pretrained_vectors:
             vocab = data.tokenizer.vocab if data is not None else None
             self.vector_coverage = load_pretrained(net.embedding, pretrained_vectors, vocab)
@@ -61,12 +62,17 @@ class ClassificationTask(Task):
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.net(tokens, lengths)
 
-    def probabilities(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, C) class probabilities of a batch's texts, in float32."""
-        return self(tokens, lengths).float().softmax(dim=-1)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.probabilities(batch["tokens"], batch["lengths"])
+    def predict(self, batch: dict) -> list[dict]:
+        """Each text's label, that label's probability and every class's (`p(LABEL)`), one
+        dict a text of the batch."""
+        probabilities = self(batch["tokens"], batch["lengths"]).float().softmax(dim=-1)  # (B, C)
+        names = self.classes or tuple(str(i) for i in range(probabilities.size(1)))
+        rows = []
+        for row in probabilities.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            rows.append({"label": names[best], "probability": row[best],
+                         **{f"p({name})": p for name, p in zip(names, row)}})
+        return rows
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["tokens"], batch["lengths"])

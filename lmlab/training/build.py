@@ -6,6 +6,7 @@ the same thing wherever it is read.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from pathlib import Path
@@ -54,9 +55,13 @@ def build_task(cfg: DictConfig, data: L.LightningDataModule) -> L.LightningModul
 
 
 def task_for(cfg: DictConfig, description: DataDescription) -> L.LightningModule:
-    """The task of `cfg` for data of this description."""
-    sizes = get_class(cfg.model._target_).config_from_data(description)
-    return instantiate(cfg.model, _partial_=True, **sizes)(data=description)
+    """The task of `cfg` for data of this description (given as `data=` to a task whose
+    constructor takes it: a task of one's own may not)."""
+    task_class = get_class(cfg.model._target_)
+    sizes = task_class.config_from_data(description)
+    takes_data = "data" in inspect.signature(task_class).parameters
+    task = instantiate(cfg.model, _partial_=True, **sizes)  # a description is no config value
+    return task(data=description) if takes_data else task()
 
 
 def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:
