@@ -15,6 +15,7 @@ import time
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from conftest import DATA_DIR, ROOT
@@ -213,7 +214,9 @@ class Regression(L.LightningModule):
 def fit(*callbacks, model: Regression | None = None, steps: int = 12) -> Regression:
     model = model or Regression()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_checkpointing=any(isinstance(c, ModelCheckpoint)
+                                                 for c in callbacks),
+                        enable_progress_bar=False,
                         enable_model_summary=False, callbacks=list(callbacks))
     trainer.fit(model)
     return model
@@ -243,11 +246,30 @@ def test_a_non_finite_loss_is_skipped_when_so_configured():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_an_infinite_loss_stops_before_the_step():
+def test_an_infinite_loss_stops_the_run_as_the_next_step_begins_naming_its_step():
     model = Regression()
     with pytest.raises(NumericalFault, match="at step 5"):
         fit(NumericalGuard(), ScaleOutputAt(step=5, factor=math.inf), model=model)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.trainer.global_step == 6  # read without a host sync, one step later
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_no_checkpoint_holds_the_weights_of_a_non_finite_step(tmp_path, guard):
+    saves = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1,
+                            filename="{step}")
+    callbacks = [NumericalGuard()] * guard + [saves, ScaleOutputAt(step=5, factor=math.nan)]
+    try:
+        fit(*callbacks)
+    except NumericalFault:
+        pass
+    steps = {int(p.stem.split("=")[1]): torch.load(p, weights_only=True)["state_dict"]
+             for p in tmp_path.glob("step=*.ckpt")}
+    finite = {step: all(torch.isfinite(w).all() for w in state.values())
+              for step, state in steps.items()}
+    if guard:
+        assert sorted(finite) == [1, 2, 3, 4, 5] and all(finite.values())
+    else:  # the negative control: the checkpoints after step 5 hold NaN weights
+        assert not finite[6] and not finite[12]
 
 
 # -- a rank that dies or hangs -------------------------------------------------------------

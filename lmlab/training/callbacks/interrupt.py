@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmlab.errors import NumericalFault, TrialPruned
+from lmlab.training.callbacks.numerics import NumericalGuard
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     signal, or `grace` seconds after the first, ends the process at once with status
     128 + the signal's number (130 for SIGINT, 143 for SIGTERM). In training, every rank
     stops after the same step, once its values are logged and a validation due at it has
-    run; the saved state resumes with the next step.
+    run; the saved state resumes with the next step. In a multi-process run the ranks agree
+    through `NumericalGuard`'s one collective a step, read a step later (the step after the
+    signal's), or, without it, through a collective of their own each step.
 
     On other errors the state is saved as `OnExceptionCheckpoint` does, except where a save
     could hurt: after a non-finite loss (the last good checkpoint stays the newest) and in
@@ -67,12 +70,19 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
         if not stepped:  # mid-accumulation: stopping here would lose the gradients so far
             return
         stop = self.received is not None
-        if trainer.world_size > 1:  # a small collective each step, so that every rank stops here
+        if trainer.world_size > 1:
+            if any(isinstance(c, NumericalGuard) for c in trainer.callbacks):
+                return  # its one collective a step carries the signal: read a step later
+            # else a collective of its own, and a host sync, so that every rank stops here
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
-            self.received = self.received or signal.SIGTERM  # it came to another rank only
-            self.stopping = True
-            stop_after_step(trainer, True)
+            self.agree(trainer)
+
+    def agree(self, trainer) -> None:
+        """Stops training after the current step, on every rank alike."""
+        self.received = self.received or signal.SIGTERM  # it came to another rank only
+        self.stopping = True
+        stop_after_step(trainer, True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.stopping:  # a validation due at the stopping step runs whole first
