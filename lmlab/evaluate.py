@@ -109,7 +109,7 @@ def write_predictions(folder: Path, kind: str, data, texts: list[str],
     """Writes `predictions.tsv` into `folder`: each text and what the task predicts for it
     (a classifier's: see `write_classifications`)."""
     if kind == "classification":
-        gold = [int(example["labels"]) for example in data.datasets["test"]]
+        gold = data.datasets["test"].column("labels").tolist()
         return write_classifications(folder, texts, gold, rows, tuple(data.labels))
     path = folder / "predictions.tsv"
     path.write_text(tsv(["text", *rows[0]], [[text, *row.values()]

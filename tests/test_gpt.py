@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmlab.models.attention import KeyValueBuffer
 from lmlab.models.gpt import GPT
 from lmlab.models.rnn_lm import RNNLanguageModel
 from lmlab.models.sampling import filter_logits, generate
@@ -148,3 +149,20 @@ def test_warmup_inverse_sqrt_schedule():
     factor = warmup_inverse_sqrt(optimizer, warmup_steps=100).lr_lambdas[0]
     assert factor(0) < factor(50) < factor(99) <= 1.0
     assert factor(100) == pytest.approx(1.0) and factor(400) == pytest.approx(0.5)
+
+
+def test_the_cache_is_written_in_place_and_holds_what_concatenation_gives():
+    """100 steps of one position: the buffers are replaced only when full (doubling), not
+    at each step as torch.cat would; the keys and values are the concatenated ones."""
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, 3, 1, 4, generator=generator) for _ in range(101)]
+    buffer = KeyValueBuffer.holding(parts[0], -parts[0], room=2)
+    places = {buffer.keys.data_ptr()}
+    for part in parts[1:]:
+        keys, values = buffer.append(part, -part)
+        places.add(buffer.keys.data_ptr())
+    assert len(places) <= 7  # 2, 4, 8, ..., 128 positions
+    torch.testing.assert_close(keys, torch.cat(parts, dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(buffer[1], -torch.cat(parts, dim=2), rtol=0, atol=0)
+    rows = buffer.select_rows(torch.tensor([1, 1, 0]))
+    torch.testing.assert_close(rows[0], torch.cat(parts, dim=2)[[1, 1, 0]], rtol=0, atol=0)

@@ -399,3 +399,25 @@ def test_a_val_pair_is_added_with_plus(make_cfg):
                    "data.files.train.target=a.de", "+data.files.val.source=v.en",
                    "+data.files.val.target=v.de")
     assert dict(cfg.data.files.val) == {"source": "v.en", "target": "v.de"}
+
+
+def test_examples_packed_chunk_by_chunk_are_the_examples_encoded_at_once(tmp_path,
+                                                                         monkeypatch):
+    """Records are encoded and packed a chunk at a time: the examples, and the index that
+    names each example's references, are those of one pass over the whole split."""
+    files = {"train": write_tsv(tmp_path / "train.tsv"), "val": write_tsv(tmp_path / "val.tsv"),
+             "test": write_tsv(tmp_path / "test.tsv")}
+    whole = module(files)
+    monkeypatch.setattr("lmlab.data.records.ENCODE_CHUNK", 5)  # 24 records: 5 chunks
+    chunked = module(files)
+    for split in ("train", "test"):
+        expected = [{k: v.tolist() if torch.is_tensor(v) else v for k, v in ex.items()}
+                    for ex in whole.datasets[split]]
+        assert [ex["index"] for ex in chunked.datasets[split]] == list(range(len(PAIRS)))
+        assert [{k: v.tolist() if torch.is_tensor(v) else v for k, v in ex.items()}
+                for ex in chunked.datasets[split]] == expected
+        # the same tensors as the unpacked examples: ids as int64, lengths per example
+        first = chunked.datasets[split][0]
+        assert first["source"].dtype == torch.int64 and isinstance(first["index"], int)
+    assert chunked.datasets["train"].lengths().tolist() == \
+        [max(len(ex["source"]), len(ex["target"])) for ex in whole.datasets["train"]]

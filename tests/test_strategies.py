@@ -1,8 +1,10 @@
 """The strategy factories: the model's declared units, and the CPU twins of GPU strategies."""
 
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy,
+                                          ModelParallelStrategy)
 
 from lmlab.models.gpt import Block
+from lmlab.parallel.sharding import keeps_shards
 from lmlab.parallel.strategies import CPUDeepSpeedStrategy, CPUFSDPStrategy, deepspeed, fsdp
 
 
@@ -32,3 +34,13 @@ def test_deepspeed_on_cpu_is_the_stock_strategy_minus_its_guards():
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
     assert strategy.config["zero_force_ds_cpu_optimizer"] is False
     assert "zero_force_ds_cpu_optimizer" not in deepspeed("cpu", stage=2).config
+
+
+def test_only_strategies_that_keep_parameters_sharded_decode_in_lockstep():
+    """Under these, every forward gathers parameters collectively, so the ranks' decoders
+    must take as many steps as the slowest; under DDP and ZeRO 1-2 each rank decodes alone."""
+    sharded = [fsdp("cpu", "lmlab.models.gpt.GPT"), ModelParallelStrategy(),
+               deepspeed("cpu", stage=3)]
+    alone = [DDPStrategy(), deepspeed("cpu", stage=1), deepspeed("cpu", stage=2), None]
+    assert [keeps_shards(s) for s in sharded] == [True] * 3
+    assert [keeps_shards(s) for s in alone] == [False] * 4

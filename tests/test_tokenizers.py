@@ -1,11 +1,15 @@
+import os
+
 import pytest
 
 from lmlab.data.tokenizers import (
+    PARALLELISM,
     SPECIALS,
     ByteBPETokenizer,
     CharTokenizer,
     Tokenizer,
     WordTokenizer,
+    every_core,
 )
 
 TEXTS = ["The cat sat on the mat.", "A dog ate the cat's dinner!", "Ünïcode wörks too\ttabs",
@@ -76,3 +80,22 @@ def test_framed_tokenizer_adds_the_specials_a_task_asks_for(tmp_path, bos, eos):
     assert framed.decode(ids) == plain.decode(plain.encode("small words"))
     framed.save(tmp_path / "t.json")
     assert Tokenizer.load(tmp_path / "t.json").encode("small words") == expected
+
+
+def test_the_tokenizer_library_is_serial_except_inside_a_whole_corpus_build(monkeypatch):
+    """Serial by default (DataLoader workers fork); on every core inside `every_core`, and
+    as before after it, whether the variable was set or not."""
+    monkeypatch.setenv(PARALLELISM, "false")
+    with every_core():
+        assert os.environ[PARALLELISM] == "true"
+    assert os.environ[PARALLELISM] == "false"
+    monkeypatch.delenv(PARALLELISM)
+    with every_core():
+        assert os.environ[PARALLELISM] == "true"
+    assert PARALLELISM not in os.environ
+
+
+def test_a_batch_encodes_to_the_ids_of_each_text_alone():
+    tokenizer = ByteBPETokenizer(vocab_size=300, min_freq=1).fit(["a small dog runs\n" * 50])
+    texts = ["a small dog", "runs runs", ""]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(text) for text in texts]

@@ -65,9 +65,26 @@ SIMILAR = 0.75
 
 
 def closest(word: str, choices: Sequence[str]) -> str | None:
-    """The choice most like `word`, if any is like it enough (`SIMILAR`)."""
+    """The choice most like `word`, if any is like it enough (`SIMILAR`), else one a single
+    slip away (a short name such as `dpp` for `ddp` scores low on the ratio)."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=SIMILAR)
-    return close[0] if close else None
+    if close:
+        return close[0]
+    return next((choice for choice in choices if len(word) >= 3 and one_slip(word, choice)),
+                None)
+
+
+def one_slip(typed: str, name: str) -> bool:
+    """Whether `typed` is `name` with one letter wrong, missing or extra, or two neighbours
+    swapped."""
+    if abs(len(typed) - len(name)) > 1 or typed == name:
+        return False
+    start = next((i for i, (a, b) in enumerate(zip(typed, name)) if a != b),
+                 min(len(typed), len(name)))
+    rest_typed, rest_name = typed[start:], name[start:]
+    return (rest_typed[1:] == rest_name[1:] or rest_typed[1:] == rest_name
+            or rest_typed == rest_name[1:]
+            or (rest_typed[:2] == rest_name[1::-1] and rest_typed[2:] == rest_name[2:]))
 
 
 def did_you_mean(word: str, choices: Sequence[str], prefix: str = "") -> str:

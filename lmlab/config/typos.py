@@ -39,8 +39,18 @@ def suggestion(argv: list[str]) -> str | None:
         if option:
             group, name = option.groups()
             found = closest(name, GlobalHydra.instance().config_loader().get_group_options(group))
-            return f"did you mean {group}={found}?" if found else None
+            return " ".join(filter(None, [found and f"did you mean {group}={found}?",
+                                          _own_option(group, name, argv)]))
     return None
+
+
+def _own_option(group: str, name: str, argv: list[str]) -> str:
+    """Where an option of one's own is looked for (docs/extending.md)."""
+    folder = next((a.partition("=")[2] for a in argv if a.startswith("user_dir=")), None)
+    if folder is None:
+        return (f"An option of your own is found with user_dir=FOLDER, the folder that holds "
+                f"conf/{group}/{name}.yaml (docs/extending.md).")
+    return f"There is no {folder}/conf/{group}/{name}.yaml."
 
 
 def _refused(overrides: list[str]) -> tuple[str, str] | None:
@@ -71,4 +81,5 @@ def _closest_key(key: str, rest: list[str], arg: str) -> str | None:
     if found is None:
         return None
     value = arg.partition("=")[2]
-    return f"did you mean {parent_key + '.' if parent_key else ''}{found}={value}?"
+    return (f"did you mean {parent_key + '.' if parent_key else ''}{found}={value}? (Hydra's "
+            f"`+{key}` would add a key that nothing reads.)")

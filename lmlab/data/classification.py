@@ -62,7 +62,7 @@ class ClassificationDataModule(TextRecordsDataModule):
 
     def summary(self) -> str:
         """The records per split and vocabulary, and each class's training examples."""
-        counts = Counter(example["labels"] for example in self.datasets["train"])
+        counts = Counter(self.datasets["train"].column("labels").tolist())
         names = self.label_names or self.labels
         classes = ", ".join(f"{names[i]} {counts[i]:,}" for i in range(len(self.labels)))
         return f"{super().summary()}; {len(self.labels)} classes (train: {classes})"

@@ -1,9 +1,10 @@
 """Language-modelling data: text tokenized once into cached token files, read by np.memmap.
 
-The cache folder (a token file a split, the tokenizer, the counts) is keyed by a hash of the
-corpus text, the tokenizer settings, the split fractions and the cache's format version, so a
-second run (or every rank of a multi-process run after the first) reuses it, and corpora
-larger than memory work: only the blocks a batch needs are read.
+The cache folder (a token file a split, the tokenizer, the counts) is keyed by the corpus
+files' paths, sizes and modification times, the tokenizer settings, the split fractions and
+the cache's format version, so a second run (or every rank of a multi-process run after the
+first) finds it without reading the text, and corpora larger than memory work: the text is
+tokenized a piece at a time on every core, and training reads only the blocks a batch needs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from lmlab.data.token_cache import (
     publish,
     write_tokens,
 )
-from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
+from lmlab.data.tokenizers import Tokenizer, TokenizerSpec, every_core
 from lmlab.errors import DataError, LmlabError
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class LMDataModule(ShardedDataModule):
         if folder.is_dir():
             log.info("reusing token cache %s", folder)
         else:
-            self._build_cache(self._paths(), folder)
+            with every_core():  # Lightning calls it before any DataLoader worker is forked
+                self._build_cache(self._paths(), folder)
 
     def setup(self, stage: str | None = None) -> None:
         """Reads the token cache (building it first when called without `prepare_data`).

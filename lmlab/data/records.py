@@ -16,14 +16,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from lmlab.data.batching import BucketBatchSampler, ResumableLoader, ShardedDataModule, pad_batch
 from lmlab.data.corpora import Corpus, load_hub_dataset
+from lmlab.data.packed import PackedExamples
 from lmlab.data.readers import BadRecords, Record, read_aligned, read_records
-from lmlab.data.tokenizers import Tokenizer, TokenizerSpec
+from lmlab.data.tokenizers import Tokenizer, TokenizerSpec, every_core
 from lmlab.errors import DataError, LmlabError
 
 SPLITS = ("train", "val", "test")
 HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
 
+ENCODE_CHUNK = 10_000  # records encoded together, then packed (see lmlab.data.packed)
 Split = tuple[list[str], list[Record]]  # the files a split was read from, and its records
 
 
@@ -40,7 +41,7 @@ class PaddedExamples(Dataset):
     real example (see `BucketBatchSampler`).
     """
 
-    def __init__(self, examples: list[dict]):
+    def __init__(self, examples: PackedExamples):
         self.examples = examples
 
     def __len__(self) -> int:
@@ -120,12 +121,13 @@ class TextRecordsDataModule(ShardedDataModule):
         if self.datasets:
             return
         records = self._read_splits()
-        if self.load_from:
-            self._load(Path(self.load_from))
-        else:
-            self._fit(records["train"])
-        self.datasets = {split: self._encode(split_records)
-                         for split, split_records in records.items()}
+        with every_core():  # before any DataLoader worker is forked
+            if self.load_from:
+                self._load(Path(self.load_from))
+            else:
+                self._fit(records["train"])
+            self.datasets = {split: self._pack(split_records)
+                             for split, split_records in records.items()}
 
     def summary(self) -> str:
         """One line: records per split and the vocabulary size (the run logs it)."""
@@ -272,7 +274,13 @@ class TextRecordsDataModule(ShardedDataModule):
         records["train"] = train
         return records
 
-    def _encode(self, records: list[Record]) -> list[dict]:
+    def _pack(self, records: list[Record]) -> PackedExamples:
+        """The records' examples, encoded ENCODE_CHUNK records at a time and packed."""
+        return PackedExamples.pack(self._encode(records[start:start + ENCODE_CHUNK], start)
+                                   for start in range(0, len(records), ENCODE_CHUNK))
+
+    def _encode(self, records: list[Record], first: int = 0) -> list[dict]:
+        """The examples of `records` (the split's records from its `first`)."""
         unk = [self.tokenizer.unk_id]  # a text that encodes to nothing still has length 1
         columns = {key: self.tokenizer.encode_batch([text_of(r, fields) for r in records])
                    for key, fields in self.texts.items()}
@@ -285,7 +293,7 @@ class TextRecordsDataModule(ShardedDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         examples = self.datasets[split]
         world, rank = self.world()
-        lengths = [max(len(example[key]) for key in self.texts) for example in examples]
+        lengths = examples.lengths().tolist()
         sampler = BucketBatchSampler(lengths, self.batch_size, shuffle, self.seed, world, rank)
         if shuffle and self.trainer:
             # Worker processes prefetch batches as soon as the loader is iterated, which a

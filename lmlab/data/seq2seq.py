@@ -240,14 +240,15 @@ class Seq2SeqDataModule(TextRecordsDataModule):
                  if record.fields.get(field, "").strip()]
         return [_one_line(record, field) for field in (self.target_field, *extra)]
 
-    def _encode(self, records: list[Record]) -> list[dict]:
+    def _encode(self, records: list[Record], first: int = 0) -> list[dict]:
         sources = encode_sources(self.source_tokenizer,
                                  [record.fields[self.source_field] for record in records],
                                  self.max_source_length)
         targets = self._framed.encode_batch(
             [_one_line(record, self.target_field) for record in records])
         return [{"source": torch.tensor(source), "target": torch.tensor(self._cut_target(target)),
-                 "index": index} for index, (source, target) in enumerate(zip(sources, targets))]
+                 "index": index} for index, (source, target) in enumerate(zip(sources, targets),
+                                                                    first)]
 
     def _cut_target(self, ids: list[int]) -> list[int]:
         """Cuts `<bos> y1 ... yn <eos>` to `max_target_length`, keeping the `<eos>` so the

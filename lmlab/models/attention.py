@@ -7,7 +7,8 @@ splits each by output columns (by heads) and the output projection by input rows
 count is read from the tensor, so a rank's share of heads works unchanged.
 
 Caches, for decoding one token at a time:
-- self-attention: the keys and values of the positions seen so far, extended each call;
+- self-attention: the keys and values of the positions seen so far, extended each call (from
+  the second call on, in place: `KeyValueBuffer`);
 - cross-attention: the keys and values of the encoder's memory, computed on the first call
   and reused after it.
 """
@@ -19,6 +20,60 @@ import torch.nn.functional as F
 from torch import nn
 
 KeyValues = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, H, S, D)
+
+
+class KeyValueBuffer:
+    """A self-attention cache written in place: keys and values (B, H, S, D) of the positions
+    so far, in buffers with room for more. A step writes its new positions after the old
+    ones instead of copying them all into a new tensor (`torch.cat`); a full buffer doubles,
+    so each position is copied about once over a whole decoding.
+
+    It reads as the `(keys, values)` pair of the positions so far: `kv[0]`, `k, v = kv`.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        self.keys, self.values, self.length = keys, values, length  # buffers (B, H, room, D)
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, room: int) -> KeyValueBuffer:
+        """A buffer of `room` positions (at least those given) holding `keys`, `values`."""
+        shape = (*keys.shape[:2], max(room, keys.size(2)), keys.size(3))
+        buffers = keys.new_empty(shape), values.new_empty(shape)
+        buffer = cls(*buffers, 0)
+        buffer.append(keys, values)
+        return buffer
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> KeyValues:
+        """Writes the new positions' keys and values after the others; returns all so far."""
+        end = self.length + keys.size(2)
+        if end > self.keys.size(2):
+            grown = KeyValueBuffer.holding(*self, room=2 * end)
+            self.keys, self.values = grown.keys, grown.values
+        self.keys[:, :, self.length:end] = keys
+        self.values[:, :, self.length:end] = values
+        self.length = end
+        return tuple(self)
+
+    def select_rows(self, rows: torch.Tensor) -> KeyValueBuffer:
+        """The cache of batch rows `rows` (a beam search's surviving hypotheses)."""
+        return KeyValueBuffer(self.keys.index_select(0, rows), self.values.index_select(0, rows),
+                              self.length)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return (self.keys, self.values)[index][:, :, :self.length]
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
+
+    def __len__(self) -> int:
+        return 2
+
+
+def select_rows(kv: KeyValues | KeyValueBuffer, rows: torch.Tensor):
+    """The keys and values of batch rows `rows`, a buffer staying a buffer."""
+    if isinstance(kv, KeyValueBuffer):
+        return kv.select_rows(rows)
+    return tuple(t.index_select(0, rows) for t in kv)
 
 
 class Attention(nn.Module):
@@ -73,14 +128,18 @@ class Attention(nn.Module):
             k, v = self._heads(self.k, x), self._heads(self.v, x)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            if isinstance(cache, KeyValueBuffer):
+                k, v = cache.append(k, v)
+            elif cache is not None:  # the second step of a decoding: from here, in place
+                cache = KeyValueBuffer.holding(*cache, room=2 * (cache[0].size(2) + k.size(2)))
+                k, v = cache.append(k, v)
         mask, is_causal = attention_mask(q.size(2), k.size(2), causal, key_mask, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         B, T = x.shape[:2]
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * D)
-        return self.resid_dropout(self.proj(y)), (k, v)
+        kept = cache if isinstance(cache, KeyValueBuffer) and not self.cross else (k, v)
+        return self.resid_dropout(self.proj(y)), kept
 
     def _heads(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) through `layer` to (B, H, T, D), H being this rank's share of heads."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.models.attention import Attention
+from lmlab.models.attention import Attention, select_rows
 from lmlab.models.encoder_decoder import EncoderDecoder
 from lmlab.models.flops import attention, linear
 
@@ -223,8 +223,8 @@ class Seq2SeqTransformer(EncoderDecoder):
 
     def reorder_cache(self, cache: dict, indices: torch.Tensor) -> dict:
         """Each block's self- and cross-attention keys and values of rows `indices`."""
-        layers = [{kind: tuple(t.index_select(0, indices) for t in kv)
-                   for kind, kv in layer.items()} for layer in cache["layers"]]
+        layers = [{kind: select_rows(kv, indices) for kind, kv in layer.items()}
+                  for layer in cache["layers"]]
         return {"step": cache["step"], "layers": layers}
 
     def flops(self, source_lengths: torch.Tensor, target_lengths: torch.Tensor

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 
 from hydra.utils import get_object
+from lightning.pytorch.strategies import (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
+                                          Strategy)
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -23,6 +25,16 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 log = logging.getLogger(__name__)
 STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def keeps_shards(strategy: Strategy | None) -> bool:
+    """Whether `strategy` keeps a net's parameters split across processes between steps
+    (FSDP, FSDP2 and tensor parallel, DeepSpeed ZeRO-3): every forward then runs collectives
+    that each process must join, so all must take as many decoder steps as the slowest.
+    Under DDP and ZeRO 1-2 each process runs its whole net alone."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        return strategy.zero_stage_3
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def block_classes(net: nn.Module | type | str | None) -> tuple[type[nn.Module], ...]:

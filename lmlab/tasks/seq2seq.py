@@ -15,6 +15,7 @@ from torch import nn
 from lmlab.data.description import DataDescription
 from lmlab.data.seq2seq import metric_of
 from lmlab.models.decoding import Hypothesis, best_tokens, max_lengths
+from lmlab.parallel.sharding import keeps_shards
 from lmlab.tasks.base import Task, example_weights, real_examples
 from lmlab.tasks.causal_lm import parameter_groups
 from lmlab.tasks.text_metrics import bleu, consensus, one_line, rouge, rouge_signature
@@ -148,10 +149,13 @@ class Seq2SeqTask(Task):
         return best_tokens(self.net, source, beam, steps=steps, choose=choose, **self.search)
 
     def lockstep_steps(self, source: torch.Tensor) -> int | None:
-        """On several processes, the most decoder steps any rank's batch may take: sharded
-        strategies gather parameters in every step, collectively, so every rank must take
-        as many steps as the others (None on one process)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        """Under a strategy that keeps the parameters sharded, the most decoder steps any
+        rank's batch may take: each step gathers parameters collectively, so every rank must
+        take as many steps as the others. None (each rank stops when its batch is done)
+        on one process, and under DDP or ZeRO 1-2, whose ranks decode alone."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not keeps_shards(strategy) or not (dist.is_available() and dist.is_initialized()) \
+                or dist.get_world_size() == 1:
             return None
         limits = max_lengths(self.net, source, self.search["max_len_a"],
                              self.search["max_len_b"], self.search["min_length"])
