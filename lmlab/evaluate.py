@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from lmlab.config.cli import fail, parse_known_args, report, unknown_key
 from lmlab.data.records import text_of
+from lmlab.config.user_dir import moved_to
 from lmlab.errors import LmlabError
 from lmlab.predict import tsv
 from lmlab.training.build import load_task
@@ -45,6 +46,7 @@ class EvaluateArgs:
 
     run_dir: str  # the folder `python -m lmlab.run` printed as `run files`
     ckpt: str | None = None  # best, last, weights or a path; null: best, else last, else weights
+    user_dir: str | None = None  # where the run's user directory is now, if it moved
 
 
 def evaluate(run_dir: str | Path, ckpt: str | None = None, overrides: list[str] = ()) -> dict:
@@ -176,7 +178,7 @@ def main(argv: list[str]) -> None:
         plain = next((a for a in overrides if "." not in a.partition("=")[0]), None)
         if plain is not None:  # neither an option of evaluate nor a key of the run's config
             raise unknown_key(plain.partition("=")[0], EvaluateArgs, USAGE)
-        evaluate(args.run_dir, args.ckpt, overrides)
+        evaluate(args.run_dir, args.ckpt, [*overrides, *moved_to(args.user_dir)])
     except LmlabError as err:
         fail(str(err))
 

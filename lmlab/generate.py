@@ -32,6 +32,7 @@ from lmlab.data.batching import pad_batch
 from lmlab.data.description import DataDescription
 from lmlab.data.seq2seq import encode_sources
 from lmlab.data.tokenizers import Tokenizer
+from lmlab.config.user_dir import moved_to
 from lmlab.errors import LmlabError
 from lmlab.models.sampling import generate
 from lmlab.tasks.text_metrics import one_line
@@ -69,6 +70,7 @@ class GenerateConfig:
     no_repeat_ngram_size: int | None = None  # never repeat an n-gram (0: off); null: the run's
     mbr: bool | None = None  # output the consensus of the beam's hypotheses; null: the run's
     batch_size: int = 32  # input_file lines decoded together
+    user_dir: str | None = None  # where the run's user directory is now, if it moved
 
 
 def stream(net: torch.nn.Module, tokenizer: Tokenizer, args: GenerateConfig) -> str:
@@ -159,10 +161,10 @@ def write_lines(lines: list[str], path: str | None) -> None:
         Path(path).write_text(text, encoding="utf-8")
 
 
-def run_kind(ckpt: str) -> str:
+def run_kind(ckpt: str, overrides: list[str] = ()) -> str:
     """The kind of task (`classification`, `lm`, `seq2seq`) of a run folder, or of the run
-    of a checkpoint file, read from its saved config."""
-    cfg = load_run_config(run_folder(Path(ckpt)))
+    of a checkpoint file, read from its saved config (with `overrides`)."""
+    cfg = load_run_config(run_folder(Path(ckpt)), overrides)
     return get_class(cfg.model._target_).kind
 
 
@@ -175,12 +177,14 @@ def generate_from(args: GenerateConfig, command: str = COMMAND) -> None:
             (refused before its weights are read; it names `lmlab.predict`), a missing
             checkpoint, or arguments the run cannot use.
     """
-    kind = run_kind(args.ckpt)
+    overrides = moved_to(args.user_dir)
+    kind = run_kind(args.ckpt, overrides)
     if kind not in GENERATES:
         raise LmlabError(f"{args.ckpt} is a {kind} run, which generates no text: run "
                          f"`python -m lmlab.predict {args.ckpt} input=TEXT` (or input_file=IN) "
                          f"for its predictions")
-    task, data, cfg = load_run(args.ckpt, command, search_changes(args), args.device)
+    task, data, cfg = load_run(args.ckpt, command, search_changes(args), args.device,
+                               overrides)
     if task.kind == "seq2seq":
         transduce(task, data, cfg, args)
     else:

@@ -31,6 +31,7 @@ from lmlab.config.cli import fail, parse_args, parse_known_args, unknown_key
 from lmlab.data.batching import pad_batch
 from lmlab.data.records import lengths_key
 from lmlab.data.tokenizers import Tokenizer
+from lmlab.config.user_dir import moved_to
 from lmlab.errors import LmlabError
 from lmlab.generate import GENERATES, GenerateConfig, generate_from, read_lines, run_kind
 from lmlab.training.runs import load_run, load_run_config, run_folder
@@ -52,6 +53,7 @@ class PredictArgs:
     output_file: str | None = None  # where the outputs go (else stdout)
     batch_size: int = 32  # texts predicted (or decoded) together
     device: str = "cpu"  # cpu or cuda
+    user_dir: str | None = None  # where the run's user directory is now, if it moved
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[torch.Tensor]:
@@ -98,10 +100,11 @@ def label_texts(args: PredictArgs) -> list[dict]:
     """Predicts, with the run's task, for `args.input` or each line of `args.input_file`;
     prints or writes the predictions and returns them, one dict a text."""
     texts = [args.input] if args.input is not None else read_lines(Path(args.input_file))
-    saved = load_run_config(run_folder(Path(args.ckpt)))
+    overrides = moved_to(args.user_dir)
+    saved = load_run_config(run_folder(Path(args.ckpt)), overrides)
     # The trained vectors are in the checkpoint: the file they came from is not read again.
     changes = {"pretrained_vectors": None} if saved.model.get("pretrained_vectors") else {}
-    task, data, cfg = load_run(args.ckpt, COMMAND, changes, args.device)
+    task, data, cfg = load_run(args.ckpt, COMMAND, changes, args.device, overrides)
     if not callable(getattr(task, "predict", None)):
         raise LmlabError(f"the run's task, {type(task).__name__}, has no `predict` method: "
                          "it predicts nothing for a text (docs/extending.md)")
@@ -131,14 +134,14 @@ def generation_args(args: PredictArgs, kind: str, rest: list[str]) -> GenerateCo
     sequence-to-sequence one (it translates or summarizes `input` or `input_file`); `rest`
     are generate's own options."""
     given = parse_args(GenerateConfig, [f"ckpt={args.ckpt}", *rest], USAGE)
+    given = replace(given, device=args.device, user_dir=args.user_dir)
     if kind == "seq2seq":
         return replace(given, input=args.input, input_file=args.input_file,
-                       output_file=args.output_file, batch_size=args.batch_size,
-                       device=args.device)
+                       output_file=args.output_file, batch_size=args.batch_size)
     if args.input is None or args.output_file is not None:
         raise LmlabError(f"a language model continues one text, printed as it comes: give "
                          f"input=TEXT, without input_file or output_file\nusage: {USAGE}")
-    return replace(given, prompt=args.input, device=args.device)
+    return replace(given, prompt=args.input)
 
 
 def refuse_options(rest: list[str]) -> None:
@@ -158,7 +161,7 @@ def main(argv: list[str]) -> None:
         args, rest = parse_known_args(PredictArgs, argv, USAGE, positional=("ckpt",))
         if (args.input is None) == (args.input_file is None):
             raise LmlabError(f"give input=TEXT or input_file=IN (one of them)\nusage: {USAGE}")
-        kind = run_kind(args.ckpt)
+        kind = run_kind(args.ckpt, moved_to(args.user_dir))
         if kind in GENERATES:
             generate_from(generation_args(args, kind, rest), COMMAND)
         else:

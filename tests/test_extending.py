@@ -138,6 +138,21 @@ def test_a_module_outside_lmlab_and_the_user_directory_is_still_refused(textcnn_
 
 
 @pytest.mark.slow
+def test_a_run_whose_user_directory_moved_is_pointed_at_its_new_place(textcnn_run, user_dir,
+                                                                      tmp_path):
+    copied = tmp_path / "copied"
+    shutil.copytree(textcnn_run, copied)
+    saved = copied / ".hydra" / "config.yaml"
+    saved.write_text(saved.read_text().replace(str(user_dir), str(tmp_path / "old_place")))
+    refused = command("lmlab.evaluate", str(copied), ok=False)
+    assert refused.returncode == 2 and "user_dir=FOLDER" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    command("lmlab.evaluate", str(copied), f"user_dir={user_dir}")
+    predicted = command("lmlab.predict", str(copied), "input=a film", f"user_dir={user_dir}")
+    assert predicted.stdout.startswith("label"), predicted.stdout
+
+
+@pytest.mark.slow
 def test_resuming_without_the_user_directory_is_one_line_naming_it(textcnn_run):
     result = train(textcnn_run, "model=classifier", "model.net._target_=textcnn.TextCNN",
                    "resume=auto", *TINY, ok=False)

@@ -44,8 +44,9 @@ def check_targets(cfg: DictConfig, source: Path) -> None:
     if folder is not None:
         if not Path(folder).is_dir():
             raise LmlabError(f"{source}: the run was made with {user_dir.KEY}={folder}, which "
-                             "is not there; put the folder back at that path (its modules "
-                             "define the run's model or data)")
+                             "is not there; put the folder back at that path, or give its "
+                             f"new place with {user_dir.KEY}=FOLDER (its modules define the "
+                             "run's model or data)")
         folder = user_dir.activate(folder)
     for key, target in targets(OmegaConf.to_container(cfg, resolve=False)):
         if not allowed(str(target)) and not (folder and user_dir.holds(folder, str(target))):

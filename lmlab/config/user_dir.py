@@ -86,3 +86,9 @@ def with_user_dir(argv: list[str]) -> list[str]:
     if conf.is_dir() and not any(a.startswith("hydra.searchpath=") for a in argv):
         argv.append(f"hydra.searchpath=[file://{conf}]")
     return argv
+
+
+def moved_to(folder: str | None) -> list[str]:
+    """The override of a saved run's config (`lmlab.training.runs.load_run_config`) that
+    points the run at its user directory's new place; none for None."""
+    return [] if folder is None else [f"{KEY}={folder}"]

@@ -1,9 +1,10 @@
 """Batched greedy and beam search for encoder-decoder nets.
 
 A net provides `encode(source)`, `decode_step(tokens, encoded, cache)`, `reorder(encoded,
-cache, indices)` and the ids `pad_id`, `bos_id`, `eos_id` (see `Seq2SeqTransformer` and
-`RNNSeq2Seq`). The encoder runs once per sentence; each step feeds one token per row with a
-cache (or, with `use_cache=False`, the whole prefix without one, for comparison).
+cache, indices, within_sentences)` and the ids `pad_id`, `bos_id`, `eos_id` (see
+`Seq2SeqTransformer` and `RNNSeq2Seq`). The encoder runs once per sentence; each step feeds
+one token per row with a cache (or, with `use_cache=False`, the whole prefix without one, for
+comparison).
 
 Rules that hold whatever the batch:
 - beams are rows (sentence-major: B * beam rows); each row ends at its own <eos> (in beam
@@ -199,7 +200,9 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
         if rows is None:
             idle(net, search, encoded, cache, use_cache, total - step - 1)
             break
-        encoded, cache = net.reorder(encoded, cache, rows)
+        # while every sentence stays, a row's beams are rows of its sentence: its encoder
+        # output need not move
+        encoded, cache = net.reorder(encoded, cache, rows, within_sentences=not any(done))
     return [sorted(hyps, key=lambda h: -h.score) for hyps in finished]
 
 

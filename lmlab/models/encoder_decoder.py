@@ -39,14 +39,23 @@ class EncoderDecoder(nn.Module):
         self.src_embed = self.tgt_embed if share_embeddings else \
             nn.Embedding(src_vocab_size, embed_dim, padding_idx=pad_id)
 
-    def reorder(self, encoded: dict, cache: dict | None, indices: torch.Tensor
-                ) -> tuple[dict, dict | None]:
-        """Keeps rows `indices` (B',) of the encoder output and of the cache, in that order."""
-        encoded = {name: t.index_select(0, indices) for name, t in encoded.items()}
-        return encoded, None if cache is None else self.reorder_cache(cache, indices)
+    def reorder(self, encoded: dict, cache: dict | None, indices: torch.Tensor,
+                within_sentences: bool = False) -> tuple[dict, dict | None]:
+        """Keeps rows `indices` (B',) of the encoder output and of the cache, in that order.
 
-    def reorder_cache(self, cache: dict, indices: torch.Tensor) -> dict:
-        """The decoder's cache with rows `indices` (B',) only, in that order."""
+        `within_sentences`: each row moves only among the rows of its own sentence (a beam
+        search in which no sentence left), whose encoder output, and what is computed from
+        it alone, are the same: those are kept as they are, not copied.
+        """
+        if not within_sentences:
+            encoded = {name: t.index_select(0, indices) for name, t in encoded.items()}
+        return encoded, None if cache is None else self.reorder_cache(cache, indices,
+                                                                      within_sentences)
+
+    def reorder_cache(self, cache: dict, indices: torch.Tensor,
+                      within_sentences: bool = False) -> dict:
+        """The decoder's cache with rows `indices` (B',) only, in that order (see
+        `reorder` for `within_sentences`)."""
         raise NotImplementedError
 
     def num_parameters(self) -> int:

@@ -165,7 +165,8 @@ class RNNSeq2Seq(EncoderDecoder):
             out, cache = self.decoder(self.drop(self.tgt_embed(tokens[:, t])), encoded, cache)
         return self.lm_head(out), cache
 
-    def reorder_cache(self, cache: dict, indices: torch.Tensor) -> dict:
+    def reorder_cache(self, cache: dict, indices: torch.Tensor,
+                      within_sentences: bool = False) -> dict:
         """The recurrent state (layers first) and the last attentional vector of rows
         `indices`."""
         return {"h": cache["h"].index_select(1, indices), "c": cache["c"].index_select(1, indices),

@@ -221,10 +221,12 @@ class Seq2SeqTransformer(EncoderDecoder):
         logits = self.output(self.decoder_norm(x[:, -1:]), encoded)[:, 0]  # (B, V)
         return logits, {"step": step + tokens.size(1), "layers": layers}
 
-    def reorder_cache(self, cache: dict, indices: torch.Tensor) -> dict:
-        """Each block's self- and cross-attention keys and values of rows `indices`."""
-        layers = [{kind: select_rows(kv, indices) for kind, kv in layer.items()}
-                  for layer in cache["layers"]]
+    def reorder_cache(self, cache: dict, indices: torch.Tensor,
+                      within_sentences: bool = False) -> dict:
+        """Each block's self- and cross-attention keys and values of rows `indices` (the
+        cross-attention's, of the encoder output alone, kept `within_sentences`)."""
+        layers = [{kind: kv if kind == "cross" and within_sentences else select_rows(kv, indices)
+                   for kind, kv in layer.items()} for layer in cache["layers"]]
         return {"step": cache["step"], "layers": layers}
 
     def flops(self, source_lengths: torch.Tensor, target_lengths: torch.Tensor

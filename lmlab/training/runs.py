@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpointing.io import SAFE_WEIGHTS, WEIGHTS
 from lmlab.checkpointing.weights import load_weights
+from lmlab.config import user_dir
 from lmlab.config.cli import convert, did_you_mean
 from lmlab.config.safety import check_targets
 from lmlab.data.description import DataDescription
@@ -62,12 +63,17 @@ def rename_targets(node) -> None:
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
     """The saved config of a run, with its paths pointed back at `run_dir` and
-    `overrides` (`key=value`, see `override`) applied."""
+    `overrides` (`key=value`, see `override`) applied; `user_dir=FOLDER` among them points
+    the run at its user directory's new place before its classes are checked."""
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise LmlabError(f"{run_dir} is not an lmlab run folder (no .hydra/config.yaml); "
                          "pass the folder that `python -m lmlab.run` printed as `run files`")
     cfg = OmegaConf.load(saved)
+    moved = [arg for arg in overrides if arg.startswith(f"{user_dir.KEY}=")]
+    if moved:
+        cfg[user_dir.KEY] = str(Path(moved[-1].partition("=")[2]).expanduser().resolve())
+        overrides = [arg for arg in overrides if arg not in moved]
     rename_targets(cfg)  # saved by an earlier layout of lmlab's modules
     check_targets(cfg, saved)  # a run folder may come from elsewhere
     cfg.paths.output_dir = str(run_dir)
@@ -182,7 +188,8 @@ def run_description(run_dir: Path, cfg: DictConfig) -> DataDescription:
     return DataDescription(Tokenizer.load(run_dir / "tokenizer.json"), **facts)
 
 
-def load_run(ckpt: str, command: str, changes: dict | None = None, device: str = "cpu"):
+def load_run(ckpt: str, command: str, changes: dict | None = None, device: str = "cpu",
+             overrides: list[str] = ()):
     """The task of a run (its folder, or a checkpoint file in one) with the checkpoint's
     weights, in eval mode on `device`, its data's description and its config; `changes` are
     model keys set first (a search setting, ...). Sets the run's kernel choices in this
@@ -194,10 +201,11 @@ def load_run(ckpt: str, command: str, changes: dict | None = None, device: str =
         command: the command that takes `ckpt=`, for the hint of a missing checkpoint.
         changes: model keys and values.
         device: where the task goes.
+        overrides: `key=value`s of the saved config (see `load_run_config`).
     """
     path = Path(ckpt)
     run_dir = run_folder(path)
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, overrides)
     cfg.model = OmegaConf.merge(cfg.model, changes or {})
     checkpoint = find_checkpoint(run_dir, None if path == run_dir else str(path),
                                  lambda _, found: f"{command} ckpt={found or run_dir}")
