@@ -13,6 +13,7 @@ QUIET = re.compile("|".join([
     r"^(GPU|TPU|HPU) available:", r"^LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",
     r"^`Trainer\(limit_\w+_batches=1\.0\)` was configured",  # the default, restated
     r"`weights_only` was not set",
+    r"^`Trainer\.fit` stopped: `max_(epochs|steps)=\d+` reached",  # the run's planned end
     # Lightning's fault-tolerant default on a fresh run (lmlab.training.callbacks.interrupt
     # extends OnExceptionCheckpoint): "no last checkpoint" is expected, not a failed resume
     r"`\.fit\(ckpt_path=None\)` was called without a model",
