@@ -52,6 +52,7 @@ PLACEHOLDERS = {
     "lmlab.predict RUN": "lmlab.predict {run}",
     "user_dir=PATH": "user_dir={mine}",  # a folder holding docs/extending.md's files
     "user_dir=~/mine": "user_dir={mine}",
+    "user_dir=NEW_PATH": "user_dir={mine}",  # a moved user directory's new place
     "data.root=$HOME/aclImdb": "data.root={mine}",
     "paths.data_dir=...": "paths.data_dir={data}",
 }
