@@ -20,8 +20,10 @@ make; a command with a placeholder not in `PLACEHOLDERS` fails, it is never skip
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,6 +279,10 @@ def run_for(command: str) -> str:
 @pytest.mark.parametrize("example,command", params())
 def test_example_runs_as_written(example, command, sandbox, request, monkeypatch):
     monkeypatch.chdir(sandbox)  # relative file names of the docs are the sandbox's files
+    # a user_dir= example extends both, as lmlab.run does; the processes that later tests
+    # start must not inherit the folder
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     argv = shlex.split(substitute(command, request))
     entry, args = argv[2], argv[3:]
     if entry == "lmlab.run":
