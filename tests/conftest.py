@@ -30,6 +30,14 @@ def doc_files() -> dict[str, str]:
     return dict(DOC_FILE.findall((ROOT / "docs" / "extending.md").read_text()))
 
 
+def write_doc_files(folder: Path) -> Path:
+    """Writes docs/extending.md's files into `folder` (a user directory); returns it."""
+    for name, text in doc_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """Composes the run config with overrides, as `python -m lmlab.run` would."""

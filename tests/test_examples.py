@@ -34,7 +34,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
 from omegaconf import OmegaConf, open_dict
 
-from conftest import DATA_DIR, ROOT, doc_files, run_cli
+from conftest import DATA_DIR, ROOT, run_cli, write_doc_files
 from lmlab.check_parallel import RUN, SINGLE, parse
 from lmlab.config.schema import CONF_DIR, register_schema
 from lmlab.config.checks import check_config
@@ -221,38 +221,33 @@ def sandbox(tmp_path_factory):
     (folder / "in.txt").write_text("def add(a, b):\n    return a + b\nA man rides a horse.\n")
     (folder / "texts.txt").write_text("a gripping, funny film\ndull and far too long\n")
     (folder / "scores.tsv").write_text("text\tscore\n" + "a fine film\t0.8\n" * 20)
-    for name, text in doc_files().items():
-        (folder / "mine" / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / "mine" / name).write_text(text)
+    write_doc_files(folder / "mine")
+    return folder
+
+
+def trained(folder: Path, *overrides: str) -> Path:
+    """`folder`, holding a run of `python -m lmlab.run` with `overrides`."""
+    done = run_cli(*overrides, f"hydra.run.dir={folder}", cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
 
 @pytest.fixture(scope="module")
 def tiny_classifier_run(sandbox):
     """A tiny trained classifier run, for `lmlab.predict`."""
-    folder = sandbox / "classifier_run"
-    done = run_cli(*TINY_CLASSIFIER, f"hydra.run.dir={folder}", cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder
+    return trained(sandbox / "classifier_run", *TINY_CLASSIFIER)
 
 
 @pytest.fixture(scope="module")
 def tiny_seq2seq_run(sandbox):
     """A tiny trained sequence-to-sequence run, for the commands that give it an input."""
-    folder = sandbox / "s2s_run"
-    done = run_cli(*TINY_SEQ2SEQ, f"hydra.run.dir={folder}", cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder
+    return trained(sandbox / "s2s_run", *TINY_SEQ2SEQ)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(sandbox):
     """A tiny trained language-model run (best and last checkpoints, weights.ckpt)."""
-    folder = sandbox / "run"
-    done = run_cli(*TINY_LM, f"hydra.run.dir={folder}", f"paths.cache_dir={sandbox / 'cache'}",
-                   cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder
+    return trained(sandbox / "run", *TINY_LM, f"paths.cache_dir={sandbox / 'cache'}")
 
 
 def substitute(command: str, request) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DATA_DIR, ROOT, doc_files, needs_data, run_cli
+from conftest import DATA_DIR, ROOT, doc_files, needs_data, run_cli, write_doc_files
 
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "strategy=cpu", "logger=csv"]
@@ -23,11 +23,7 @@ TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
 
 @pytest.fixture(scope="module")
 def user_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mine")
-    for name, text in doc_files().items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(text)
-    return folder
+    return write_doc_files(tmp_path_factory.mktemp("mine"))
 
 
 def sst2_lines(count: int) -> list[tuple[str, str]]:

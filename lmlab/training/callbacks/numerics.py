@@ -65,9 +65,9 @@ class NumericalGuard(Callback):
         if self.loss is None:
             return
         grads = [] if has_scaler(trainer) else local_grads(pl_module)
-        stop = float(stop_requested(trainer))
-        stats = torch.stack([self.loss, squared_norm(grads, self.loss),
-                             torch.tensor(stop, device=self.loss.device)])
+        # filled on the device: a tensor made from a host value would be a blocking copy
+        stop = torch.full((), float(stop_requested(trainer)), device=self.loss.device)
+        stats = torch.stack([self.loss, squared_norm(grads, self.loss), stop])  # float32
         self.loss = None
         self.pending = Pending(stats, trainer.world_size, trainer.global_step)
         if self.at_once:
