@@ -15,6 +15,8 @@ Caches, for decoding one token at a time:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,16 +88,26 @@ class Attention(nn.Module):
         bias: biases in the projections.
         cross: keys and values come from a memory (the encoder's output) instead of the
             queries' own sequence.
+        n_kv_head: key/value heads (grouped-query attention: each serves `n_head / n_kv_head`
+            consecutive query heads); None: one per query head.
+        qkv_bias: biases in the query, key and value projections (None: as `bias`; Qwen2
+            has them there alone).
     """
 
     def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, bias: bool = True,
-                 cross: bool = False):
+                 cross: bool = False, n_kv_head: int | None = None,
+                 qkv_bias: bool | None = None):
         super().__init__()
-        if d_model % n_head:
+        n_kv_head = n_kv_head or n_head
+        if d_model % n_head or n_head % n_kv_head:
             raise ValueError(f"the model width ({d_model}) must be a multiple of the number of "
-                             f"heads ({n_head})")
+                             f"heads ({n_head}), and that a multiple of the key/value heads "
+                             f"({n_kv_head})")
         self.head_dim, self.dropout, self.cross = d_model // n_head, dropout, cross
-        self.q, self.k, self.v = (nn.Linear(d_model, d_model, bias=bias) for _ in range(3))
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        kv_width = n_kv_head * self.head_dim
+        self.q = nn.Linear(d_model, d_model, bias=qkv_bias)
+        self.k, self.v = (nn.Linear(d_model, kv_width, bias=qkv_bias) for _ in range(2))
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.register_load_state_dict_pre_hook(split_fused_qkv)
@@ -135,7 +147,8 @@ class Attention(nn.Module):
                 k, v = cache.append(k, v)
         mask, is_causal = attention_mask(q.size(2), k.size(2), causal, key_mask, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=k.size(1) != q.size(1))
         B, T = x.shape[:2]
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * D)
         kept = cache if isinstance(cache, KeyValueBuffer) and not self.cross else (k, v)
@@ -172,6 +185,38 @@ def split_fused_qkv(module: nn.Module, state_dict: dict, prefix: str, *args) -> 
         if fused is not None:
             for name, part in zip("qkv", fused.chunk(3, dim=0)):
                 state_dict[f"{prefix}{name}.{kind}"] = part
+
+
+def rope_frequencies(head_dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
+    """RoPE's inverse frequency of each channel pair (D/2,), as a checkpoint's config declares
+    them: `scaling` is None, or `{"rope_type": "linear", "factor": F}` (positions divided by
+    F), or Llama 3's `{"rope_type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"}` (long wavelengths stretched)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return llama3_frequencies(inv_freq, **{k: v for k, v in scaling.items()
+                                               if k != "rope_type"})
+    raise ValueError(f"RoPE scaling {kind!r} is not supported (default, linear, llama3)")
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
+                       high_freq_factor: float, original_max_position_embeddings: int
+                       ) -> torch.Tensor:
+    """Llama 3.1's RoPE: wavelengths above the original context / `low_freq_factor` are
+    stretched `factor` times, those below context / `high_freq_factor` kept, and the ones
+    between interpolated smoothly."""
+    context = original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelength > context / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    between = (wavelength >= context / high_freq_factor) & (wavelength <= context / low_freq_factor)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    return torch.where(between, blended, stretched)
 
 
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple:

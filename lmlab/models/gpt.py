@@ -1,13 +1,16 @@
-"""A GPT-style decoder: pre-LayerNorm blocks, causal SDPA attention, GELU MLP, tied embeddings.
+"""A GPT-style decoder: pre-norm blocks, causal SDPA attention, an MLP, tied embeddings.
 
 Plain PyTorch, readable top to bottom. Attention is the shared module of
 `lmlab.models.attention`. Positions are learned or rotary (RoPE); generation uses a key/value
-cache. The model declares, once, what parallel strategies need from it:
+cache. The defaults are GPT-2's layout; the switches that Llama-family checkpoints need
+(RMSNorm, a SwiGLU MLP, grouped-query attention, biases on q/k/v only, RoPE scaling, an
+untied output layer) are constructor arguments. The model declares, once, what parallel strategies need from it:
 `block_classes` (the FSDP wrap / activation-checkpointing unit) and `tensor_parallel_plan`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.models.attention import Attention, rope_tables
+from lmlab.models.attention import Attention, rope_frequencies, rope_tables
 from lmlab.models.flops import attention, linear
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, H, T, D)
@@ -34,28 +37,73 @@ class GPTConfig:
     bias: bool  # biases in linear layers and LayerNorms
     positions: str  # learned | rope
     rope_base: float  # RoPE frequency base
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | gelu_tanh | swiglu
+    mlp_hidden: int | None = None  # the MLP's hidden width (None: 4 * n_embd)
+    n_kv_head: int | None = None  # key/value heads (None: n_head)
+    qkv_bias: bool | None = None  # biases in q/k/v (None: as bias)
+    rope_scaling: dict | None = None  # RoPE scaling (lmlab.models.attention.rope_frequencies)
+    tie_embeddings: bool = True  # the output layer is the token embedding
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
+    @property
+    def kv_width(self) -> int:
+        return (self.n_kv_head or self.n_head) * (self.n_embd // self.n_head)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+MLPS = (*ACTIVATIONS, "swiglu")
+NORMS = ("layernorm", "rmsnorm")
 
 
 class MLP(nn.Module):
+    """Widen, activate, narrow: GELU (exact, or GPT-2's tanh approximation)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
+        self.activation = ACTIVATIONS[config.mlp]
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.activation(self.fc(x))))
 
 
-class Block(nn.Module):
-    """One pre-LayerNorm decoder block."""
+class SwiGLU(nn.Module):
+    """The gated MLP of Llama-family models: proj(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = Attention(config.n_embd, config.n_head, config.dropout, config.bias)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.gate = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.up = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+
+
+def norm_layer(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = norm_layer(config)
+        self.attn = Attention(config.n_embd, config.n_head, config.dropout, config.bias,
+                              n_kv_head=config.n_kv_head, qkv_bias=config.qkv_bias)
+        self.ln_2 = norm_layer(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(self, x, rope=None, cache=None):
         attended, new_cache = self.attn(self.ln_1(x), causal=True, rope=rope, cache=cache)
@@ -76,47 +124,63 @@ class GPT(nn.Module):
         bias: biases in linear layers and LayerNorms.
         positions: `learned` or `rope` (rotary).
         rope_base: RoPE frequency base.
+        norm: `layernorm` or `rmsnorm`.
+        norm_eps: the norms' epsilon.
+        mlp: `gelu`, `gelu_tanh` (GPT-2's approximation) or `swiglu` (gated, Llama).
+        mlp_hidden: the MLP's hidden width (None: 4 * n_embd).
+        n_kv_head: key/value heads, grouped-query attention (None: n_head).
+        qkv_bias: biases in the query/key/value projections (None: as `bias`).
+        rope_scaling: RoPE scaling as a checkpoint declares it, e.g. `{rope_type: llama3,
+            factor: 8, ...}` (`lmlab.models.attention.rope_frequencies`); None: none.
+        tie_embeddings: the output layer shares the token embedding's weight.
     """
 
     block_classes = (Block,)
-    # Tensor-parallel plan, by module path pattern (Megatron style): the layers that widen
-    # are split by output columns (attention by heads), the layers that narrow by input
-    # rows, so each sublayer needs one all-reduce.
-    tensor_parallel_plan = {
-        "blocks.*.attn.q": "colwise", "blocks.*.attn.k": "colwise",
-        "blocks.*.attn.v": "colwise", "blocks.*.attn.proj": "rowwise",
-        "blocks.*.mlp.fc": "colwise", "blocks.*.mlp.proj": "rowwise",
-    }
 
     def __init__(self, vocab_size: int = 256, block_size: int = 64, n_layer: int = 4,
                  n_head: int = 4, n_embd: int = 128, dropout: float = 0.0, bias: bool = True,
-                 positions: str = "learned", rope_base: float = 10_000.0):
+                 positions: str = "learned", rope_base: float = 10_000.0,
+                 norm: str = "layernorm", norm_eps: float = 1e-5, mlp: str = "gelu",
+                 mlp_hidden: int | None = None, n_kv_head: int | None = None,
+                 qkv_bias: bool | None = None, rope_scaling: dict | None = None,
+                 tie_embeddings: bool = True):
         super().__init__()
         self.config = config = GPTConfig(
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-            n_embd=n_embd, dropout=dropout, bias=bias, positions=positions, rope_base=rope_base)
+            n_embd=n_embd, dropout=dropout, bias=bias, positions=positions, rope_base=rope_base,
+            norm=norm, norm_eps=norm_eps, mlp=mlp, mlp_hidden=mlp_hidden, n_kv_head=n_kv_head,
+            qkv_bias=qkv_bias, rope_scaling=dict(rope_scaling) if rope_scaling else None,
+            tie_embeddings=tie_embeddings)
         self.block_size = config.block_size
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head "
-                             f"({config.n_head})")
-        if config.positions not in ("learned", "rope"):
-            raise ValueError(f"positions must be learned or rope, not {config.positions!r}")
+        check_switches(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) \
             if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = norm_layer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied input/output embeddings
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         if config.positions == "rope":
-            head_dim = config.n_embd // config.n_head
-            inv_freq = 1.0 / config.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+            inv_freq = rope_frequencies(config.n_embd // config.n_head, config.rope_base,
+                                        config.rope_scaling)
             self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # scaled residual init (GPT-2)
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan, by module path pattern (Megatron style): the layers that
+        widen are split by output columns (attention by heads), the layers that narrow by
+        input rows, so each sublayer needs one all-reduce."""
+        widening = ("gate", "up") if self.config.mlp == "swiglu" else ("fc",)
+        return {"blocks.*.attn.q": "colwise", "blocks.*.attn.k": "colwise",
+                "blocks.*.attn.v": "colwise", "blocks.*.attn.proj": "rowwise",
+                **{f"blocks.*.mlp.{name}": "colwise" for name in widening},
+                "blocks.*.mlp.proj": "rowwise"}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -150,11 +214,25 @@ class GPT(nn.Module):
 
     def flops(self, lengths: torch.Tensor) -> torch.Tensor:
         """Forward FLOPs (`lmlab.models.flops`) of each sequence of `lengths` (B,) tokens."""
-        d, T = self.config.n_embd, lengths.double()
-        block = (linear(T, d, 3 * d) + linear(T, d, d) + attention(T, T, d)
-                 + linear(T, d, 4 * d) + linear(T, 4 * d, d))
-        return self.config.n_layer * block + linear(T, d, self.config.vocab_size)
+        config, T = self.config, lengths.double()
+        d, kv, hidden = config.n_embd, config.kv_width, config.hidden
+        widening = 2 if config.mlp == "swiglu" else 1
+        block = (linear(T, d, d + 2 * kv) + linear(T, d, d) + attention(T, T, d)
+                 + widening * linear(T, d, hidden) + linear(T, hidden, d))
+        return config.n_layer * block + linear(T, d, config.vocab_size)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def check_switches(config: GPTConfig) -> None:
+    """Raises ValueError naming the first switch of `config` that cannot be built."""
+    kv_heads = config.n_kv_head or config.n_head
+    if config.n_embd % config.n_head or config.n_head % kv_heads:
+        raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head "
+                         f"({config.n_head}), and n_head a multiple of n_kv_head ({kv_heads})")
+    for name, value, known in (("positions", config.positions, ("learned", "rope")),
+                               ("norm", config.norm, NORMS), ("mlp", config.mlp, MLPS)):
+        if value not in known:
+            raise ValueError(f"{name} must be one of {', '.join(known)}, not {value!r}")
 
