@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "lmlab"
-COMMANDS = {"run", "evaluate", "predict", "generate", "compare", "check_parallel"}
+COMMANDS = {"run", "evaluate", "predict", "generate", "compare", "check_parallel", "export"}
 # What each room may import from lmlab, itself included; the commands may import anything.
 ALLOWED = {
     "errors": set(),
@@ -18,8 +18,9 @@ ALLOWED = {
     "config": {"config", "data", "parallel"},
     "tracking": {"tracking", "config"},
     "checkpointing": {"checkpointing", "config", "parallel"},
+    "interop": {"interop", "models"},
     "training": {"training", "checkpointing", "tracking", "config", "tasks", "data",
-                 "parallel", "models"},
+                 "parallel", "models", "interop"},
 }
 
 

@@ -1,4 +1,5 @@
-"""The tokenizer layer shared by every task: word, byte-level BPE and character level.
+"""The tokenizer layer shared by every task: word, byte-level BPE and character level, and a
+pretrained model's own.
 
 All three are Hugging Face `tokenizers` pipelines behind one small class, so they train on
 an iterator of strings, encode in batches in Rust, and save to / load from one
@@ -8,12 +9,15 @@ an iterator of strings, encode in batches in Rust, and save to / load from one
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from lmlab.errors import DataError
 
 # DataLoader workers are forked: a fork after the library's thread pool has run may deadlock
 # (the library then warns and turns itself serial). Serial by default, then; `every_core`
@@ -39,22 +43,28 @@ def every_core() -> Iterator[None]:
             os.environ[PARALLELISM] = before
 
 
+OWN_SPECIALS = {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS}
+
+
 class Tokenizer:
     """A trained tokenizer: text to ids and back.
 
     Args:
         hf: the underlying Hugging Face tokenizer, already trained.
+        specials: a pretrained tokenizer's special tokens by role (`bos`, `eos`, `pad`,
+            `unk`: token text, or None); None for lmlab's own (`<pad>`, `<unk>`, ...).
     """
 
-    def __init__(self, hf: HFTokenizer):
-        self.hf = hf
+    def __init__(self, hf: HFTokenizer, specials: dict[str, str | None] | None = None):
+        self.hf, self.specials = hf, specials
         # Text is text: a corpus line or prompt holding "<eos>" must not end a sequence.
-        # The post-processor still adds <bos>/<eos> by id.
-        hf.encode_special_tokens = True
-        self.pad_id = hf.token_to_id(PAD)
-        self.unk_id = hf.token_to_id(UNK)
-        self.bos_id = hf.token_to_id(BOS)
-        self.eos_id = hf.token_to_id(EOS)
+        # The post-processor still adds <bos>/<eos> by id. A pretrained tokenizer encodes as
+        # transformers does: its special tokens' text is the token.
+        hf.encode_special_tokens = specials is None
+        names = specials or OWN_SPECIALS
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
+            hf.token_to_id(names[role]) if names.get(role) else None
+            for role in ("pad", "unk", "bos", "eos"))
 
     @property
     def vocab_size(self) -> int:
@@ -86,11 +96,57 @@ class Tokenizer:
         return Tokenizer(hf)
 
     def save(self, path: str | Path) -> None:
+        """Writes `tokenizer.json`, and a pretrained tokenizer's special tokens beside it in
+        transformers' `tokenizer_config.json`."""
         self.hf.save(str(path))
+        if self.specials is not None:
+            config = {f"{role}_token": token for role, token in self.specials.items()}
+            special_tokens_file(path).write_text(json.dumps(config, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        return cls(HFTokenizer.from_file(str(path)))
+        config = special_tokens_file(path)
+        specials = special_tokens(json.loads(config.read_text())) if config.is_file() else None
+        return cls(HFTokenizer.from_file(str(path)), specials)
+
+    @classmethod
+    def pretrained(cls, folder: str | Path) -> Tokenizer:
+        """A Hugging Face model folder's tokenizer: its `tokenizer.json`, with the special
+        tokens of its `tokenizer_config.json`, else of the ids in its `config.json`.
+
+        Raises:
+            DataError: the folder has no `tokenizer.json`.
+        """
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise DataError(folder, "no tokenizer.json", fix="save the model's fast tokenizer "
+                            "into the folder (tokenizer.save_pretrained(FOLDER))")
+        hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        config = folder / "tokenizer_config.json"
+        if config.is_file():
+            specials = special_tokens(json.loads(config.read_text()))
+        else:
+            model = json.loads((folder / "config.json").read_text())
+            specials = {role: hf.id_to_token(model[f"{role}_token_id"])
+                        if model.get(f"{role}_token_id") is not None else None
+                        for role in ("bos", "eos", "pad")}
+        return cls(hf, specials)
+
+
+def special_tokens_file(path: str | Path) -> Path:
+    """`tokenizer_config.json` beside `tokenizer.json`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_config.json")
+
+
+def special_tokens(config: dict) -> dict[str, str | None]:
+    """The special tokens by role of a `tokenizer_config.json` (a token's entry is its text,
+    or a dict holding it as `content`)."""
+    found = {}
+    for role in ("bos", "eos", "pad", "unk"):
+        token = config.get(f"{role}_token")
+        found[role] = token.get("content") if isinstance(token, dict) else token
+    return found
 
 
 class TokenizerSpec:
@@ -116,6 +172,23 @@ class TokenizerSpec:
 def _normalizer(lowercase: bool) -> normalizers.Normalizer:
     steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
     return normalizers.Sequence(steps)
+
+
+class PretrainedTokenizer(TokenizerSpec):
+    """The tokenizer of a pretrained model's Hugging Face folder, used as it is (never
+    trained), encoding as transformers' tokenizer of that folder does.
+
+    Args:
+        folder: the model folder holding `tokenizer.json`.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        file = Path(folder) / "tokenizer.json"  # a changed file is another tokenizer
+        self.version = (file.stat().st_size, file.stat().st_mtime_ns) if file.is_file() else None
+
+    def fit(self, texts: Iterable[str]) -> Tokenizer:
+        return Tokenizer.pretrained(self.folder)
 
 
 class WordTokenizer(TokenizerSpec):

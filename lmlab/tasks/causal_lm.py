@@ -29,6 +29,8 @@ class CausalLMTask(Task):
         sample_tokens: length of the sample printed after each validation (0: none).
         data: the data's description: its tokenizer decodes the sample, and each split's
             characters per token turn the loss into bits per character.
+        pretrained: the Hugging Face folder the net starts from (`model=hf_causal_lm`),
+            recorded with the run; the net reads it.
     """
 
     kind = "lm"  # the data it needs
@@ -36,7 +38,7 @@ class CausalLMTask(Task):
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  weight_decay: float = 0.1, sample_tokens: int = 200,
                  compile: bool = False, compile_mode: str = "default",
-                 data: DataDescription | None = None):
+                 data: DataDescription | None = None, pretrained: str | None = None):
         super().__init__(net, optimizer, scheduler, compile, compile_mode)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
         self.weight_decay, self.sample_tokens = weight_decay, sample_tokens

@@ -12,14 +12,15 @@ import math
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_object, instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpointing.weights import load_weights
 from lmlab.config.schema import monitor_mode
 from lmlab.data.description import DataDescription
 from lmlab.errors import ConfigError
+from lmlab.interop.huggingface import is_pretrained_folder
 from lmlab.tracking.loggers import WandbLogger
 from lmlab.tracking.run_info import record_run
 from lmlab.tracking.wandb_identity import WandbIdInCheckpoint, wandb_arguments
@@ -66,10 +67,23 @@ def task_for(cfg: DictConfig, description: DataDescription) -> L.LightningModule
 
 def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:
     """The task of `cfg`, sized by `data`, with the weights of `checkpoint` (pretrained
-    vectors are not read again: the checkpoint holds the trained ones)."""
+    vectors and weights are not read again: the checkpoint holds the trained ones); a
+    Hugging Face folder's own weights file is read by its net."""
+    if is_pretrained_folder(checkpoint.parent):
+        return build_task(cfg, data)
     if cfg.model.get("pretrained_vectors"):
         cfg = OmegaConf.merge(cfg, {"model": {"pretrained_vectors": None}})
+    if "load_weights" in signature_of(cfg.model.net):  # a pretrained net's own weights
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.model.net.load_weights = False
     return load_weights(build_task(cfg, data), checkpoint, cfg)
+
+
+def signature_of(node: DictConfig) -> dict:
+    """The parameters of the constructor a config node targets."""
+    return dict(inspect.signature(get_object(node._target_)).parameters) \
+        if node.get("_target_") else {}
 
 
 def choose_monitor(cfg: DictConfig, task_monitor: tuple[str, str]) -> None:

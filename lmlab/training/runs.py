@@ -25,8 +25,12 @@ from lmlab.data.description import DataDescription
 from lmlab.data.seq2seq import language_of, task_type_of
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
+from lmlab.config.schema import compose
+from lmlab.interop.huggingface import is_pretrained_folder
 from lmlab.training.build import task_for
 from lmlab.training.kernels import DEFAULT_NODE, kernels_of
+
+PRETRAINED_WEIGHTS = "model.safetensors"  # a Hugging Face folder's (read by its net)
 
 NAMES = ("best", "last", "weights")  # the checkpoints of a run, in the order the default tries
 # Where the modules that saved run configs name moved, earlier name -> name now
@@ -64,7 +68,10 @@ def rename_targets(node) -> None:
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
     """The saved config of a run, with its paths pointed back at `run_dir` and
     `overrides` (`key=value`, see `override`) applied; `user_dir=FOLDER` among them points
-    the run at its user directory's new place before its classes are checked."""
+    the run at its user directory's new place before its classes are checked. A Hugging
+    Face model folder reads as a run of `model=hf_causal_lm` on the embedded corpus."""
+    if is_pretrained_folder(run_dir):
+        return pretrained_config(run_dir, overrides)
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise LmlabError(f"{run_dir} is not an lmlab run folder (no .hydra/config.yaml); "
@@ -78,6 +85,18 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
     check_targets(cfg, saved)  # a run folder may come from elsewhere
     cfg.paths.output_dir = str(run_dir)
     cfg.setdefault("kernels", DEFAULT_NODE)  # a run saved before the node: its defaults
+    for arg in overrides:
+        override(cfg, arg)
+    return cfg
+
+
+def pretrained_config(folder: Path, overrides: list[str] = ()) -> DictConfig:
+    """The config of a Hugging Face folder taken as a run: its weights, its tokenizer, the
+    embedded LM corpus (`data.corpus=...` or `data.files=...` among `overrides` changes it);
+    what a command writes goes under the folder."""
+    cfg = compose(["model=hf_causal_lm", "data=stdlib_source",
+                   f"model.pretrained={folder.resolve()}"])
+    cfg.paths.output_dir = str(folder)
     for arg in overrides:
         override(cfg, arg)
     return cfg
@@ -146,6 +165,8 @@ def find_checkpoint(run_dir: Path, ckpt: str | None,
     Raises:
         LmlabError: `ckpt` does not exist; names the checkpoints there are, with the command.
     """
+    if is_pretrained_folder(run_dir):
+        return run_dir / PRETRAINED_WEIGHTS
     found = run_checkpoints(run_dir)
     if not ckpt and found:
         name, path = next(iter(found.items()))
@@ -210,6 +231,8 @@ def load_run(ckpt: str, command: str, changes: dict | None = None, device: str =
     checkpoint = find_checkpoint(run_dir, None if path == run_dir else str(path),
                                  lambda _, found: f"{command} ckpt={found or run_dir}")
     description = run_description(run_dir, cfg)
-    task = load_weights(task_for(cfg, description), checkpoint, cfg)
+    task = task_for(cfg, description)
+    if checkpoint.name != PRETRAINED_WEIGHTS:  # a pretrained net holds its folder's weights
+        task = load_weights(task, checkpoint, cfg)
     kernels_of(cfg).apply()
     return task.to(device).eval(), description, cfg
