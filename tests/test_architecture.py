@@ -17,7 +17,7 @@ ALLOWED = {
     "tasks": {"tasks", "models", "data", "parallel"},
     "config": {"config", "data", "parallel"},
     "tracking": {"tracking", "config"},
-    "checkpointing": {"checkpointing", "config", "parallel"},
+    "checkpointing": {"checkpointing", "config", "parallel", "models"},
     "interop": {"interop", "models"},
     "training": {"training", "checkpointing", "tracking", "config", "tasks", "data",
                  "parallel", "models", "interop"},

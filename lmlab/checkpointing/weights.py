@@ -31,12 +31,14 @@ from lmlab.checkpointing.io import (
     load_checkpoint,
 )
 from lmlab.config.schema import flatten
+from lmlab.models.lora import PARAMETRIZED, merge_adapters, merged_state
 from lmlab.errors import LmlabError
 
 log = logging.getLogger(__name__)
 
 # What the DataModules save to a run folder: how its texts and labels were encoded.
 DATA_FILES = ("tokenizer.json", "tokenizer_config.json", "source_tokenizer.json", "target_tokenizer.json", "labels.json")
+ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's adapters, on their own
 SHOWN_KEYS = 4  # mismatched tensors or config keys listed in an error, then "and N more"
 
 
@@ -58,6 +60,11 @@ def export_weights(trainer: L.Trainer, checkpoint: Path, output_dir: Path, confi
         files = {name: (output_dir / name).read_text() for name in DATA_FILES
                  if (output_dir / name).is_file()}
         state = with_tied_names(read_state_dict(checkpoint), trainer.lightning_module)
+        adapters = {k: v for k, v in state.items() if PARAMETRIZED in k and "original" not in k}
+        if adapters:  # LoRA: the adapters alone, and the weights with them merged
+            save_file({k: v.contiguous() for k, v in adapters.items()},
+                      output_dir / ADAPTERS_FILE, metadata={"config": config})
+            state = merged_state(state)
         extra = {"config": config, "tokenizer": files.get("tokenizer.json"),
                  "source": str(checkpoint)}
         torch.save({"state_dict": state, **extra, "data_files": files}, target)
@@ -105,6 +112,8 @@ def load_weights(task: L.LightningModule, path: Path, config: DictConfig | None 
         LmlabError: see `read_state_dict` and `check_fits` (`config`: the task's).
     """
     state = with_tied_names(read_state_dict(path), task)
+    if not any(PARAMETRIZED in name for name in state):  # merged LoRA weights (or none)
+        merge_adapters(task)
     check_fits(task, state, path, config)
     task.load_state_dict(state)
     return task

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.data.description import DataDescription
+from lmlab.models.lora import add_adapters
 from lmlab.models.sampling import generate
 from lmlab.tasks.base import Task, example_weights
 
@@ -31,6 +32,9 @@ class CausalLMTask(Task):
             characters per token turn the loss into bits per character.
         pretrained: the Hugging Face folder the net starts from (`model=hf_causal_lm`),
             recorded with the run; the net reads it.
+        lora: `{rank, alpha, targets}`: train low-rank adapters on the `targets` linear
+            layers (by name: q, k, v, proj, fc, gate, up, ...) and freeze everything else
+            (`lmlab.models.lora`); rank 0 or None: train the whole net.
     """
 
     kind = "lm"  # the data it needs
@@ -38,7 +42,13 @@ class CausalLMTask(Task):
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  weight_decay: float = 0.1, sample_tokens: int = 200,
                  compile: bool = False, compile_mode: str = "default",
-                 data: DataDescription | None = None, pretrained: str | None = None):
+                 data: DataDescription | None = None, pretrained: str | None = None,
+                 lora: dict | None = None):
+        lora = plain_lora(lora)  # plain values: the checkpoint's hyperparameters hold them
+        if lora:
+            adapted = add_adapters(net, **lora)
+            log.info("LoRA rank %d on %d layers; the rest of the net is frozen",
+                     lora["rank"], len(adapted))
         super().__init__(net, optimizer, scheduler, compile, compile_mode)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
         self.weight_decay, self.sample_tokens = weight_decay, sample_tokens
@@ -106,6 +116,15 @@ class CausalLMTask(Task):
 
     def optimizer_params(self) -> list[dict]:
         return parameter_groups(self.net, self.weight_decay)
+
+
+def plain_lora(lora: dict | None) -> dict | None:
+    """LoRA's settings as plain values (alpha defaults to the rank, targets to q and v);
+    None when off."""
+    if not lora or not lora.get("rank"):
+        return None
+    return {"rank": int(lora["rank"]), "alpha": float(lora.get("alpha") or lora["rank"]),
+            "targets": [str(t) for t in lora.get("targets") or ("q", "v")]}
 
 
 def parameter_groups(net: nn.Module, weight_decay: float) -> list[dict]:
