@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmlab.errors import LmlabError
@@ -176,42 +175,65 @@ def copy_weights(net: GPT, folder: str | Path) -> None:
 
 
 class TensorReader:
-    """A folder's safetensors file(s), read one tensor at a time; names may carry the
-    wrapper's prefix (`transformer.`, `model.`) or not."""
+    """A folder's safetensors file(s), read one tensor at a time into memory of its own.
+
+    Plain file reads rather than `safetensors.safe_open`, which maps the whole file: every
+    page it touched would count in the process's resident memory beside the copies made
+    from it, so a whole import would hold the weights twice. Names may carry the wrapper's
+    prefix (`transformer.`, `model.`) or not.
+    """
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         if (folder / INDEX).is_file():
-            shards = json.loads((folder / INDEX).read_text())["weight_map"]
+            files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
         elif (folder / "model.safetensors").is_file():
-            shards = None
+            files = ["model.safetensors"]
         else:
             raise LmlabError(f"{folder} holds neither model.safetensors nor {INDEX}; save the "
-                             "model with save_pretrained(safe_serialization=True)")
-        files = sorted(set(shards.values())) if shards else ["model.safetensors"]
-        self.handles = [safe_open(folder / name, "pt") for name in files]
-        self.where = {key: handle for handle in self.handles for key in handle.keys()}
+                             "model with save_pretrained (safetensors is its default)")
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for name in files:
+            with open(folder / name, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self.where.update({key: (folder / name, 8 + size, entry)
+                               for key, entry in header.items()})
         self.read: set[str] = set()
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.handles.clear()
+        pass
+
+    def key(self, name: str, prefix: str) -> str | None:
+        return next((k for k in (prefix + name, name) if k in self.where), None)
 
     def get(self, name: str, prefix: str) -> torch.Tensor:
-        for key in (prefix + name, name):
-            if key in self.where:
-                self.read.add(key)
-                return self.where[key].get_tensor(key).float()
-        raise LmlabError(f"the checkpoint has no tensor {prefix + name}")
+        key = self.key(name, prefix)
+        if key is None:
+            raise LmlabError(f"the checkpoint has no tensor {prefix + name}")
+        self.read.add(key)
+        path, start, entry = self.where[key]
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()[:end - begin])
+        return tensor.float()
 
     def has(self, name: str, prefix: str) -> bool:
-        return prefix + name in self.where or name in self.where
+        return self.key(name, prefix) is not None
 
     def unread(self) -> set[str]:
         ignored = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers
         return {k for k in self.where if k not in self.read and not k.endswith(ignored)}
+
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F64": torch.float64}
 
 
 def heads_interleaved(x: torch.Tensor, heads: int) -> torch.Tensor:
