@@ -13,11 +13,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 transformers = __import__("pytest").importorskip("transformers")
 
 VOCAB = 320
+# initializer_range: weights large enough that a random model's greedy continuation varies
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-             intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256)
+             intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256,
+             initializer_range=0.2)
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB,
-                                            n_positions=256, bos_token_id=0, eos_token_id=0),
+                                            n_positions=256, bos_token_id=0, eos_token_id=0,
+                                            initializer_range=0.2),
     "llama": lambda: transformers.LlamaConfig(**SMALL, bos_token_id=1, eos_token_id=2),
     "llama3_rope": lambda: transformers.LlamaConfig(
         **SMALL, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,

@@ -1,0 +1,220 @@
+"""Hugging Face checkpoints in and out: every family's logits, tokens and greedy text equal
+transformers' own on tiny random folders that transformers itself saved; exports load back
+in transformers; LoRA trains its adapters alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_folders import CONFIGS, make_folder, transformers
+from lmlab.data.tokenizers import ByteBPETokenizer, Tokenizer
+from lmlab.errors import LmlabError
+from lmlab.export import tokenizer_files
+from lmlab.generate import GenerateConfig, generate_from
+from lmlab.interop import huggingface
+from lmlab.interop.huggingface import PretrainedGPT, UnsupportedCheckpoint, export_folder
+from lmlab.models.gpt import GPT
+from lmlab.models.lora import add_adapters, merge_adapters
+from lmlab.models.sampling import generate
+
+transformers.logging.set_verbosity_error()
+TEXTS = ["def main(argv):\n    return argv[1:]  # <|endoftext|> </s> <s>",
+         "Größe Привет 東京 ٱلْعَرَبِيَّة  \t\n\n x", " leading space", ""]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {kind: make_folder(kind, tmp_path_factory.mktemp(kind)) for kind in CONFIGS}
+
+
+def reference(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def ids_of(folder, text: str = TEXTS[0]) -> torch.Tensor:
+    return transformers.AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt")[
+        "input_ids"]
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_each_family_gives_the_logits_of_transformers(folders, kind):
+    ids = ids_of(folders[kind])
+    net = PretrainedGPT(str(folders[kind])).eval()
+    with torch.no_grad():
+        expected, found = reference(folders[kind])(ids).logits, net(ids)
+        # and one token at a time through the key/value cache
+        logits, cache = net(ids[:, :5], return_cache=True)
+        steps = [logits]
+        for t in range(5, ids.size(1)):
+            logits, cache = net(ids[:, t:t + 1], cache=cache, return_cache=True)
+            steps.append(logits)
+    assert (found - expected).abs().max() < 1e-5
+    assert (torch.cat(steps, dim=1) - expected).abs().max() < 5e-5  # another sum order
+
+
+def test_the_switches_follow_each_config(folders):
+    llama = PretrainedGPT(str(folders["llama"])).config
+    assert (llama.norm, llama.mlp, llama.n_kv_head, llama.tie_embeddings) == \
+        ("rmsnorm", "swiglu", 2, False)
+    qwen = PretrainedGPT(str(folders["qwen2"])).config
+    assert (qwen.bias, qwen.qkv_bias, qwen.tie_embeddings) == (False, True, True)
+    assert PretrainedGPT(str(folders["llama3_rope"])).config.rope_scaling["rope_type"] == "llama3"
+    assert PretrainedGPT(str(folders["mistral"])).block_size == 128  # its sliding window
+    assert PretrainedGPT(str(folders["gpt2"])).config.mlp == "gelu_tanh"
+
+
+def test_without_the_rotary_rows_permuted_the_llama_logits_differ(folders, monkeypatch):
+    """Negative control: the q/k row permutation is what makes the RoPE layouts agree."""
+    monkeypatch.setattr(huggingface, "heads_interleaved", lambda x, heads: x)
+    ids = ids_of(folders["llama"])
+    with torch.no_grad():
+        gap = (PretrainedGPT(str(folders["llama"]))(ids) - reference(folders["llama"])(ids).logits)
+    assert gap.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_the_folders_tokenizer_encodes_as_transformers(folders, kind):
+    ours = Tokenizer.pretrained(folders[kind])
+    theirs = transformers.AutoTokenizer.from_pretrained(folders[kind])
+    for text in TEXTS:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3_rope", "qwen2"])
+def test_greedy_generate_continues_a_prompt_as_transformers(folders, kind, capsys):
+    folder, prompt, n = folders[kind], "def main(", 30
+    ids = ids_of(folder, prompt)
+    theirs = reference(folder).generate(ids, max_new_tokens=n, do_sample=False,
+                                        eos_token_id=None, pad_token_id=0)[0, ids.size(1):]
+    net = PretrainedGPT(str(folder)).eval()
+    with torch.no_grad():
+        ours = torch.cat(list(generate(net, ids, n, temperature=0.0, top_k=None)), dim=1)[0]
+    assert ours.tolist() == theirs.tolist()
+    assert len(set(theirs.tolist())) > 5  # a continuation, not one token repeated
+    generate_from(GenerateConfig(ckpt=str(folder), prompt=prompt, max_new_tokens=n,
+                                 temperature=0.0))
+    text = transformers.AutoTokenizer.from_pretrained(folder).decode(
+        theirs, skip_special_tokens=True)
+    assert capsys.readouterr().out == prompt + text
+
+
+SWITCHES = {
+    "gpt2 layout, exact gelu": dict(positions="learned"),
+    "gpt2 layout, tanh gelu, wide mlp": dict(positions="learned", mlp="gelu_tanh", mlp_hidden=80),
+    "llama, gqa, untied": dict(positions="rope", norm="rmsnorm", mlp="swiglu", mlp_hidden=48,
+                               n_kv_head=2, bias=False, tie_embeddings=False),
+    "qwen2, q/k/v biases, tied": dict(positions="rope", norm="rmsnorm", mlp="swiglu",
+                                      bias=False, qkv_bias=True, rope_base=1e6),
+    "llama 3 rope scaling": dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                                 rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("switches", list(SWITCHES))
+def test_an_exported_net_loads_in_transformers_with_the_same_logits(tmp_path, switches):
+    torch.manual_seed(0)
+    net = GPT(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=32,
+              **SWITCHES[switches]).eval()
+    for p in net.parameters():  # biases and norms away from their init, to be compared
+        p.data.add_(0.1 * torch.randn_like(p))
+    export_folder(net, {}, tmp_path, {})
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert (reference(tmp_path)(ids).logits - net(ids)).abs().max() < 1e-5
+        back = PretrainedGPT(str(tmp_path)).eval()  # and back in
+        assert (back(ids) - net(ids)).abs().max() < 1e-6
+
+
+def test_an_exported_lmlab_tokenizer_encodes_the_same_in_transformers(tmp_path):
+    tokenizer = ByteBPETokenizer(vocab_size=300).fit(TEXTS * 20)
+    for name, text in tokenizer_files(tokenizer).items():
+        (tmp_path / name).write_text(text)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert theirs(text)["input_ids"] == tokenizer.encode(text)
+    assert theirs.eos_token == "<eos>" and theirs.pad_token == "<pad>"
+
+
+def test_a_net_of_no_transformers_layout_is_refused_in_one_line(tmp_path):
+    net = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8, positions="rope")
+    with pytest.raises(UnsupportedCheckpoint, match="model.net.norm=layernorm has no "
+                       "counterpart in transformers' Llama"):
+        export_folder(net, {}, tmp_path, {})
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"model_type": "gpt_neox"}, "model_type 'gpt_neox' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"head_dim": 32}, "head_dim=32"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+])
+def test_an_unsupported_checkpoint_is_named_in_one_line(folders, tmp_path, change, named):
+    config = {**json.loads((folders["llama"] / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((LmlabError, ValueError), match=named.replace("(", r"\(")):
+        PretrainedGPT(str(tmp_path), load_weights=False)
+
+
+def moved(net, base) -> list[str]:
+    """The names of `net`'s non-adapter parameters that differ from `base`'s."""
+    start = {k.replace(".parametrizations.weight.original", ".weight"): v
+             for k, v in base.state_dict().items()}
+    return [name for name, value in net.state_dict().items()
+            if "lora_" not in name and "scale" not in name
+            and not torch.equal(value, start[name.replace(".parametrizations.weight.original",
+                                                          ".weight")])]
+
+
+def train_a_few_steps(net, steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        logits = net(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_lora_trains_the_adapters_alone_and_merges_as_base_plus_scaled_ba(folders, tmp_path):
+    folder = str(folders["llama"])
+    base, net = PretrainedGPT(folder), PretrainedGPT(folder)
+    adapted = add_adapters(net, rank=4, alpha=8.0, targets=["q", "v"])
+    assert adapted == [f"blocks.{i}.attn.{n}" for i in range(2) for n in "qv"]
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    train_a_few_steps(net)
+    assert moved(net, base) == []
+    layer = net.blocks[0].attn.q.parametrizations.weight
+    a, b = layer[0].lora_a.detach(), layer[0].lora_b.detach()
+    assert b.abs().max() > 0  # the adapter trained
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        adapted_logits = net(ids)
+        merge_adapters(net)
+        assert (net(ids) - adapted_logits).abs().max() < 1e-5
+    by_hand = base.blocks[0].attn.q.weight + (8.0 / 4) * b @ a
+    assert torch.allclose(net.blocks[0].attn.q.weight, by_hand, atol=1e-6)
+    export_folder(net, {}, tmp_path, {})  # the merged export is what transformers runs
+    with torch.no_grad():  # merging rounds W + BA once: another sum order than the adapter's
+        assert (reference(tmp_path)(ids).logits - adapted_logits).abs().max() < 5e-5
+
+
+def test_the_base_check_fails_when_the_base_weights_move(folders):
+    """Negative control of the LoRA test: a net trained whole is caught."""
+    folder = str(folders["llama"])
+    base, net = PretrainedGPT(folder), PretrainedGPT(folder)
+    train_a_few_steps(net)
+    assert len(moved(net, base)) > 10
+
+
+def test_lora_targets_that_match_no_layer_are_named(folders):
+    with pytest.raises(ValueError, match="no linear layer matches lora.targets=.'query'.; "
+                       "the net's are down|.*gate"):
+        add_adapters(PretrainedGPT(str(folders["llama"])), 4, 8.0, ["query"])
