@@ -80,7 +80,19 @@ def _unknown_arguments(node: DictConfig, where: str):
 def _missing_keys(cfg: DictConfig) -> list[str]:
     """Mandatory values (`???`) that the command line left unset."""
     return [f"{key} is required and has no value; set it on the command line, e.g. "
-            f"{key}=..." for key in sorted(OmegaConf.missing_keys(cfg))]
+            f"{key}=..." for key in sorted(unset(OmegaConf.to_container(cfg, resolve=False)))]
+
+
+def unset(node, where: str = ""):
+    """The dotted keys of `???` values, interpolations left unresolved (one pointing at an
+    unset key would fail before naming it)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) \
+        if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{where}.{key}" if where else str(key)
+        if value == "???":
+            yield path
+        yield from unset(value, path)
 
 
 def _monitor_problems(cfg: DictConfig) -> list[str]:

@@ -1,0 +1,126 @@
+"""Fine-tuning a Hugging Face folder by config, as users run it: the same losses under
+several processes as under one, LoRA's files, the export command, and the import's memory.
+Every run is a subprocess with a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA_DIR, ROOT, run_cli
+from hf_folders import make_folder, transformers
+from lmlab.check_parallel import check, run_subprocess
+from lmlab.training.runs import load_run
+
+pytestmark = pytest.mark.slow
+FINE_TUNE = ["model=hf_causal_lm", "data=stdlib_source", "data.block_size=32",
+             "data.batch_size=8", "data.train_batches=8", "model.sample_tokens=8",
+             "trainer.accelerator=cpu"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_folder("llama", tmp_path_factory.mktemp("llama"))
+
+
+def run(run_dir, *overrides, timeout=300):
+    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline"}
+    args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={run_dir}", *overrides]
+    status, output = run_subprocess(args, timeout, cwd=ROOT, env=env)
+    assert status == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fine_tuning_under_ddp_and_fsdp2_gives_one_process_losses(llama, tmp_path, lora):
+    overrides = [*FINE_TUNE, f"model.pretrained={llama}", f"paths.cache_dir={tmp_path}",
+                 "data.val_batches=2"] + (["model.lora.rank=4"] if lora else [])
+    curves = check(["cpu", "ddp", "fsdp2"], steps=6, overrides=overrides, lr=0.5,
+                   tolerance=1e-4, timeout=300)
+    assert len(curves["fsdp2"]) == 6
+
+
+def test_a_lora_run_saves_its_adapters_and_exports_merged_weights(llama, tmp_path):
+    run_dir = tmp_path / "run"
+    run(run_dir, *FINE_TUNE, f"model.pretrained={llama}", f"paths.cache_dir={tmp_path}",
+        "model.lora.rank=4", "model.lora.targets=[q,v,proj]", "model.optimizer.lr=1e-2",
+        "trainer.max_steps=8", "data.val_batches=2", "logger=csv")
+    adapters = load_file(run_dir / "adapters.safetensors")
+    assert adapters and all(("lora_" in k or k.endswith(".scale")) for k in adapters)
+    # per layer, A (4, in) and B (out, 4) of q (64 -> 64), v (64 -> 32 over 2 kv heads),
+    # attn.proj (64 -> 64) and mlp.proj (96 -> 64); two layers
+    per_layer = (4 * 64 + 64 * 4) + (4 * 64 + 32 * 4) + (4 * 64 + 64 * 4) + (4 * 96 + 64 * 4)
+    assert sum(v.numel() for k, v in adapters.items() if "lora_" in k) == 2 * per_layer
+    merged = torch.load(run_dir / "weights.ckpt", weights_only=True)["state_dict"]
+    assert not any("parametrizations" in k for k in merged)
+    out = tmp_path / "exported"
+    exported = run_cli(str(run_dir), f"out={out}", module="lmlab.export", cwd=ROOT)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    task, data, _ = load_run(str(run_dir), "test")
+    ids = torch.tensor([data.tokenizer.encode("def f(x):\n    return x")])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (reference(ids).logits - task.net(ids)).abs().max() < 1e-5
+        base = transformers.AutoModelForCausalLM.from_pretrained(llama).eval()
+        assert (base(ids).logits - task.net(ids)).abs().max() > 1e-3  # the adapters count
+
+
+def test_a_gpt_run_exports_and_loads_in_transformers(tmp_path):
+    run_dir = tmp_path / "run"
+    run(run_dir, "model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=400",
+        "model.net.positions=rope", "+model.net.norm=rmsnorm", "+model.net.mlp=swiglu",
+        "model.net.bias=false", f"paths.cache_dir={tmp_path}", "trainer.max_steps=5",
+        "data.val_batches=2", "model.sample_tokens=8")
+    out = tmp_path / "exported"
+    exported = run_cli(str(run_dir), f"out={out}", module="lmlab.export", cwd=ROOT)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    task, data, _ = load_run(str(run_dir), "test")
+    text = "import os\n\n\ndef main():\n    return os.sep"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == data.tokenizer.encode(text)
+    with torch.no_grad():
+        logits = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        assert (logits - task.net(ids)).abs().max() < 1e-5
+
+
+def test_a_layout_without_a_transformers_counterpart_is_refused_by_export(tmp_path):
+    run_dir = tmp_path / "run"
+    run(run_dir, "model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=400",
+        "model.net.positions=rope", f"paths.cache_dir={tmp_path}", "trainer.max_steps=2",
+        "data.val_batches=1", "model.sample_tokens=0")
+    exported = run_cli(str(run_dir), f"out={tmp_path / 'x'}", module="lmlab.export", cwd=ROOT)
+    assert exported.returncode != 0
+    assert exported.stderr.strip().splitlines()[-1] == (
+        "error: model.net.norm=layernorm has no counterpart in transformers' Llama "
+        "(positions=rope) layout; such a run cannot be exported")
+
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's (this test process,
+# which held a GPT-2 in memory) at the fork
+MEASURE = """
+import sys
+from lmlab.interop.huggingface import PretrainedGPT
+def kib(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field))
+    return int(line.split()[1]) * 1024
+before = kib("VmRSS:")
+PretrainedGPT(sys.argv[1])
+print(kib("VmHWM:") - before)
+"""
+
+
+def test_importing_a_gpt2_small_folder_holds_the_weights_about_once(tmp_path):
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(tmp_path)
+    weights = (tmp_path / "model.safetensors").stat().st_size
+    status, output = run_subprocess([sys.executable, "-c", MEASURE, str(tmp_path)], 300)
+    assert status == 0, output[-2000:]
+    grown = int(output.strip().splitlines()[-1])
+    assert grown < 1.5 * weights, f"peak grew by {grown / weights:.2f}x the weights"
