@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hf_folders import CONFIGS, make_folder, transformers
-from lmlab.data.tokenizers import ByteBPETokenizer, Tokenizer
+from lmlab.data.completions import IGNORE, LOSS_ON, CompletionsDataModule
+from lmlab.data.tokenizers import ByteBPETokenizer, PretrainedTokenizer, Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.export import tokenizer_files
 from lmlab.generate import GenerateConfig, generate_from
@@ -19,6 +20,7 @@ from lmlab.interop.huggingface import PretrainedGPT, UnsupportedCheckpoint, expo
 from lmlab.models.gpt import GPT
 from lmlab.models.lora import add_adapters, merge_adapters
 from lmlab.models.sampling import generate
+from lmlab.tasks.causal_lm import CausalLMTask
 
 transformers.logging.set_verbosity_error()
 TEXTS = ["def main(argv):\n    return argv[1:]  # <|endoftext|> </s> <s>",
@@ -218,3 +220,58 @@ def test_lora_targets_that_match_no_layer_are_named(folders):
     with pytest.raises(ValueError, match="no linear layer matches lora.targets=.'query'.; "
                        "the net's are down|.*gate"):
         add_adapters(PretrainedGPT(str(folders["llama"])), 4, 8.0, ["query"])
+
+
+def completions_data(folder, tmp_path, loss_on: str, **kwargs):
+    records = [{"prompt": f"What does {name} do?\n", "completion": f"It {verb} things."}
+               for name, verb in [("len", "counts"), ("sorted", "orders"), ("sum", "adds"),
+                                  ("max", "picks"), ("zip", "pairs"), ("map", "applies")] * 3]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = CompletionsDataModule(PretrainedTokenizer(str(folder)), files={"train": str(path)},
+                                 loss_on=loss_on, batch_size=4, **kwargs)
+    data.setup()
+    return data
+
+
+def test_completion_targets_score_the_completion_and_the_end_token_alone(folders, tmp_path):
+    data = completions_data(folders["llama"], tmp_path, "completion")
+    batch = data.collate([data.datasets["train"][i] | {"weight": 1.0} for i in range(3)])
+    tokenizer = data.tokenizer
+    for row in range(3):
+        tokens, targets = batch["tokens"][row], batch["targets"][row]
+        scored = targets[targets != IGNORE].tolist()
+        text = tokenizer.hf.decode(tokens[:batch["lengths"][row]].tolist() + scored[-1:],
+                                   skip_special_tokens=False)
+        prompt, completion = text.split("?\n")
+        assert tokenizer.decode(scored) == completion.removesuffix("</s>").strip()
+        assert scored[-1] == tokenizer.eos_id  # the model learns to stop
+        assert tokens[0] == tokenizer.bos_id  # the prompt is framed as transformers frames it
+    everything = completions_data(folders["llama"], tmp_path, "all")
+    batch = everything.collate([everything.datasets["train"][0] | {"weight": 1.0}])
+    assert (batch["targets"] != IGNORE).sum() == batch["lengths"][0]  # every next token
+
+
+@pytest.mark.parametrize("loss_on", LOSS_ON)
+def test_the_task_loss_is_transformers_loss_with_the_prompt_masked(folders, tmp_path, loss_on):
+    """The reference: transformers' own causal-LM loss, given labels that are -100 on the
+    prompt (and padding): the mean over the scored tokens of the whole batch."""
+    folder = folders["gpt2"]
+    data = completions_data(folder, tmp_path, loss_on)
+    batch = next(iter(data.train_dataloader()))
+    task = CausalLMTask(PretrainedGPT(str(folder)), optimizer=torch.optim.SGD).eval()
+    with torch.no_grad():
+        ours = task.step(batch, "val")
+        full = torch.cat([batch["tokens"], batch["targets"][:, -1:]], dim=1)
+        labels = torch.cat([torch.full_like(batch["targets"][:, :1], IGNORE),
+                            batch["targets"]], dim=1)
+        theirs = reference(folder)(full.clamp(min=0), labels=labels).loss
+    assert ours == pytest.approx(float(theirs), rel=1e-5)
+    if loss_on == "completion":  # negative control: scoring the prompt too gives another loss
+        unmasked = labels.clone()
+        unmasked[:, 1:] = torch.where(full[:, 1:] >= 0, full[:, 1:], IGNORE)
+        keep = torch.arange(full.size(1))[None, :] <= batch["lengths"][:, None]
+        with torch.no_grad():
+            other = reference(folder)(full.clamp(min=0),
+                                      labels=unmasked.masked_fill(~keep, IGNORE)).loss
+        assert abs(float(other) - float(ours)) > 1e-3

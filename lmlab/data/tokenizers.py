@@ -79,9 +79,12 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], special_tokens: bool = True) -> list[list[int]]:
+        """The ids of each text; `special_tokens=False`: without what the post-processor
+        adds (`<bos>`, ...), for a text that continues another."""
         # the ids alone: no character offsets to compute, and the same ids
-        return [encoding.ids for encoding in self.hf.encode_batch_fast(texts)]
+        return [encoding.ids for encoding in
+                self.hf.encode_batch_fast(texts, add_special_tokens=special_tokens)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids))
@@ -111,8 +114,9 @@ class Tokenizer:
 
     @classmethod
     def pretrained(cls, folder: str | Path) -> Tokenizer:
-        """A Hugging Face model folder's tokenizer: its `tokenizer.json`, with the special
-        tokens of its `tokenizer_config.json`, else of the ids in its `config.json`.
+        """A Hugging Face model folder's tokenizer: its `tokenizer.json`, each special token
+        (bos, eos, pad, unk) from `tokenizer_config.json`, else `special_tokens_map.json`,
+        else the ids of `config.json` (GPT-2's folder names them only there).
 
         Raises:
             DataError: the folder has no `tokenizer.json`.
@@ -122,15 +126,19 @@ class Tokenizer:
             raise DataError(folder, "no tokenizer.json", fix="save the model's fast tokenizer "
                             "into the folder (tokenizer.save_pretrained(FOLDER))")
         hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        config = folder / "tokenizer_config.json"
-        if config.is_file():
-            specials = special_tokens(json.loads(config.read_text()))
-        else:
-            model = json.loads((folder / "config.json").read_text())
-            specials = {role: hf.id_to_token(model[f"{role}_token_id"])
-                        if model.get(f"{role}_token_id") is not None else None
-                        for role in ("bos", "eos", "pad")}
-        return cls(hf, specials)
+        found = [special_tokens(read_json(folder / name))
+                 for name in ("tokenizer_config.json", "special_tokens_map.json")]
+        model = read_json(folder / "config.json")
+        found.append({role: hf.id_to_token(model[f"{role}_token_id"])
+                      for role in ("bos", "eos", "pad", "unk")
+                      if isinstance(model.get(f"{role}_token_id"), int)})
+        roles = ("bos", "eos", "pad", "unk")
+        return cls(hf, {role: next((f[role] for f in found if f.get(role)), None)
+                        for role in roles})
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def special_tokens_file(path: str | Path) -> Path:

@@ -14,7 +14,8 @@ from torch import nn
 from lmlab.data.description import DataDescription
 from lmlab.models.lora import add_adapters
 from lmlab.models.sampling import generate
-from lmlab.tasks.base import Task, example_weights
+from lmlab.data.completions import IGNORE
+from lmlab.tasks.base import Task, example_weights, real_examples
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +68,29 @@ class CausalLMTask(Task):
         return self.net(tokens, cache=cache, return_cache=return_cache)
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
+        """Blocks of text score every token alike; padded sequences (prompt/completion data)
+        score the targets that are not `IGNORE`, each token counting alike."""
+        targets = batch["targets"]
         logits = self(batch["tokens"])  # (B, T, V)
-        losses = F.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none")
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE,
+                                 reduction="none")
         weight = example_weights(batch, len(logits), logits.device)
-        return self.log_loss(split, losses.mean(dim=1), weight)  # blocks are equally long
+        if "lengths" not in batch:  # blocks are equally long and fully scored
+            return self.log_loss(split, losses.mean(dim=1), weight)
+        scored = (targets != IGNORE).sum(dim=1)
+        return self.log_loss(split, losses.sum(dim=1) / scored.clamp(min=1), weight, scored)
 
     def count_tokens(self, batch: dict) -> torch.Tensor:
-        """Predicted target tokens (blocks have no padding)."""
-        return self.count_examples(batch) * batch["targets"].size(1)
+        """Predicted target tokens: a block's all, a padded sequence's scored ones."""
+        if "lengths" not in batch:
+            return self.count_examples(batch) * batch["targets"].size(1)
+        real = real_examples(batch, len(batch["targets"])).to(batch["targets"].device)
+        return ((batch["targets"] != IGNORE).sum(dim=1) * real).sum()
 
     def flop_lengths(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        tokens = batch["tokens"]  # blocks of one length
+        tokens = batch["tokens"]  # blocks of one length, or padded sequences with lengths
+        if "lengths" in batch:
+            return (batch["lengths"],)
         return (torch.full((len(tokens),), tokens.size(1), device=tokens.device),)
 
     def log_epoch(self, split: str) -> None:
