@@ -74,7 +74,7 @@ def test_a_lora_run_saves_its_adapters_and_exports_merged_weights(llama, tmp_pat
 def test_a_gpt_run_exports_and_loads_in_transformers(tmp_path):
     run_dir = tmp_path / "run"
     run(run_dir, "model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=400",
-        "model.net.positions=rope", "+model.net.norm=rmsnorm", "+model.net.mlp=swiglu",
+        "model.net.positions=rope", "model.net.norm=rmsnorm", "model.net.mlp=swiglu",
         "model.net.bias=false", f"paths.cache_dir={tmp_path}", "trainer.max_steps=5",
         "data.val_batches=2", "model.sample_tokens=8")
     out = tmp_path / "exported"
