@@ -32,18 +32,28 @@ def test_every_group_has_options():
     assert found == set(GROUPS)
 
 
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    from hf_folders import make_folder  # needs transformers
+
+    return make_folder("gpt2", tmp_path_factory.mktemp("hf_gpt2"))
+
+
 @pytest.mark.parametrize("group,option", PARAMS)
-def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch):
+def test_option_composes_and_instantiates(make_cfg, group, option, monkeypatch, request):
     monkeypatch.setenv("WANDB_MODE", "offline")
     extra = ["model=gpt_tiny", "data=stdlib_source", "trainer.devices=2"] if option == "tp" else []
     if (group, option) == ("model", "classifier"):  # the group of a net of your own: name one
         extra = ["model.net._target_=lmlab.models.rnn.RNNClassifier"]
+    if option in ("hf_causal_lm", "pretrained"):  # a Hugging Face folder's net or tokenizer
+        extra = ["model=hf_causal_lm", "data=stdlib_source",
+                 f"model.pretrained={request.getfixturevalue('hf_folder')}"]
     cfg = make_cfg(f"{group}={option}", *extra)
     if _kind_problems(cfg):  # an option of another task kind, with its own counterpart
         kind = get_class((cfg.model if group == "model" else cfg.data)._target_).kind
         data, model = COUNTERPARTS[kind]
         cfg = make_cfg(f"{group}={option}", *(data if group == "model" else model))
-    if option in ("files", "translation_files", "summarization_files"):
+    if option in ("files", "translation_files", "summarization_files", "completions"):
         with open_dict(cfg):
             cfg.data.files.train = "train.csv"
     if option == "text_files":

@@ -57,6 +57,13 @@ PLACEHOLDERS = {
     "user_dir=NEW_PATH": "user_dir={mine}",  # a moved user directory's new place
     "data.root=$HOME/aclImdb": "data.root={mine}",
     "paths.data_dir=...": "paths.data_dir={data}",
+    # a Hugging Face model folder (a tiny random GPT-2 saved by transformers)
+    "model.pretrained=FOLDER": "model.pretrained={hf}",
+    "model.pretrained=checkpoints/gpt2": "model.pretrained={hf}",
+    "ckpt=FOLDER": "ckpt={hf}",
+    "ckpt=checkpoints/gpt2": "ckpt={hf}",
+    "lmlab.evaluate checkpoints/gpt2": "lmlab.evaluate {hf}",
+    "lmlab.evaluate FOLDER": "lmlab.evaluate {hf}",
 }
 # Values named in an optional `[key=A|B]` part.
 VALUES = {"S": "1", "PATH": "{run}/checkpoints/last.ckpt"}
@@ -64,6 +71,9 @@ VALUES = {"S": "1", "PATH": "{run}/checkpoints/last.ckpt"}
 # the pre-flight check may complain only of the missing GPU.
 NEEDS_GPU = {
     "python -m lmlab.run strategy=gpu precision=bf16-mixed": "strategy=gpu needs CUDA",
+    "python -m lmlab.run model=hf_causal_lm model.pretrained=checkpoints/gpt2 data=tinyshakespeare "
+    "data.block_size=256 data.batch_size=8 trainer.max_steps=500 trainer.max_epochs=-1 "
+    "strategy=gpu precision=bf16-mixed": "strategy=gpu needs CUDA",
     "python -m lmlab.run experiment=shakespeare_char_gpu": "the experiment uses strategy=gpu",
     **{f"python -m lmlab.run experiment={name}_gpu": "the experiment uses strategy=gpu"
        for name in ("multi30k_transformer", "multi30k_lstm_attn", "aeslc_transformer")},
@@ -197,7 +207,8 @@ def variants(command: str) -> list[tuple[str, str]]:
 
 EXAMPLES = [(example, label, command) for example in harvest()
             for label, command in variants(example.command)]
-SLOW_ENTRIES = ("lmlab.evaluate", "lmlab.generate", "lmlab.compare", "lmlab.predict")
+SLOW_ENTRIES = ("lmlab.evaluate", "lmlab.generate", "lmlab.compare", "lmlab.predict",
+                "lmlab.export")
 
 
 def params():
@@ -221,6 +232,8 @@ def sandbox(tmp_path_factory):
     (folder / "in.txt").write_text("def add(a, b):\n    return a + b\nA man rides a horse.\n")
     (folder / "texts.txt").write_text("a gripping, funny film\ndull and far too long\n")
     (folder / "scores.tsv").write_text("text\tscore\n" + "a fine film\t0.8\n" * 20)
+    (folder / "train.jsonl").write_text('{"prompt": "What does len do?\\n", '
+                                        '"completion": "It counts."}\n' * 30)
     write_doc_files(folder / "mine")
     return folder
 
@@ -230,6 +243,14 @@ def trained(folder: Path, *overrides: str) -> Path:
     done = run_cli(*overrides, f"hydra.run.dir={folder}", cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(sandbox):
+    """A tiny random GPT-2 folder, as transformers' save_pretrained writes it."""
+    from hf_folders import make_folder  # needs transformers
+
+    return make_folder("gpt2", sandbox / "hf_gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +277,8 @@ def substitute(command: str, request) -> str:
     if "{run}" in command:
         command = command.replace("{run}", str(request.getfixturevalue(run_for(command))))
     command = command.replace("{data}", str(DATA_DIR))
+    if "{hf}" in command:
+        command = command.replace("{hf}", str(request.getfixturevalue("hf_folder")))
     command = command.replace("{mine}", str(request.getfixturevalue("sandbox") / "mine"))
     left = re.findall(r"<\w+>|\.\.\.|\$\w+", command)
     assert not left, f"placeholder {left[0]!r}: add what stands for it to PLACEHOLDERS"
@@ -366,7 +389,8 @@ def run_for_real(entry: str, args: list[str]) -> None:
     # Few new tokens: the example is checked, not the model.
     args = [re.sub(r"^max_new_tokens=\d+$", "max_new_tokens=8", a) for a in args]
     # File names are the sandbox's (the working folder here); the command runs from ROOT.
-    args = [re.sub(r"^((?:input|output)_file)=(?!/)", rf"\1={Path.cwd()}/", a) for a in args]
+    args = [re.sub(r"^((?:input|output)_file|out)=(?!/)", rf"\1={Path.cwd()}/", a)
+            for a in args]
     if entry == "lmlab.compare" and "--out" not in args:  # the plot goes to the sandbox
         args = [*args, "--out", f"{Path.cwd()}/compare.png"]
     done = run_cli(*args, module=entry, cwd=ROOT)
@@ -383,6 +407,10 @@ def run_for_real(entry: str, args: list[str]) -> None:
         return
     if entry == "lmlab.evaluate":
         assert "test/loss" in done.stdout
+    if entry == "lmlab.export":
+        out = next(a.removeprefix("out=") for a in args if a.startswith("out="))
+        assert {p.name for p in Path(out).iterdir()} >= {"config.json", "model.safetensors"}
+        return
     prompt = next((a.removeprefix("prompt=") for a in args if a.startswith("prompt=")), None)
     if entry == "lmlab.generate":
         assert "tokens in" in done.stderr and done.stdout.startswith(prompt or "")
