@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from hf_folders import CONFIGS, make_folder, transformers
+from lmlab.config.checks import check_config
+from lmlab.config.schema import compose
 from lmlab.data.completions import IGNORE, LOSS_ON, CompletionsDataModule
 from lmlab.data.tokenizers import ByteBPETokenizer, PretrainedTokenizer, Tokenizer
-from lmlab.errors import LmlabError
+from lmlab.errors import ConfigError, LmlabError
 from lmlab.export import tokenizer_files
 from lmlab.generate import GenerateConfig, generate_from
 from lmlab.interop import huggingface
@@ -275,3 +277,13 @@ def test_the_task_loss_is_transformers_loss_with_the_prompt_masked(folders, tmp_
             other = reference(folder)(full.clamp(min=0),
                                       labels=unmasked.masked_fill(~keep, IGNORE)).loss
         assert abs(float(other) - float(ours)) > 1e-3
+
+
+def test_lora_under_tensor_parallelism_is_refused_before_the_run(folders):
+    cfg = compose(["model=hf_causal_lm", f"model.pretrained={folders['llama']}",
+                   "data=stdlib_source", "strategy=tp", "trainer.devices=2", "model.lora.rank=4"])
+    with pytest.raises(ConfigError, match="model.lora.rank=4 with tensor parallelism"):
+        check_config(cfg)
+    check_config(compose(["model=hf_causal_lm", f"model.pretrained={folders['llama']}",
+                          "data=stdlib_source", "strategy=fsdp2", "trainer.devices=2",
+                          "model.lora.rank=4"]))

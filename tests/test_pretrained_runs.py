@@ -38,12 +38,15 @@ def run(run_dir, *overrides, timeout=300):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fine_tuning_under_ddp_and_fsdp2_gives_one_process_losses(llama, tmp_path, lora):
+def test_fine_tuning_under_several_processes_gives_one_process_losses(llama, tmp_path, lora):
+    """ddp, fsdp2 and (whole nets: LoRA is refused there) tensor parallelism over the
+    folder's grouped-query attention and SwiGLU, 2 processes each."""
     overrides = [*FINE_TUNE, f"model.pretrained={llama}", f"paths.cache_dir={tmp_path}",
                  "data.val_batches=2"] + (["model.lora.rank=4"] if lora else [])
-    curves = check(["cpu", "ddp", "fsdp2"], steps=6, overrides=overrides, lr=0.5,
-                   tolerance=1e-4, timeout=300)
-    assert len(curves["fsdp2"]) == 6
+    strategies = ["cpu", "ddp", "fsdp2"] + ([] if lora else ["tp"])
+    curves = check(strategies, steps=6, overrides=overrides, lr=0.5, tolerance=1e-4,
+                   timeout=300)
+    assert all(len(curve) == 6 for curve in curves.values())
 
 
 def test_a_lora_run_saves_its_adapters_and_exports_merged_weights(llama, tmp_path):

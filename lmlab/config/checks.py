@@ -41,6 +41,7 @@ def check_config(cfg: DictConfig) -> None:
     problems += _lossy_tokenizer_problems(cfg)
     problems += _slurm_problems(cfg.trainer)
     problems += _resume_problems(cfg)
+    problems += _lora_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -154,6 +155,19 @@ def _lossy_tokenizer_problems(cfg: DictConfig) -> list[str]:
             f"perfect output would score below 100 {metric.upper()} against the references; "
             + (f"set {key}.lowercase=false" if case_only else
                "use data/tokenizer=bpe (byte-level BPE gives back any text)")]
+
+
+def _lora_problems(cfg: DictConfig) -> list[str]:
+    """LoRA under tensor parallelism: the plan splits plain linear layers, and an adapted
+    layer's weight is a parametrization."""
+    lora = cfg.model.get("lora") or {}
+    strategy = cfg.trainer.get("strategy")
+    parallel = strategy.get("tensor_parallel_size", 1) if isinstance(strategy, DictConfig) else 1
+    if not lora.get("rank") or int(parallel) <= 1:
+        return []
+    return [f"model.lora.rank={lora.rank} with tensor parallelism (tensor_parallel_size="
+            f"{parallel}): LoRA's adapted layers are not split by the tensor-parallel plan; "
+            "use strategy=fsdp2 or ddp, or model.lora.rank=0"]
 
 
 def _resume_problems(cfg: DictConfig) -> list[str]:
