@@ -22,6 +22,7 @@ from lmlab.check_parallel import run_subprocess
 from lmlab.training.build import callbacks
 from lmlab.tracking.loggers import CSVLogger
 from lmlab.models.rnn import RNNClassifier
+from lmlab.data.completions import IGNORE
 from lmlab.tasks.causal_lm import CausalLMTask
 from lmlab.tasks.classification import ClassificationTask
 from lmlab.tasks.seq2seq import Seq2SeqTask
@@ -65,6 +66,7 @@ def test_lm_and_seq2seq_count_predicted_tokens():
     blocks = {"tokens": torch.zeros(3, 5, dtype=torch.long),
               "targets": torch.zeros(3, 5, dtype=torch.long), "weight": torch.tensor([1., 1., 0.])}
     assert int(lm.count_tokens(blocks)) == 2 * 5
+    assert int(lm.count_tokens(completions(9))) == (8 - 2) + (5 - 2) + (3 - 2)  # scored, real
     seq2seq = Seq2SeqTask(nn.Identity(), optimizer=adam)
     pairs = {"source": torch.zeros(3, 7, dtype=torch.long),
              "source_lengths": torch.tensor([7, 2, 4]),
@@ -321,6 +323,10 @@ def flop_tasks():
     return {
         "classifier": (ClassificationTask(bilstm, CLASSES, optimizer=adam), padded_batch()),
         "gpt": (CausalLMTask(GPT(V, 8, n_layer=2, n_head=2, n_embd=16), optimizer=adam), blocks),
+        "gpt_llama": (CausalLMTask(GPT(V, 8, n_layer=2, n_head=4, n_embd=16, positions="rope",
+                                       norm="rmsnorm", mlp="swiglu", mlp_hidden=24,
+                                       n_kv_head=2, bias=False, tie_embeddings=False),
+                                   optimizer=adam), completions(V)),
         "rnn_lm": (CausalLMTask(RNNLanguageModel(V, 8, 12, 2), optimizer=adam), blocks),
         "transformer": (Seq2SeqTask(Seq2SeqTransformer(V, V, 0, 1, 2, **transformer),
                                     optimizer=adam), seq2seq_pairs(V)),
@@ -334,9 +340,23 @@ def flop_tasks():
     }
 
 
+def completions(vocab: int) -> dict:
+    """A padded batch of prompt/completion sequences (`data=completions`): lengths 8, 5, 3
+    and a copy that pads it across ranks; the prompts' targets are not scored."""
+    lengths = torch.tensor([8, 5, 3, 8])
+    tokens = torch.randint(1, vocab, (4, 8))
+    targets = torch.randint(1, vocab, (4, 8))
+    targets[:, :2] = IGNORE  # the prompt
+    for row, length in enumerate(lengths.tolist()):
+        tokens[row, length:], targets[row, length:] = 0, IGNORE
+    return {"tokens": tokens, "targets": targets, "lengths": lengths,
+            "weight": torch.tensor([1., 1., 1., 0.])}
+
+
 def one_example(batch: dict, row: int) -> dict:
     """Row `row` of a batch alone, without its padding."""
-    lengths = {"source": "source_lengths", "target": "target_lengths", "tokens": "lengths"}
+    lengths = {"source": "source_lengths", "target": "target_lengths", "tokens": "lengths",
+               "targets": "lengths"}
     alone = {}
     for key, value in batch.items():
         value = value[row:row + 1]
@@ -347,7 +367,7 @@ def one_example(batch: dict, row: int) -> dict:
     return alone
 
 
-@pytest.mark.parametrize("name", ["classifier", "gpt", "rnn_lm", "transformer",
+@pytest.mark.parametrize("name", ["classifier", "gpt", "gpt_llama", "rnn_lm", "transformer",
                                   "transformer_copy", "lstm_luong", "lstm_bahdanau"])
 def test_model_flops_of_a_padded_batch_are_its_real_examples_counted_alone(name):
     """Each net's formula against torch's counter (`StepFlops`: its matmul and attention
