@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from hf_folders import CONFIGS, make_folder, transformers
 from lmlab.config.checks import check_config
 from lmlab.config.schema import compose
 from lmlab.data.completions import IGNORE, LOSS_ON, CompletionsDataModule
+from lmlab.data.lm import LMDataModule
 from lmlab.data.tokenizers import ByteBPETokenizer, PretrainedTokenizer, Tokenizer
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.export import tokenizer_files
@@ -287,3 +289,28 @@ def test_lora_under_tensor_parallelism_is_refused_before_the_run(folders):
     check_config(compose(["model=hf_causal_lm", f"model.pretrained={folders['llama']}",
                           "data=stdlib_source", "strategy=fsdp2", "trainer.devices=2",
                           "model.lora.rank=4"]))
+
+
+def test_a_sharded_folder_imports_as_the_whole_one(tmp_path):
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["qwen2"]())
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert (PretrainedGPT(str(tmp_path))(ids) - model.eval()(ids).logits).abs().max() < 1e-5
+
+
+def test_the_lm_corpus_of_a_pretrained_tokenizer_is_running_text(folders, tmp_path):
+    """The token cache holds the text's tokens alone: a Llama tokenizer's <s> starts a
+    prompt, not every piece of a corpus."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("def f(x):\n    return x\n" * 400)
+    data = LMDataModule(PretrainedTokenizer(str(folders["llama"])), corpus=None,
+                        files=str(text), cache_dir=str(tmp_path / "cache"), block_size=16)
+    data.setup()
+    ids = np.asarray(data.splits["train"])
+    assert data.tokenizer.bos_id not in ids
+    plain = transformers.AutoTokenizer.from_pretrained(folders["llama"])(
+        "def f(x):\n    return x\n" * 4, add_special_tokens=False)["input_ids"][:12]
+    assert ids[:12].tolist() == plain

@@ -79,13 +79,14 @@ def write_tokens(tokenizer: Tokenizer, parts: Iterable[tuple[int, str]], folder:
     """Encodes each (split index, text) piece into `folder/SPLIT.bin`; returns the layout
     (format, dtype) and each split's characters and tokens. Pieces are encoded `batch` at a
     time by the `tokenizers` library's `encode_batch`, which spreads them over the cores;
-    each piece is encoded whole, as alone, so the ids do not depend on `batch`."""
+    each piece is encoded whole, as alone, so the ids do not depend on `batch`. A piece is
+    running text, not a sequence's start: a pretrained tokenizer's `<s>` is not added to it."""
     dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
     counts = {split: {"chars": 0, "tokens": 0} for split in SPLITS}
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(folder / f"{split}.bin", "wb")) for split in SPLITS]
         for pieces in batched(parts, batch):
-            encoded = tokenizer.encode_batch([text for _, text in pieces])
+            encoded = tokenizer.encode_batch([text for _, text in pieces], special_tokens=False)
             for (part, text), ids in zip(pieces, encoded):
                 files[part].write(np.asarray(ids, dtype=dtype).tobytes())
                 count = counts[SPLITS[part]]
