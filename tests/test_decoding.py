@@ -13,7 +13,7 @@ from lmlab.generate import GenerateConfig
 from lmlab.models.decoding import beam_search, best_tokens, block_repeats, greedy, max_lengths
 from lmlab.models.rnn_seq2seq import RNNSeq2Seq
 from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
-from lmlab.tasks.text_metrics import consensus
+from lmlab.tasks.text_metrics import consensus, one_line
 from lmlab.training.runs import run_description
 
 DECODING_NETS = ["transformer", "lstm-luong", "lstm-bahdanau"]
@@ -308,3 +308,40 @@ def test_generate_keeps_the_users_max_length_or_names_both_limits():
     check_limits(changed, args)
     source, _ = batch()
     assert max(len(t) for t in changed.decode(source, beam=1)) <= 3  # tokens before <eos>
+
+
+class CountsEncodings(torch.nn.Module):
+    """A net's wrapper that counts `encode` calls; `shares`: whether its forward takes the
+    encoder output (False: a net of one's own with the older signature)."""
+
+    def __init__(self, net, shares: bool):
+        super().__init__()
+        self.inner, self.calls = net, 0
+        for name in ("pad_id", "bos_id", "eos_id", "decode_step", "reorder", "max_length"):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+        self.forward = self.shared_forward if shares else self.own_forward
+
+    def encode(self, source):
+        self.calls += 1
+        return self.inner.encode(source)
+
+    def shared_forward(self, source, target_in, encoded=None):
+        return self.inner(source, target_in, encoded=encoded or self.encode(source))
+
+    def own_forward(self, source, target_in):
+        return self.inner(source, target_in, encoded=self.encode(source))
+
+
+@pytest.mark.parametrize("shares", [True, False], ids=["shared", "a net without encoded="])
+def test_a_validation_step_runs_the_encoder_once(make_cfg, shares):
+    _, task, data = task_and_data(make_cfg, "stdlib_summaries", False)
+    batch = next(iter(data.val_dataloader()))
+    expected = task.decode(batch["source"], task.beams["val"])
+    task.net = CountsEncodings(task.net, shares)
+    task.hypotheses["val"] = []
+    with torch.no_grad():
+        task.step(batch, "val")
+    assert task.net.calls == (1 if shares else 2)
+    expected = [one_line(task.tokenizer.decode(t)) for t in expected]
+    assert dict(task.hypotheses["val"]) == dict(zip(batch["index"].tolist(), expected))

@@ -101,7 +101,8 @@ def _step(net, tokens: torch.Tensor, history: torch.Tensor, encoded: dict, cache
 @torch.no_grad()
 def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float = 10,
            min_length: int = 1, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-           use_cache: bool = True, steps: int | None = None) -> list[list[Hypothesis]]:
+           use_cache: bool = True, steps: int | None = None, encoded: dict | None = None
+           ) -> list[list[Hypothesis]]:
     """Greedy search: the most likely token at each step, each row until its own <eos>.
 
     Args:
@@ -115,13 +116,15 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
         steps: run the decoder exactly this many steps, even after every row has ended
             (for callers that must keep several decoders in step); at least the longest
             row's limit + 1. None: stop when every row has ended.
+        encoded: `net.encode(source)`, when the caller has it already (a validation step
+            that computed the loss with it); None: encoded here.
 
     Returns:
         For each row, one hypothesis in a list (the shape `beam_search` returns).
     """
     limits = max_lengths(net, source, max_len_a, max_len_b, min_length)
     B, device = source.size(0), source.device
-    encoded, cache = net.encode(source), None
+    encoded, cache = encoded if encoded is not None else net.encode(source), None
     tokens = torch.full((B, 1), net.bos_id, dtype=torch.long, device=device)
     history = tokens[:, :0]
     shortest = int(limits.min())
@@ -152,7 +155,8 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
 def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float = 1.0,
                 max_len_a: float = 1.2, max_len_b: float = 10, min_length: int = 1,
                 n_finished: int | None = None, no_repeat_ngram_size: int = 0,
-                use_cache: bool = True, steps: int | None = None) -> list[list[Hypothesis]]:
+                use_cache: bool = True, steps: int | None = None, encoded: dict | None = None
+                ) -> list[list[Hypothesis]]:
     """Batched beam search; each sentence stops when it has `n_finished` hypotheses.
 
     At each step, the 2 * beam best continuations of a sentence's beams are ranked; those
@@ -171,6 +175,7 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
         use_cache: decode from the cache (False recomputes the prefix at every step).
         steps: run the decoder exactly this many steps (see `greedy`); None: stop when
             every sentence is done.
+        encoded: `net.encode(source)` if the caller has it (see `greedy`).
 
     Returns:
         For each row of `source`, its finished hypotheses, best score first.
@@ -180,7 +185,8 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
     n_finished = n_finished or beam
     limits = max_lengths(net, source, max_len_a, max_len_b, min_length)
     B, device = source.size(0), source.device
-    encoded, cache = net.reorder(net.encode(source), None,
+    encoded = encoded if encoded is not None else net.encode(source)
+    encoded, cache = net.reorder(encoded, None,
                                  torch.arange(B, device=device).repeat_interleave(beam))
     search = _Beams(B, beam, limits, net.bos_id)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]

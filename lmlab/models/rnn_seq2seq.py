@@ -130,9 +130,11 @@ class RNNSeq2Seq(EncoderDecoder):
             self.tgt_embed.weight[pad_id].zero_()
             self.src_embed.weight[pad_id].zero_()
 
-    def forward(self, source: torch.Tensor, target_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: logits (B, T, V) of the next target token at each position."""
-        encoded = self.encode(source)
+    def forward(self, source: torch.Tensor, target_in: torch.Tensor,
+                encoded: dict | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (B, T, V) of the next target token at each position
+        (`encoded`: `encode(source)`, if the caller has it)."""
+        encoded = encoded if encoded is not None else self.encode(source)
         embedded = self.drop(self.tgt_embed(target_in))  # (B, T, E)
         cache = self.initial_state(encoded)
         outs = []

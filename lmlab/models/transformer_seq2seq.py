@@ -175,9 +175,11 @@ class Seq2SeqTransformer(EncoderDecoder):
             x = x + self.sinusoids[start:end]
         return self.drop(x)
 
-    def forward(self, source: torch.Tensor, target_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: logits (B, T, V) of the next target token at each position."""
-        encoded = self.encode(source)
+    def forward(self, source: torch.Tensor, target_in: torch.Tensor,
+                encoded: dict | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (B, T, V) of the next target token at each position
+        (`encoded`: `encode(source)`, if the caller has it)."""
+        encoded = encoded if encoded is not None else self.encode(source)
         x = self.embed(self.tgt_embed, target_in)  # (B, T, C)
         for block in self.decoder_blocks:
             x, _ = block(x, encoded["memory"], encoded["memory_mask"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -106,8 +107,14 @@ class Seq2SeqTask(Task):
         return self.net(source, target_in)
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
+        """The loss of a batch; in evaluation with decoding, the hypotheses too, from the
+        same encoder output (a net whose `forward` takes `encoded=`)."""
         targets = batch["target"][:, 1:]  # (B, T - 1): predict each token after <bos>
-        logits = self(batch["source"], batch["target"][:, :-1])  # (B, T - 1, V)
+        decodes = split != "train" and self.beams[split] and self.tokenizer is not None
+        shared = decodes and "encoded" in inspect.signature(self.net.forward).parameters
+        encoded = self.net.encode(batch["source"]) if shared else None
+        extra = {"encoded": encoded} if shared else {}
+        logits = self.net(batch["source"], batch["target"][:, :-1], **extra)  # (B, T - 1, V)
         smoothing = self.label_smoothing if split == "train" else 0.0
         losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=self.net.pad_id,
                                  label_smoothing=smoothing, reduction="none")  # (B, T - 1)
@@ -116,8 +123,8 @@ class Seq2SeqTask(Task):
         weight = example_weights(batch, len(targets), targets.device)
         per_token = split != "train" or self.loss_per == "tokens"
         loss = self.log_loss(split, means, weight, tokens if per_token else None)
-        if split != "train" and self.beams[split] and self.tokenizer is not None:
-            self.collect(batch, split, weight)
+        if decodes:
+            self.collect(batch, split, weight, encoded)
         return loss
 
     def count_tokens(self, batch: dict) -> torch.Tensor:
@@ -130,23 +137,28 @@ class Seq2SeqTask(Task):
         """Source tokens, and target inputs (`<bos> y1 .. yn`, the target without `<eos>`)."""
         return batch["source_lengths"], batch["target_lengths"] - 1
 
-    def collect(self, batch: dict, split: str, weight: torch.Tensor) -> None:
+    def collect(self, batch: dict, split: str, weight: torch.Tensor,
+                encoded: dict | None = None) -> None:
         """Decodes the batch's sources (through the strategy's wrapper: sharded parameters
-        are gathered) and keeps the text of the real examples by index."""
+        are gathered) from their encoder output if given, and keeps the text of the real
+        examples by index."""
         steps = self.lockstep_steps(batch["source"])
-        found = self.through_strategy("decode", batch["source"], self.beams[split], steps)
+        found = self.through_strategy("decode", batch["source"], self.beams[split], steps,
+                                      encoded)
         for index, tokens, w in zip(batch["index"].tolist(), found, weight.tolist()):
             if w > 0:
                 self.hypotheses[split].append((index, one_line(self.tokenizer.decode(tokens))))
 
     @torch.no_grad()
-    def decode(self, source: torch.Tensor, beam: int, steps: int | None = None
-               ) -> list[list[int]]:
+    def decode(self, source: torch.Tensor, beam: int, steps: int | None = None,
+               encoded: dict | None = None) -> list[list[int]]:
         """The output tokens for each source row (beam 1: greedy search): the best-scored
-        hypothesis's, or with `mbr` the consensus of the beam's."""
+        hypothesis's, or with `mbr` the consensus of the beam's; `encoded`: the source's
+        encoder output, if computed already."""
         choose = partial(consensus_of, tokenizer=self.tokenizer, metric=self.metric,
                          stem=self.stem) if self.mbr else None
-        return best_tokens(self.net, source, beam, steps=steps, choose=choose, **self.search)
+        return best_tokens(self.net, source, beam, steps=steps, choose=choose,
+                           encoded=encoded, **self.search)
 
     def lockstep_steps(self, source: torch.Tensor) -> int | None:
         """Under a strategy that keeps the parameters sharded, the most decoder steps any
