@@ -345,3 +345,27 @@ def test_a_validation_step_runs_the_encoder_once(make_cfg, shares):
     assert task.net.calls == (1 if shares else 2)
     expected = [one_line(task.tokenizer.decode(t)) for t in expected]
     assert dict(task.hypotheses["val"]) == dict(zip(batch["index"].tolist(), expected))
+
+
+@pytest.mark.parametrize("name", ["transformer", "transformer-joint-learned-relu"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beams_reading_one_memory_row_find_what_beams_with_copies_find(name, use_cache):
+    """A sentence's beams read its encoder output (and cross-attention keys and values)
+    together; with a copy for each beam (the net told it shares nothing) the hypotheses and
+    scores are the same, sentences finishing at different steps included."""
+    net = tiny(name)
+    assert net.beams_share_memory
+    source, _ = batch(lengths=(7, 3, 5, 1, 6))
+    settings = dict(beam=4, max_len_a=0.8, max_len_b=2, use_cache=use_cache)
+    shared = beam_search(net, source, **settings)
+    net.beams_share_memory = False
+    copied = beam_search(net, source, **settings)
+    assert [[h.tokens for h in hyps] for hyps in shared] == \
+        [[h.tokens for h in hyps] for hyps in copied]
+    for ours, theirs in zip(shared, copied):
+        assert [h.score for h in ours] == pytest.approx([h.score for h in theirs], abs=1e-5)
+    assert len({len(hyps[0].tokens) for hyps in shared}) > 1  # sentences end apart
+
+
+def test_a_copying_net_gives_each_beam_its_memory():
+    assert not tiny("transformer-copy").beams_share_memory

@@ -145,11 +145,14 @@ class Attention(nn.Module):
             elif cache is not None:  # the second step of a decoding: from here, in place
                 cache = KeyValueBuffer.holding(*cache, room=2 * (cache[0].size(2) + k.size(2)))
                 k, v = cache.append(k, v)
+        B, T = x.shape[:2]
+        beams = B // k.size(0)  # cross-attention: each memory row may serve several rows
+        q = beams_as_queries(q, beams)
         mask, is_causal = attention_mask(q.size(2), k.size(2), causal, key_mask, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=k.size(1) != q.size(1))
-        B, T = x.shape[:2]
+        y = beams_as_rows(y, beams)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, H * D)
         kept = cache if isinstance(cache, KeyValueBuffer) and not self.cross else (k, v)
         return self.resid_dropout(self.proj(y)), kept
@@ -158,6 +161,26 @@ class Attention(nn.Module):
         """(B, T, C) through `layer` to (B, H, T, D), H being this rank's share of heads."""
         B, T, _ = x.shape
         return layer(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+
+
+def beams_as_queries(q: torch.Tensor, beams: int) -> torch.Tensor:
+    """(E * beams, H, T, D) queries as (E, H, beams * T, D): the beams of a sentence that
+    share one memory row (a beam search's cross-attention) become more queries of it, so its
+    keys and values are read once for them all."""
+    if beams == 1:
+        return q
+    rows, heads, length, dim = q.shape
+    grouped = q.view(rows // beams, beams, heads, length, dim).transpose(1, 2)
+    return grouped.reshape(rows // beams, heads, beams * length, dim)
+
+
+def beams_as_rows(y: torch.Tensor, beams: int) -> torch.Tensor:
+    """The inverse of `beams_as_queries`."""
+    if beams == 1:
+        return y
+    sentences, heads, queries, dim = y.shape
+    grouped = y.view(sentences, heads, beams, queries // beams, dim).transpose(1, 2)
+    return grouped.reshape(sentences * beams, heads, queries // beams, dim)
 
 
 def attention_mask(n_queries: int, n_keys: int, causal: bool, key_mask: torch.Tensor | None,

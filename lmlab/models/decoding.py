@@ -9,7 +9,8 @@ comparison).
 Rules that hold whatever the batch:
 - beams are rows (sentence-major: B * beam rows); each row ends at its own <eos> (in beam
   search, a finished sentence leaves the batch), so padding and neighbours never change a
-  result;
+  result; a net with `beams_share_memory` keeps one row of encoder output a sentence, which
+  its beams read together;
 - a hypothesis has at most `floor(max_len_a * source_length + max_len_b)` tokens (source
   length without padding; also at most what the net's positions allow, `net.max_length - 1`),
   after which <eos> is forced, and at least `min_length` tokens (<eos> is masked before);
@@ -185,8 +186,10 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
     n_finished = n_finished or beam
     limits = max_lengths(net, source, max_len_a, max_len_b, min_length)
     B, device = source.size(0), source.device
-    encoded = encoded if encoded is not None else net.encode(source)
-    encoded, cache = net.reorder(encoded, None,
+    encoded, cache = encoded if encoded is not None else net.encode(source), None
+    shared = getattr(net, "beams_share_memory", False)  # else every beam gets its own copy
+    if not shared:
+        encoded, _ = net.reorder(encoded, None,
                                  torch.arange(B, device=device).repeat_interleave(beam))
     search = _Beams(B, beam, limits, net.bos_id)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
@@ -208,7 +211,9 @@ def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float 
             break
         # while every sentence stays, a row's beams are rows of its sentence: its encoder
         # output need not move
-        encoded, cache = net.reorder(encoded, cache, rows, within_sentences=not any(done))
+        sentences = {"sentences": rows[::beam] // beam} if shared else {}
+        encoded, cache = net.reorder(encoded, cache, rows, within_sentences=not any(done),
+                                     **sentences)
     return [sorted(hyps, key=lambda h: -h.score) for hyps in finished]
 
 

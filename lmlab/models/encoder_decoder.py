@@ -13,6 +13,11 @@ from torch import nn
 class EncoderDecoder(nn.Module):
     """The base of lmlab's encoder-decoders.
 
+    A net whose `beams_share_memory` is true decodes the beams of a sentence against one row
+    of the encoder output: a beam search gives its `decode_step` `beam` rows of tokens for
+    each row of `encoded`, and the net's cross-attention reads a sentence's keys and values
+    once for all its beams (`lmlab.models.attention.beams_as_queries`).
+
     Args:
         src_vocab_size: rows of the source embedding.
         tgt_vocab_size: rows of the target embedding (and of the output layer).
@@ -39,23 +44,33 @@ class EncoderDecoder(nn.Module):
         self.src_embed = self.tgt_embed if share_embeddings else \
             nn.Embedding(src_vocab_size, embed_dim, padding_idx=pad_id)
 
+    beams_share_memory = False
+
     def reorder(self, encoded: dict, cache: dict | None, indices: torch.Tensor,
-                within_sentences: bool = False) -> tuple[dict, dict | None]:
-        """Keeps rows `indices` (B',) of the encoder output and of the cache, in that order.
+                within_sentences: bool = False, sentences: torch.Tensor | None = None
+                ) -> tuple[dict, dict | None]:
+        """Keeps rows `indices` (B',) of the decoder's cache, in that order, and the encoder
+        output of rows `sentences` (one row a sentence, with `beams_share_memory`), else of
+        rows `indices`.
 
         `within_sentences`: each row moves only among the rows of its own sentence (a beam
         search in which no sentence left), whose encoder output, and what is computed from
         it alone, are the same: those are kept as they are, not copied.
         """
+        memory_rows = indices if sentences is None else sentences
         if not within_sentences:
-            encoded = {name: t.index_select(0, indices) for name, t in encoded.items()}
-        return encoded, None if cache is None else self.reorder_cache(cache, indices,
-                                                                      within_sentences)
+            encoded = {name: t.index_select(0, memory_rows) for name, t in encoded.items()}
+        if cache is None:
+            return encoded, None
+        if sentences is None:
+            return encoded, self.reorder_cache(cache, indices, within_sentences)
+        return encoded, self.reorder_cache(cache, indices, within_sentences, sentences)
 
     def reorder_cache(self, cache: dict, indices: torch.Tensor,
-                      within_sentences: bool = False) -> dict:
-        """The decoder's cache with rows `indices` (B',) only, in that order (see
-        `reorder` for `within_sentences`)."""
+                      within_sentences: bool = False, sentences: torch.Tensor | None = None
+                      ) -> dict:
+        """The decoder's cache with rows `indices` (B',) only, in that order, and what it
+        computed from the encoder output alone of rows `sentences` if given (see `reorder`)."""
         raise NotImplementedError
 
     def num_parameters(self) -> int:

@@ -149,6 +149,8 @@ class Seq2SeqTransformer(EncoderDecoder):
         self.lm_head = nn.Linear(d_model, tgt_vocab_size, bias=False)
         self.lm_head.weight = self.tgt_embed.weight  # tied target input/output embeddings
         self.copier = Copier(d_model) if copy else None
+        # the copier reads the memory row by row: a copying net gives each beam its own
+        self.beams_share_memory = not copy
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -224,11 +226,20 @@ class Seq2SeqTransformer(EncoderDecoder):
         return logits, {"step": step + tokens.size(1), "layers": layers}
 
     def reorder_cache(self, cache: dict, indices: torch.Tensor,
-                      within_sentences: bool = False) -> dict:
-        """Each block's self- and cross-attention keys and values of rows `indices` (the
-        cross-attention's, of the encoder output alone, kept `within_sentences`)."""
-        layers = [{kind: kv if kind == "cross" and within_sentences else select_rows(kv, indices)
-                   for kind, kv in layer.items()} for layer in cache["layers"]]
+                      within_sentences: bool = False, sentences: torch.Tensor | None = None
+                      ) -> dict:
+        """Each block's self-attention keys and values of rows `indices`, and its
+        cross-attention's (of the encoder output alone) of rows `sentences` if given, else
+        `indices`; kept as they are `within_sentences`."""
+        memory_rows = indices if sentences is None else sentences
+
+        def follow(kind: str, kv):
+            if kind == "cross":
+                return kv if within_sentences else select_rows(kv, memory_rows)
+            return select_rows(kv, indices)
+
+        layers = [{kind: follow(kind, kv) for kind, kv in layer.items()}
+                  for layer in cache["layers"]]
         return {"step": cache["step"], "layers": layers}
 
     def flops(self, source_lengths: torch.Tensor, target_lengths: torch.Tensor
