@@ -1,10 +1,15 @@
 """The strategy factories: the model's declared units, and the CPU twins of GPU strategies."""
 
+import copy
+
+import pytest
+import torch
 from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy,
                                           ModelParallelStrategy)
 
-from lmlab.models.gpt import Block
-from lmlab.parallel.sharding import keeps_shards
+from lmlab.models.gpt import GPT, Block
+from lmlab.models.transformer_seq2seq import Seq2SeqTransformer
+from lmlab.parallel.sharding import checkpoint_blocks, keeps_shards
 from lmlab.parallel.strategies import CPUDeepSpeedStrategy, CPUFSDPStrategy, deepspeed, fsdp
 
 
@@ -44,3 +49,43 @@ def test_only_strategies_that_keep_parameters_sharded_decode_in_lockstep():
     alone = [DDPStrategy(), deepspeed("cpu", stage=1), deepspeed("cpu", stage=2), None]
     assert [keeps_shards(s) for s in sharded] == [True] * 3
     assert [keeps_shards(s) for s in alone] == [False] * 4
+
+
+def saved_activations(forward) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of `forward()`'s output."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss = forward().float().logsumexp(-1).mean()
+    loss.backward()
+    return sum(t.numel() * t.element_size() for t in kept)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "transformer"])
+def test_checkpointed_blocks_give_the_same_gradients_and_keep_fewer_activations(kind):
+    torch.manual_seed(0)
+    if kind == "gpt":
+        net = GPT(vocab_size=50, block_size=32, n_layer=3, n_head=4, n_embd=32, dropout=0.1)
+        inputs = (torch.randint(0, 50, (4, 32)),)
+    else:
+        net = Seq2SeqTransformer(50, 50, 0, 1, 2, d_model=32, n_head=4, n_encoder_layers=2,
+                                 n_decoder_layers=2, d_ff=64, dropout=0.1)
+        inputs = (torch.randint(3, 50, (4, 20)), torch.randint(3, 50, (4, 16)))
+    plain, recomputing = net, copy.deepcopy(net)
+    assert checkpoint_blocks(recomputing) == (3 if kind == "gpt" else 4)
+    assert list(recomputing.state_dict()) == list(plain.state_dict())  # names unchanged
+    kept = {}
+    for name, model in (("plain", plain), ("recomputing", recomputing)):
+        torch.manual_seed(1)  # the same dropout masks, replayed by the recomputation
+        kept[name] = saved_activations(lambda: model(*inputs))
+    for p, q in zip(plain.parameters(), recomputing.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6)
+    assert kept["recomputing"] < 0.5 * kept["plain"]
+
+
+def test_a_net_without_blocks_is_refused_activation_checkpointing():
+    from lmlab.models.rnn import RNNClassifier
+    from lmlab.tasks.classification import ClassificationTask
+
+    with pytest.raises(ValueError, match="RNNClassifier declares no block classes"):
+        ClassificationTask(RNNClassifier(20, 2), 2, optimizer=torch.optim.SGD,
+                           activation_checkpointing=True)

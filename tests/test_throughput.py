@@ -384,3 +384,21 @@ def test_model_flops_of_a_padded_batch_are_its_real_examples_counted_alone(name)
     with StepFlops(task) as padded:  # negative control: the padded batch, copies included
         task.step(batch, "train").backward()
     assert padded.total > 1.05 * reference
+
+
+CHILD_PEAK = """
+import resource, torch
+from lmlab.training.callbacks.throughput import peak_memory
+print(peak_memory(torch.device("cpu")), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_the_cpu_peak_of_a_started_process_is_its_own():
+    """A rank started by another (DDP's launcher forks and execs) inherits its parent's
+    ru_maxrss; the peak reported is the process's own high-water mark."""
+    held = torch.ones(600 * 2**20, dtype=torch.uint8)  # this process: 600 MiB more
+    status, output = run_subprocess([sys.executable, "-c", CHILD_PEAK], 120)
+    assert status == 0, output
+    own, inherited = map(int, output.split()[-2:])
+    assert own < 500 * 2**20 < 600 * 2**20 < inherited  # the negative control: ru_maxrss
+    del held

@@ -13,8 +13,10 @@ become FSDP2 units over the data-parallel dimension.
 
 from __future__ import annotations
 
+import functools
 import logging
 
+import torch
 from hydra.utils import get_object
 from lightning.pytorch.strategies import (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
                                           Strategy)
@@ -22,6 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
@@ -42,6 +45,36 @@ def block_classes(net: nn.Module | type | str | None) -> tuple[type[nn.Module], 
     if isinstance(net, str):
         net = get_object(net)
     return tuple(getattr(net, "block_classes", ()) or ())
+
+
+def checkpoint_blocks(net: nn.Module) -> int:
+    """Makes each declared block recompute its activations in the backward pass instead of
+    keeping them (activation checkpointing); returns how many blocks it changed. The block
+    keeps its module path and parameter names (its class becomes a subclass of its own), so
+    the tensor-parallel plan, FSDP2's units and checkpoints see it unchanged; under any
+    strategy, and before `shard`."""
+    blocks = block_classes(net)
+    changed = 0
+    for module in net.modules():
+        if blocks and isinstance(module, blocks) and not getattr(module, "recomputes", False):
+            module.__class__ = recomputing(type(module))
+            changed += 1
+    return changed
+
+
+@functools.cache
+def recomputing(cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` whose forward, when gradients are on, keeps its inputs only and runs again in
+    the backward pass (`torch.utils.checkpoint`, non-reentrant; the random state of its
+    dropout is replayed)."""
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return cls.forward(self, *args, **kwargs)
+        return checkpoint(cls.forward, self, *args, use_reentrant=False, **kwargs)
+
+    return type(cls.__name__, (cls,), {"forward": forward, "recomputes": True,
+                                       "__module__": cls.__module__})
 
 
 def shard(net: nn.Module, mesh: DeviceMesh) -> nn.Module:

@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lmlab.data.description import DataDescription
-from lmlab.parallel.sharding import shard
+from lmlab.parallel.sharding import checkpoint_blocks, shard
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,22 @@ class Task(L.LightningModule):
         compile: compile the net (`torch.compile`, in place: its parameter names stay) once
             the strategy has sharded it, as the run starts.
         compile_mode: `torch.compile`'s mode: default, reduce-overhead or max-autotune.
+        activation_checkpointing: recompute each of the net's declared blocks in the
+            backward pass instead of keeping its activations, under any strategy
+            (`lmlab.parallel.sharding.checkpoint_blocks`).
     """
 
     kind = ""  # the kind of data it needs; DataModules carry the same attribute
     monitor = ("val/loss", "min")  # what picks the best checkpoint
 
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 compile: bool = False, compile_mode: str = "default"):
+                 compile: bool = False, compile_mode: str = "default",
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
+        if activation_checkpointing and not checkpoint_blocks(net):
+            raise ValueError(f"activation_checkpointing: {type(net).__name__} declares no "
+                             "block classes to recompute (block_classes)")
         self.compile_mode = compile_mode if compile else None
         # Evaluation losses are weighted means over every example of every rank, synced by
         # torchmetrics (keys avoid "train"/"test", which nn.Module attributes shadow).

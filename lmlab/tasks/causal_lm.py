@@ -43,6 +43,7 @@ class CausalLMTask(Task):
     def __init__(self, net: nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  weight_decay: float = 0.1, sample_tokens: int = 200,
                  compile: bool = False, compile_mode: str = "default",
+                 activation_checkpointing: bool = False,
                  data: DataDescription | None = None, pretrained: str | None = None,
                  lora: dict | None = None):
         lora = plain_lora(lora)  # plain values: the checkpoint's hyperparameters hold them
@@ -50,7 +51,8 @@ class CausalLMTask(Task):
             adapted = add_adapters(net, **lora)
             log.info("LoRA rank %d on %d layers; the rest of the net is frozen",
                      lora["rank"], len(adapted))
-        super().__init__(net, optimizer, scheduler, compile, compile_mode)
+        super().__init__(net, optimizer, scheduler, compile, compile_mode,
+                         activation_checkpointing)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "data"])
         self.weight_decay, self.sample_tokens = weight_decay, sample_tokens
         self.tokenizer = data.tokenizer if data is not None else None

@@ -38,8 +38,10 @@ class ClassificationTask(Task):
     def __init__(self, net: nn.Module, num_classes: int, optimizer: Callable,
                  scheduler: Callable | None = None, pretrained_vectors: str | None = None,
                  compile: bool = False, compile_mode: str = "default",
+                 activation_checkpointing: bool = False,
                  data: DataDescription | None = None):
-        super().__init__(net, optimizer, scheduler, compile, compile_mode)
+        super().__init__(net, optimizer, scheduler, compile, compile_mode,
+                         activation_checkpointing)
         self.save_hyperparameters(ignore=["net", "data", "optimizer", "scheduler"])
         self.classes = tuple(data.classes) if data is not None else ()  # names, by class id
         if pretrained_vectors:

@@ -69,8 +69,10 @@ class Seq2SeqTask(Task):
                  max_len_b: int = 10, min_length: int = 1, n_finished: int | None = None,
                  no_repeat_ngram_size: int = 0, mbr: bool = False,
                  compile: bool = False, compile_mode: str = "default",
+                 activation_checkpointing: bool = False,
                  data: DataDescription | None = None):
-        super().__init__(net, optimizer, scheduler, compile, compile_mode)
+        super().__init__(net, optimizer, scheduler, compile, compile_mode,
+                         activation_checkpointing)
         metric = metric_of(metric, getattr(data, "task_type", None))
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")

@@ -146,8 +146,17 @@ class Window:
             self.flops = float(other.flops) + (0.0 if self.flops is None else self.flops)
 
 
+STATUS = Path("/proc/self/status")
+
+
 def peak_memory(device: torch.device) -> int:
-    """Bytes: the most CUDA memory allocated on a GPU, the process's peak RSS on a CPU."""
+    """Bytes: the most CUDA memory allocated on a GPU, the process's peak RSS on a CPU.
+
+    On Linux the peak is the process's own (`VmHWM`): `ru_maxrss` of a process started by
+    another (every rank but the first) starts from its parent's peak at the fork."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    if STATUS.is_file():
+        line = next(x for x in STATUS.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
