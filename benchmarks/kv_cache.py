@@ -1,7 +1,8 @@
 """Decoding now against before: the self-attention cache written in place (`KeyValueBuffer`)
 instead of concatenating every step's keys and values onto a new tensor (`torch.cat`), and
-beam search leaving the encoder output and the cross-attention keys and values where they are
-while no sentence leaves the batch, instead of re-indexing them at every step.
+beam search keeping one row of encoder output and cross-attention keys and values a sentence,
+read by all its beams together and left where it is while no sentence leaves the batch,
+instead of a copy for each beam re-indexed at every step.
 
 In one process, at 1 thread, the two alternating ("before" is the same code with a
 concatenating `append` and a `reorder` that re-indexes everything); medians of the repeats.
@@ -87,6 +88,7 @@ def beam_decoding(sources: int):
     outputs = {}
 
     def run(kind: str) -> None:
+        net.beams_share_memory = kind == "now"  # before: a copy of the memory for each beam
         with torch.no_grad():
             outputs[kind] = [[h.tokens for h in hyps] for source in source_batches
                              for hyps in beam_search(net, source, beam=5)]

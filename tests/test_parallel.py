@@ -168,3 +168,14 @@ def test_compare_flags_a_shifted_curve_a_flat_one_and_a_non_finite_loss():
     assert "moved by 0.05% only" in compare({"cpu": [2.0, 2.001]}, 1e-3, 0.01)[0]
     assert compare({"cpu": [2.0, 1.5], "ddp": [2.0, float("nan")]}, 1e-3) == \
         ["ddp: step 1 loss nan"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "tp"])
+def test_activation_checkpointing_keeps_the_losses_of_one_process(tmp_path, one_process,
+                                                                  strategy):
+    """Recomputed blocks (`model.activation_checkpointing=true`) under each strategy that
+    takes them, against one process that keeps its activations."""
+    run_isolated(tmp_path, f"strategy={strategy}", "trainer.devices=2", "trainer.accelerator=cpu",
+                 *LM, f"paths.cache_dir={tmp_path / 'c'}", "model.activation_checkpointing=true")
+    one, many = final_test_metrics(one_process["gpt"]), final_test_metrics(tmp_path)
+    assert one["test/loss"] == pytest.approx(many["test/loss"], rel=1e-4)
