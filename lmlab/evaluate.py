@@ -32,7 +32,8 @@ from lmlab.data.records import text_of
 from lmlab.config.user_dir import moved_to
 from lmlab.errors import LmlabError
 from lmlab.predict import tsv
-from lmlab.training.build import load_task
+from lmlab.interop.huggingface import is_pretrained_folder
+from lmlab.training.build import built, load_task
 from lmlab.training.runs import find_checkpoint, load_run_config
 from lmlab.training.kernels import kernels_of
 
@@ -56,7 +57,7 @@ def evaluate(run_dir: str | Path, ckpt: str | None = None, overrides: list[str] 
     cfg = load_run_config(run_dir, overrides)
     checkpoint = find_checkpoint(run_dir, ckpt, lambda name, _: f"python -m lmlab.evaluate "
                                  f"{run_dir}" + (f" ckpt={name}" if name else ""))
-    data = instantiate(cfg.data, load_from=str(run_dir))
+    data = built(cfg.data, **({} if is_pretrained_folder(run_dir) else {"load_from": str(run_dir)}))
     data.setup("test")
     task = load_task(cfg, data, checkpoint)
     trainer = trainer_for_test(cfg, run_dir)

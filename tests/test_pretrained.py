@@ -158,12 +158,13 @@ def test_a_net_of_no_transformers_layout_is_refused_in_one_line(tmp_path):
     ({"model_type": "gpt_neox"}, "model_type 'gpt_neox' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"head_dim": 32}, "head_dim=32"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+    ({"mlp_bias": True}, "attention_bias=false with mlp_bias=true"),
 ])
 def test_an_unsupported_checkpoint_is_named_in_one_line(folders, tmp_path, change, named):
     config = {**json.loads((folders["llama"] / "config.json").read_text()), **change}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises((LmlabError, ValueError), match=named.replace("(", r"\(")):
+    with pytest.raises(UnsupportedCheckpoint, match=named.replace("(", r"\(")):
         PretrainedGPT(str(tmp_path), load_weights=False)
 
 
@@ -220,10 +221,38 @@ def test_the_base_check_fails_when_the_base_weights_move(folders):
     assert len(moved(net, base)) > 10
 
 
-def test_lora_targets_that_match_no_layer_are_named(folders):
-    with pytest.raises(ValueError, match="no linear layer matches lora.targets=.'query'.; "
-                       "the net's are down|.*gate"):
-        add_adapters(PretrainedGPT(str(folders["llama"])), 4, 8.0, ["query"])
+def test_lora_targets_that_match_no_layer_or_a_tied_one_are_named(folders):
+    net = PretrainedGPT(str(folders["qwen2"]))  # tied embeddings
+    with pytest.raises(LmlabError, match="model.lora.targets: fc matches no linear layer of "
+                       "PretrainedGPT; its linear layers are gate, k, lm_head, proj, q, up, v"):
+        add_adapters(net, 4, 8.0, ["q", "fc"])  # fc: GPT-2's MLP, not a SwiGLU's
+    with pytest.raises(LmlabError, match="lm_head's weight is tied to another module's"):
+        add_adapters(net, 4, 8.0, ["lm_head"])
+    assert all(p.requires_grad for p in net.parameters())  # refused before freezing
+
+
+def test_a_file_cut_short_is_named_not_read(folders, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folders["llama"] / name).read_bytes())
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(whole[:-1000])
+    with pytest.raises(LmlabError, match="model.safetensors is cut short: tensor "
+                       r"model\.\S+ has \d+ of its \d+ bytes"):
+        PretrainedGPT(str(tmp_path))
+
+
+def test_an_export_refuses_a_folder_that_holds_files(tmp_path):
+    net = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8)
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(LmlabError, match="is not empty"):
+        export_folder(net, {}, tmp_path, {})
+
+
+def test_q_k_v_without_the_biases_of_the_rest_is_refused_by_export(tmp_path):
+    net = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8, positions="rope",
+              norm="rmsnorm", mlp="swiglu", bias=True, qkv_bias=False)
+    with pytest.raises(UnsupportedCheckpoint, match="model.net.qkv_bias=false with bias=true"):
+        export_folder(net, {}, tmp_path, {})
 
 
 def completions_data(folder, tmp_path, loss_on: str, **kwargs):

@@ -4,7 +4,9 @@ Every run is a subprocess with a hard timeout."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -127,3 +129,41 @@ def test_importing_a_gpt2_small_folder_holds_the_weights_about_once(tmp_path):
     assert status == 0, output[-2000:]
     grown = int(output.strip().splitlines()[-1])
     assert grown < 1.5 * weights, f"peak grew by {grown / weights:.2f}x the weights"
+
+
+def test_a_fine_tuned_run_outlives_its_pretrained_folder(llama, tmp_path):
+    """The run keeps the folder's config.json: evaluate and export rebuild the net from it,
+    and take the weights from the run's checkpoint, with the folder gone."""
+    folder, run_dir = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(llama, folder)
+    run(run_dir, *FINE_TUNE, f"model.pretrained={folder}", f"paths.cache_dir={tmp_path}",
+        "trainer.max_steps=2", "data.val_batches=1")
+    shutil.rmtree(folder)
+    for module, args in (("lmlab.evaluate", [str(run_dir)]),
+                         ("lmlab.export", [str(run_dir), f"out={tmp_path / 'out'}"])):
+        done = run_cli(*args, module=module, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("change, command, message", [
+    ({"model_type": "phi3"}, "run", "model_type 'phi3' is not supported"),
+    ({"model_type": "phi3"}, "generate", "model_type 'phi3' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "evaluate", "rope_type='yarn'"),
+    ({}, "run data.loss_on=completions", "data.loss_on='completions'"),
+])
+def test_a_bad_folder_or_setting_is_one_line_from_every_command(llama, tmp_path, change,
+                                                                 command, message):
+    folder = tmp_path / "folder"
+    shutil.copytree(llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    name, *extra = command.split()
+    args = {"run": ["model=hf_causal_lm", f"model.pretrained={folder}",
+                    "data=completions" if extra else "data=stdlib_source",
+                    f"hydra.run.dir={tmp_path / 'run'}", *extra]
+            + (["data.files.train=x.jsonl"] if extra else []),
+            "generate": [f"ckpt={folder}", "prompt=x"], "evaluate": [str(folder)]}[name]
+    done = run_cli(*args, module=f"lmlab.{name}", cwd=ROOT)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "Error executing job" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]

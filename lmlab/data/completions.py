@@ -11,6 +11,8 @@ and a completion that starts with a word are encoded as the tokenizer splits the
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -21,6 +23,7 @@ from lmlab.data.records import SPLITS, TextRecordsDataModule
 from lmlab.data.tokenizers import TokenizerSpec
 from lmlab.errors import LmlabError
 
+log = logging.getLogger(__name__)
 IGNORE = -100  # a target the loss leaves out (F.cross_entropy's ignore_index)
 LOSS_ON = ("completion", "all")
 
@@ -66,6 +69,17 @@ class CompletionsDataModule(TextRecordsDataModule):
     def field_keys(self) -> dict[str, list[str]]:
         return {"prompt_field": [self.prompt_field],
                 "completion_field": [self.completion_field]}
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for split, examples in self.datasets.items():
+            empty = int(np.sum(examples.column("scored") == 0))
+            if empty:
+                log.warning("%d of the %d %s records keep no %s token within data.max_length="
+                            "%d: they teach nothing; raise data.max_length or shorten their "
+                            "prompts", empty, len(examples), split,
+                            "completion" if self.loss_on == "completion" else "scored",
+                            self.max_length)
 
     def describe(self) -> DataDescription:
         """The tokenizer, and each split's characters per scored token (bits per character)."""

@@ -31,6 +31,10 @@ GPT2_TYPES = ("gpt2",)
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 INDEX = "model.safetensors.index.json"
+# the RoPE scalings lmlab builds, and the settings each reads
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings")}
 
 
 class UnsupportedCheckpoint(LmlabError):
@@ -44,7 +48,8 @@ def is_pretrained_folder(path: str | Path) -> bool:
 
 
 def read_config(folder: str | Path) -> dict:
-    path = Path(folder) / "config.json"
+    """The `config.json` of a folder (or that file itself, as a run keeps a copy)."""
+    path = Path(folder) if str(folder).endswith(".json") else Path(folder) / "config.json"
     if not path.is_file():
         raise LmlabError(f"{folder} has no config.json; model.pretrained takes a Hugging Face "
                          "model folder (config.json, model.safetensors, tokenizer.json)")
@@ -92,19 +97,22 @@ def llama_arguments(hf: dict) -> dict:
     rope = rope_settings(hf)
     refuse_unless(rope.get("partial_rotary_factor", 1.0) == 1.0,
                   f"partial_rotary_factor={rope.get('partial_rotary_factor')}")
+    kind = rope.get("rope_type", "default")
+    refuse_unless(kind in ROPE_KEYS, f"RoPE scaling rope_type={kind!r} (lmlab builds "
+                  f"{', '.join(ROPE_KEYS)})")
     qwen = hf["model_type"] == "qwen2"
     attention_bias, mlp_bias = hf.get("attention_bias", qwen), hf.get("mlp_bias", False)
-    refuse_unless(qwen or attention_bias == mlp_bias or not attention_bias,
-                  "attention_bias=true with mlp_bias=false")
+    refuse_unless(qwen or attention_bias == mlp_bias,
+                  f"attention_bias={str(attention_bias).lower()} with "
+                  f"mlp_bias={str(mlp_bias).lower()}")
     refuse_unless(not (qwen and hf.get("use_sliding_window")), "use_sliding_window=true")
     context = hf["max_position_embeddings"]
     window = hf.get("sliding_window") if hf["model_type"] == "mistral" else None
     if window and window < context:  # within the window, sliding attention is full attention
         log.info("block_size %d: the checkpoint's sliding window", window)
         context = window
-    kind = rope.get("rope_type", "default")
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")} \
-        if kind != "default" else None
+    scaling = {"rope_type": kind, **{k: rope.get(k, hf["max_position_embeddings"])
+                                     for k in ROPE_KEYS[kind]}} if kind != "default" else None
     return dict(vocab_size=hf["vocab_size"], block_size=context,
                 n_layer=hf["num_hidden_layers"], n_head=heads,
                 n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width,
@@ -130,7 +138,8 @@ class PretrainedGPT(GPT):
     weights (the net of `model=hf_causal_lm`).
 
     Args:
-        folder: the Hugging Face model folder.
+        folder: the Hugging Face model folder (or, with `load_weights=false`, its
+            `config.json` alone).
         vocab_size: the tokenizer's vocabulary (from the data); at most the embedding's rows.
         dropout: on attention weights, residual branches and embeddings (checkpoints declare
             none for fine-tuning; 0 by default).
@@ -159,15 +168,15 @@ def copy_weights(net: GPT, folder: str | Path) -> None:
     """
     expected = {name for name, _ in net.state_dict().items()}
     params = dict(net.state_dict(keep_vars=True))
-    with TensorReader(folder) as reader:
-        for name, tensor in import_tensors(net.config, reader):
-            if name not in params or params[name].shape != tensor.shape:
-                raise LmlabError(f"{folder}: tensor {name} of shape {tuple(tensor.shape)} does "
-                                 "not fit the net its config.json describes")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            expected.discard(name)
-        left = reader.unread()
+    reader = TensorReader(folder)
+    for name, tensor in import_tensors(net.config, reader):
+        if name not in params or params[name].shape != tensor.shape:
+            raise LmlabError(f"{folder}: tensor {name} of shape {tuple(tensor.shape)} does "
+                             "not fit the net its config.json describes")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        expected.discard(name)
+    left = reader.unread()
     if net.config.tie_embeddings:
         expected.discard("lm_head.weight")  # the embedding itself
     if expected or left:
@@ -202,12 +211,6 @@ class TensorReader:
                                for key, entry in header.items()})
         self.read: set[str] = set()
 
-    def __enter__(self) -> TensorReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
     def key(self, name: str, prefix: str) -> str | None:
         return next((k for k in (prefix + name, name) if k in self.where), None)
 
@@ -218,10 +221,16 @@ class TensorReader:
         self.read.add(key)
         path, start, entry = self.where[key]
         begin, end = entry["data_offsets"]
+        if entry["dtype"] not in DTYPES:
+            raise UnsupportedCheckpoint(f"{path}: tensor {key} is {entry['dtype']}; lmlab "
+                                        f"reads {', '.join(DTYPES)} (not quantized weights)")
         tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
         with open(path, "rb") as f:
             f.seek(start + begin)
-            f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()[:end - begin])
+            read = f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()[:end - begin])
+        if read != end - begin or tensor.numel() * tensor.element_size() != end - begin:
+            raise LmlabError(f"{path} is cut short: tensor {key} has {read} of its "
+                             f"{end - begin} bytes; download or save the file again")
         return tensor.float()
 
     def has(self, name: str, prefix: str) -> bool:
@@ -350,6 +359,7 @@ def llama_config(config: GPTConfig) -> dict:
     refuse_export(config.norm == "rmsnorm", f"norm={config.norm}", layout)
     refuse_export(config.mlp == "swiglu", f"mlp={config.mlp}", layout)
     qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+    refuse_export(qkv_bias or not config.bias, "qkv_bias=false with bias=true", layout)
     qwen = qkv_bias and not config.bias
     rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_base}
     return {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
@@ -418,6 +428,9 @@ def export_folder(net: GPT, tokenizer_files: dict[str, str], out: str | Path,
     (`tokenizer_files`: name to text); `specials`: the bos/eos/pad token ids."""
     config = hf_config(net.config)  # refuses before anything is written
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LmlabError(f"out={out} is not empty: its files (an older model's shards, ...) "
+                         "would mix with the export; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     config.update({f"{role}_token_id": i for role, i in specials.items()}, dtype="float32")
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-ADAPTERS = ("lora_a", "lora_b")
-
+from lmlab.errors import LmlabError
 
 class LowRankDelta(nn.Module):
     """A parametrization of a linear layer's weight: W + scale * B A."""
@@ -50,20 +49,36 @@ def add_adapters(net: nn.Module, rank: int, alpha: float, targets: list[str]) ->
     """Freezes `net` and adds an adapter to each targeted linear layer; returns their paths.
 
     Raises:
-        ValueError: no linear layer matches `targets` (naming the layers there are).
+        LmlabError: a target matches no linear layer (naming the layers there are), or
+            matches one whose weight is tied to another module's (an output layer that is
+            the embedding: merging would untie them).
     """
+    layers = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    names = sorted({name.rsplit(".", 1)[-1] for name, _ in layers})
+    unmatched = [t for t in targets if not any(targeted(name, [t]) for name, _ in layers)]
+    if unmatched:
+        raise LmlabError(f"model.lora.targets: {', '.join(unmatched)} matches no linear layer "
+                         f"of {type(net).__name__}; its linear layers are {', '.join(names)}")
+    chosen = [(name, m) for name, m in layers if targeted(name, targets)]
+    shared = tied_weights(net)
+    tied = [name for name, m in chosen if id(m.weight) in shared]
+    if tied:
+        raise LmlabError(f"model.lora.targets: {tied[0]}'s weight is tied to another "
+                         "module's (the embedding); adapt other layers")
     for p in net.parameters():
         p.requires_grad_(False)
-    layers = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [(name, m) for name, m in layers if targeted(name, targets)]
-    if not chosen:
-        names = sorted({name.rsplit(".", 1)[-1] for name, _ in layers})
-        raise ValueError(f"no linear layer matches lora.targets={list(targets)}; the net's "
-                         f"are {', '.join(names)}")
     for _, layer in chosen:
         parametrize.register_parametrization(
             layer, "weight", LowRankDelta(layer.weight, rank, alpha), unsafe=True)
     return [name for name, _ in chosen]
+
+
+def tied_weights(net: nn.Module) -> set[int]:
+    """The ids of the parameters that more than one module holds."""
+    seen: dict[int, int] = {}
+    for _, p in net.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
 def merge_adapters(net: nn.Module) -> None:
@@ -71,12 +86,6 @@ def merge_adapters(net: nn.Module) -> None:
     for module in net.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-
-
-def adapter_state(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors alone, by their path in `net`."""
-    return {name: p.detach() for name, p in net.named_parameters()
-            if name.rsplit(".", 1)[-1] in ADAPTERS}
 
 
 PARAMETRIZED = ".parametrizations.weight."

@@ -9,9 +9,11 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, get_object, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -19,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmlab.checkpointing.weights import load_weights
 from lmlab.config.schema import monitor_mode
 from lmlab.data.description import DataDescription
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, LmlabError
 from lmlab.interop.huggingface import is_pretrained_folder
 from lmlab.tracking.loggers import WandbLogger
 from lmlab.tracking.run_info import record_run
@@ -27,13 +29,14 @@ from lmlab.tracking.wandb_identity import WandbIdInCheckpoint, wandb_arguments
 from lmlab.training.kernels import kernels_of
 
 log = logging.getLogger(__name__)
+PRETRAINED_CONFIG = "pretrained_config.json"  # a fine-tuning run's copy of its folder's
 
 
 def build(cfg: DictConfig, resume: str | None = None
           ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """The DataModule (set up and saved with the run), the task it sizes, and the trainer;
     `resume` is the checkpoint that training resumes from, whose W&B run continues."""
-    data = instantiate(cfg.data)
+    data = built(cfg.data)
     data.setup("fit")
     if hasattr(data, "summary"):  # a DataModule of one's own may have none
         rank_zero_only(log.info)("data: %s", data.summary())
@@ -42,6 +45,8 @@ def build(cfg: DictConfig, resume: str | None = None
     output_dir.mkdir(parents=True, exist_ok=True)
     rank_zero_only(data.save)(output_dir)
     task = build_task(cfg, data)
+    check_context(data, task.net)
+    rank_zero_only(keep_pretrained_config)(task.net, output_dir)
     choose_monitor(cfg, task.monitor)
     found = loggers(cfg, resume)
     trainer = instantiate(cfg.trainer, callbacks=callbacks(cfg) + logger_callbacks(found),
@@ -61,8 +66,23 @@ def task_for(cfg: DictConfig, description: DataDescription) -> L.LightningModule
     task_class = get_class(cfg.model._target_)
     sizes = task_class.config_from_data(description)
     takes_data = "data" in inspect.signature(task_class).parameters
-    task = instantiate(cfg.model, _partial_=True, **sizes)  # a description is no config value
+    task = built(cfg.model, _partial_=True, **sizes)  # a description is no config value
     return task(data=description) if takes_data else task()
+
+
+def built(node: DictConfig, *args, **kwargs):
+    """`instantiate(node, ...)`, with an `LmlabError` that a constructor raised re-raised as
+    itself: Hydra wraps whatever a target raises in its own exception, which the commands
+    would print as a traceback instead of the one-line message."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, LmlabError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) -> L.LightningModule:
@@ -73,11 +93,48 @@ def load_task(cfg: DictConfig, data: L.LightningDataModule, checkpoint: Path) ->
         return build_task(cfg, data)
     if cfg.model.get("pretrained_vectors"):
         cfg = OmegaConf.merge(cfg, {"model": {"pretrained_vectors": None}})
-    if "load_weights" in signature_of(cfg.model.net):  # a pretrained net's own weights
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.model.net.load_weights = False
-    return load_weights(build_task(cfg, data), checkpoint, cfg)
+    return load_weights(build_task(weights_come_later(cfg, Path(cfg.paths.output_dir)), data),
+                        checkpoint, cfg)
+
+
+def weights_come_later(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """`cfg` for a net whose weights a checkpoint will give: a pretrained net reads only the
+    shape of its folder, from the copy of `config.json` its run kept (the folder may have
+    moved since)."""
+    net = cfg.model.get("net") or {}
+    if "load_weights" not in signature_of(net):
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.model.net.load_weights = False
+        if (run_dir / PRETRAINED_CONFIG).is_file():
+            cfg.model.net.folder = str(run_dir / PRETRAINED_CONFIG)
+    return cfg
+
+
+def check_context(data: L.LightningDataModule, net) -> None:
+    """Refuses language-model sequences longer than the net's context (`block_size`), before
+    training: they would fail at the first batch that long.
+
+    Raises:
+        ConfigError: naming the data key and the longest value the net takes.
+    """
+    context = getattr(net, "block_size", None)
+    if context is None or getattr(data, "kind", None) != "lm":
+        return
+    key = "block_size" if hasattr(data, "block_size") else "max_length"
+    longest = getattr(data, key, None)
+    if longest is not None and longest > context:
+        raise ConfigError([f"data.{key}={longest} is longer than the model's context "
+                           f"({context} tokens); set data.{key}={context} or less"])
+
+
+def keep_pretrained_config(net, output_dir: Path) -> None:
+    """Copies a pretrained net's `config.json` into its run, which then rebuilds the net
+    from it wherever the folder has gone (`weights_come_later`)."""
+    folder = getattr(net, "folder", None)
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        shutil.copyfile(Path(folder) / "config.json", output_dir / PRETRAINED_CONFIG)
 
 
 def signature_of(node: DictConfig) -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpointing.io import SAFE_WEIGHTS, WEIGHTS
 from lmlab.checkpointing.weights import load_weights
@@ -27,7 +27,8 @@ from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.config.schema import compose
 from lmlab.interop.huggingface import is_pretrained_folder
-from lmlab.training.build import task_for
+from lmlab.models.lora import merge_adapters
+from lmlab.training.build import PRETRAINED_CONFIG, task_for, weights_come_later
 from lmlab.training.kernels import DEFAULT_NODE, kernels_of
 
 PRETRAINED_WEIGHTS = "model.safetensors"  # a Hugging Face folder's (read by its net)
@@ -97,6 +98,7 @@ def pretrained_config(folder: Path, overrides: list[str] = ()) -> DictConfig:
     cfg = compose(["model=hf_causal_lm", "data=stdlib_source",
                    f"model.pretrained={folder.resolve()}"])
     cfg.paths.output_dir = str(folder)
+    OmegaConf.resolve(cfg)  # as a run's saved config is: an override then sees plain values
     for arg in overrides:
         override(cfg, arg)
     return cfg
@@ -206,6 +208,8 @@ def run_description(run_dir: Path, cfg: DictConfig) -> DataDescription:
     if all(p.is_file() for p in sides):
         source, target = (Tokenizer.load(p) for p in sides)
         return DataDescription(target, source_tokenizer=source, target_tokenizer=target, **facts)
+    if is_pretrained_folder(run_dir):  # its special tokens, as training reads them
+        return DataDescription(Tokenizer.pretrained(run_dir), **facts)
     return DataDescription(Tokenizer.load(run_dir / "tokenizer.json"), **facts)
 
 
@@ -231,8 +235,11 @@ def load_run(ckpt: str, command: str, changes: dict | None = None, device: str =
     checkpoint = find_checkpoint(run_dir, None if path == run_dir else str(path),
                                  lambda _, found: f"{command} ckpt={found or run_dir}")
     description = run_description(run_dir, cfg)
-    task = task_for(cfg, description)
-    if checkpoint.name != PRETRAINED_WEIGHTS:  # a pretrained net holds its folder's weights
-        task = load_weights(task, checkpoint, cfg)
+    if checkpoint.name == PRETRAINED_WEIGHTS:  # a pretrained net reads its folder's weights
+        task = task_for(cfg, description)
+    else:
+        task = load_weights(task_for(weights_come_later(cfg, run_dir), description), checkpoint,
+                            cfg)
+    merge_adapters(task.net)  # LoRA's: one weight a layer, as decoding wants
     kernels_of(cfg).apply()
     return task.to(device).eval(), description, cfg
