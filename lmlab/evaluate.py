@@ -23,7 +23,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.fabric.utilities import move_data_to_device
 from omegaconf import DictConfig
 

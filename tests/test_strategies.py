@@ -76,7 +76,7 @@ def test_checkpointed_blocks_give_the_same_gradients_and_keep_fewer_activations(
     kept = {}
     for name, model in (("plain", plain), ("recomputing", recomputing)):
         torch.manual_seed(1)  # the same dropout masks, replayed by the recomputation
-        kept[name] = saved_activations(lambda: model(*inputs))
+        kept[name] = saved_activations(lambda m=model: m(*inputs))
     for p, q in zip(plain.parameters(), recomputing.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6)
     assert kept["recomputing"] < 0.5 * kept["plain"]

@@ -37,7 +37,8 @@ from lmlab.errors import LmlabError
 log = logging.getLogger(__name__)
 
 # What the DataModules save to a run folder: how its texts and labels were encoded.
-DATA_FILES = ("tokenizer.json", "tokenizer_config.json", "source_tokenizer.json", "target_tokenizer.json", "labels.json")
+DATA_FILES = ("tokenizer.json", "tokenizer_config.json", "source_tokenizer.json",
+              "target_tokenizer.json", "labels.json")
 ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's adapters, on their own
 SHOWN_KEYS = 4  # mismatched tensors or config keys listed in an error, then "and N more"
 

@@ -2,10 +2,11 @@
 
 Plain PyTorch, readable top to bottom. Attention is the shared module of
 `lmlab.models.attention`. Positions are learned or rotary (RoPE); generation uses a key/value
-cache. The defaults are GPT-2's layout; the switches that Llama-family checkpoints need
-(RMSNorm, a SwiGLU MLP, grouped-query attention, biases on q/k/v only, RoPE scaling, an
-untied output layer) are constructor arguments. The model declares, once, what parallel strategies need from it:
-`block_classes` (the FSDP wrap / activation-checkpointing unit) and `tensor_parallel_plan`.
+cache. The defaults are GPT-2's layout; the switches that Llama-family checkpoints
+need (RMSNorm, a SwiGLU MLP, grouped-query attention, biases on q/k/v only, RoPE scaling,
+an untied output layer) are constructor arguments. The model declares, once, what
+parallel strategies need from it: `block_classes` (the FSDP wrap / activation-checkpointing
+unit) and `tensor_parallel_plan`.
 """
 
 from __future__ import annotations

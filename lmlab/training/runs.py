@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpointing.io import SAFE_WEIGHTS, WEIGHTS
 from lmlab.checkpointing.weights import load_weights
@@ -28,7 +28,7 @@ from lmlab.errors import LmlabError
 from lmlab.config.schema import compose
 from lmlab.interop.huggingface import is_pretrained_folder
 from lmlab.models.lora import merge_adapters
-from lmlab.training.build import PRETRAINED_CONFIG, task_for, weights_come_later
+from lmlab.training.build import task_for, weights_come_later
 from lmlab.training.kernels import DEFAULT_NODE, kernels_of
 
 PRETRAINED_WEIGHTS = "model.safetensors"  # a Hugging Face folder's (read by its net)
