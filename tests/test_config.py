@@ -159,6 +159,9 @@ def test_tensor_parallel_problems_are_reported_with_their_fixes(make_cfg):
     with pytest.raises(ConfigError, match="n_head=3 does not split"):
         check_config(make_cfg("strategy=tp", "trainer.devices=2", "model=gpt_tiny",
                               "data=stdlib_source", "model.net.n_head=3", "model.net.n_embd=96"))
+    with pytest.raises(ConfigError, match="n_kv_head=1 does not split"):  # grouped-query
+        check_config(make_cfg("strategy=tp", "trainer.devices=2", "model=gpt_tiny",
+                              "data=stdlib_source", "model.net.n_kv_head=1"))
 
 
 def test_tensor_parallel_mesh_is_devices_over_tp(make_cfg):

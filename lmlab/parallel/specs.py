@@ -209,11 +209,12 @@ def _mesh_problems(spec: StrategySpec, cfg: DictConfig) -> list[str]:
     if not getattr(_importable(net.get("_target_")), "tensor_parallel_plan", None):
         problems.append(f"strategy=tp needs a model that declares a tensor_parallel_plan, and "
                         f"{net.get('_target_')} has none; use strategy=fsdp2 or ddp for it")
-    heads = net.get("n_head")
-    if isinstance(heads, int) and heads % tp:
-        problems.append(f"model.net.n_head={heads} does not split among "
-                        f"trainer.strategy.tensor_parallel_size={tp} ranks; "
-                        f"use a divisor of {heads}")
+    for key in ("n_head", "n_kv_head"):  # attention is split by heads, keys and values too
+        heads = net.get(key)
+        if isinstance(heads, int) and heads % tp:
+            problems.append(f"model.net.{key}={heads} does not split among "
+                            f"trainer.strategy.tensor_parallel_size={tp} ranks; "
+                            f"use a divisor of {heads}")
     return problems
 
 
