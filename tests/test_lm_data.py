@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 
@@ -10,7 +11,7 @@ from lmlab.data import lm
 from lmlab.data.blocks import Blocks, RandomOffsets
 from lmlab.data.lm import LMDataModule, stdlib_source_files
 from lmlab.data.token_cache import cut_at_lines, write_tokens
-from lmlab.data.tokenizers import ByteBPETokenizer, CharTokenizer
+from lmlab.data.tokenizers import ByteBPETokenizer, CharTokenizer, Tokenizer
 from lmlab.errors import DataError, LmlabError
 
 from conftest import DATA_DIR, needs_data
@@ -319,3 +320,48 @@ def test_tinyshakespeare_is_character_level(tmp_path):
     assert dm.vocab_size == 65 + 4  # 65 characters and the 4 special tokens
     assert sum(len(tokens) for tokens in dm.splits.values()) == 1_115_394
     assert dm.chars_per_token == {"train": 1.0, "val": 1.0, "test": 1.0}
+
+
+class StopsAfter:
+    """`Tokenizer.encode_batch` that counts its calls and, from call `stop` on, raises
+    KeyboardInterrupt (a build stopped by Ctrl-C or a dead job); `method` goes on the class."""
+
+    ENCODE = Tokenizer.encode_batch  # the real one, whatever a test has patched in since
+
+    def __init__(self, stop: int | None):
+        self.calls, self.stop, encode = 0, stop, StopsAfter.ENCODE
+
+        def method(tokenizer, texts, special_tokens=True):
+            if self.stop is not None and self.calls >= self.stop:
+                raise KeyboardInterrupt
+            self.calls += 1
+            return encode(tokenizer, texts, special_tokens)
+
+        self.method = method
+
+
+def test_an_interrupted_build_resumes_where_its_record_ends(tmp_path, monkeypatch):
+    text = "".join(path.read_text() for path in stdlib_source_files()[:40])[:120_000]
+    assert len(text) == 120_000
+    monkeypatch.setattr(lm, "CHUNK_CHARS", 2_000)  # about 60 pieces, 4 to a batch
+    monkeypatch.setattr(lm, "write_tokens", functools.partial(write_tokens, batch=4))
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()
+    uninterrupted = StopsAfter(None)
+    monkeypatch.setattr(Tokenizer, "encode_batch", uninterrupted.method)
+    whole = module(tmp_path / "whole", text, tokenizer=ByteBPETokenizer(vocab_size=300))
+    stopped = StopsAfter(5)
+    monkeypatch.setattr(Tokenizer, "encode_batch", stopped.method)
+    with pytest.raises(KeyboardInterrupt):
+        module(tmp_path / "resumed", text, tokenizer=ByteBPETokenizer(vocab_size=300))
+    partial = next((tmp_path / "resumed" / "cache").glob("*.partial"))
+    assert json.loads((partial / "progress.json").read_text())["pieces"] == 5 * 4
+    resumed = StopsAfter(None)
+    monkeypatch.setattr(Tokenizer, "encode_batch", resumed.method)
+    again = module(tmp_path / "resumed", text, tokenizer=ByteBPETokenizer(vocab_size=300))
+    assert uninterrupted.calls > 10
+    assert resumed.calls == uninterrupted.calls - 5  # the first 5 batches not encoded again
+    for split in ("train", "val", "test"):
+        assert np.array_equal(again.splits[split], whole.splits[split])
+    assert again.counts == whole.counts
+    assert not list((tmp_path / "resumed" / "cache").glob("*.partial"))

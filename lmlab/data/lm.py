@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,10 +32,12 @@ from lmlab.data.readers import open_text
 from lmlab.data.token_cache import (
     CHUNK_CHARS,
     FORMAT,
-    files_key,
     SPLITS,
+    building,
     cut_at_lines,
+    files_key,
     private_name,
+    progress_bar,
     publish,
     write_tokens,
 )
@@ -224,28 +225,36 @@ class LMDataModule(ShardedDataModule):
         return f"{name}-{digest.hexdigest()[:16]}"
 
     def _build_cache(self, paths: list[Path], folder: Path) -> None:
-        """Writes the tokenizer, one token file a split and their counts into a private
-        folder, then publishes it whole."""
+        """Writes the tokenizer, one token file a split and their counts into this host's
+        build folder, then publishes it whole; resumes what an interrupted build left there
+        (`lmlab.data.token_cache`)."""
         self._check_fractions()
-        total = sum(len(piece) for piece in self._texts(paths))
-        held_out = self.val_fraction + self.test_fraction
-        cuts = [round(total * (1 - held_out)), round(total * (1 - self.test_fraction))]
+        with building(folder) as partial:
+            if folder.is_dir():
+                return  # another process of this host built it while this one waited
+            total = sum(len(piece) for piece in self._texts(paths))
+            held_out = self.val_fraction + self.test_fraction
+            cuts = [round(total * (1 - held_out)), round(total * (1 - self.test_fraction))]
+            tokenizer = self._build_tokenizer(paths, cuts, partial / "tokenizer.json")
+            with progress_bar(total, f"tokenizing {self.corpus or paths[0].name}") as advance:
+                meta = write_tokens(tokenizer, cut_at_lines(self._texts(paths), cuts), partial,
+                                    advance=advance)
+            (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+            publish(partial, folder)
+        log.info("tokenized %d characters into %s", total, folder)
+
+    def _build_tokenizer(self, paths: list[Path], cuts: list[int], saved: Path) -> Tokenizer:
+        """The run's tokenizer (trained on the train part alone: held-out text must stay
+        unseen), saved into the build folder; an interrupted build's saved one is reused."""
+        if saved.is_file():
+            return Tokenizer.load(saved)
         if self.load_from:
             tokenizer = Tokenizer.load(self._saved_tokenizer())
-        else:  # trained on the train part alone: held-out text must stay unseen
+        else:
             parts = cut_at_lines(self._texts(paths), cuts)
             tokenizer = self.tokenizer_spec.fit(text for part, text in parts if part == 0)
-        tmp = folder.with_name(private_name(folder.name))
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            parts = cut_at_lines(self._texts(paths), cuts)
-            meta = write_tokens(tokenizer, parts, tmp)
-            tokenizer.save(tmp / "tokenizer.json")
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            publish(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("tokenized %d characters into %s", total, folder)
+        tokenizer.save(saved)
+        return tokenizer
 
     def _check_fractions(self) -> None:
         fractions = (self.val_fraction, self.test_fraction)
