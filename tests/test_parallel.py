@@ -7,9 +7,13 @@ since DDP inside the pytest process would re-run the test session.
 import csv
 import math
 import os
+import socket
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from conftest import DATA_DIR, ROOT, run_cli
 from lmlab.check_parallel import (check, compare, differing_hypotheses, plain_sgd,
@@ -179,3 +183,50 @@ def test_activation_checkpointing_keeps_the_losses_of_one_process(tmp_path, one_
                  *LM, f"paths.cache_dir={tmp_path / 'c'}", "model.activation_checkpointing=true")
     one, many = final_test_metrics(one_process["gpt"]), final_test_metrics(tmp_path)
     assert one["test/loss"] == pytest.approx(many["test/loss"], rel=1e-4)
+
+
+def test_fsdp2_at_bf16_mixed_gives_one_process_losses():
+    """FSDP2 gathers parameters and computes in bfloat16 and reduces gradients in float32
+    (`lmlab.parallel.sharding.mixed_precision`); one process runs Lightning's autocast."""
+    check(["cpu", "fsdp2"], steps=6, lr=1.0, tolerance=1e-3, timeout=300,
+          overrides=["model=gpt_tiny", "data=stdlib_source", "data.tokenizer.vocab_size=500",
+                     "precision=bf16-mixed", "model.sample_tokens=0"])
+
+
+def sharding_worker(rank: int, port: int, reshard: bool, found) -> None:
+    """Rank `rank` of 2: a GPT sharded at bf16-mixed; what its first block's q layer computes
+    with, and whether its parameters stay gathered after the forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lmlab.models.gpt import GPT
+    from lmlab.parallel.sharding import shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = GPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel",
+                                                                "tensor_parallel"))
+        shard(net, mesh, "bf16-mixed", reshard_after_forward=reshard)
+        q = net.blocks[0].attn.q
+        seen = []
+        q.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+        net(torch.randint(0, 50, (2, 8))).float().sum()
+        if rank == 0:
+            found["dtype"] = str(seen[0])
+            found["sharded after forward"] = isinstance(q.weight, DTensor)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp2_computes_in_half_and_reshards_as_told(reshard):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    found = mp.Manager().dict()
+    mp.spawn(sharding_worker, args=(port, reshard, found), nprocs=2)
+    assert found["dtype"] == "torch.bfloat16"
+    assert found["sharded after forward"] == reshard

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import (DeepSpeedStrategy, FSDPStrategy, Model
                                           Strategy)
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.checkpoint import checkpoint
 
@@ -77,9 +77,24 @@ def recomputing(cls: type[nn.Module]) -> type[nn.Module]:
                                        "__module__": cls.__module__})
 
 
-def shard(net: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Shards `net` over `mesh` (tensor parallel, then FSDP2); a net that is already
-    sharded (Lightning configures the model again for test) is left as is."""
+MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for Lightning's `precision`: under a mixed one, parameters are gathered
+    and computed in its half dtype and gradients reduced in float32 (the sharded parameters
+    and the optimizer stay float32); otherwise as they are."""
+    half = MIXED.get(str(precision))
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half \
+        else MixedPrecisionPolicy()
+
+
+def shard(net: nn.Module, mesh: DeviceMesh, precision: str = "32-true",
+          reshard_after_forward: bool = True) -> nn.Module:
+    """Shards `net` over `mesh` (tensor parallel, then FSDP2 with the `mixed_precision` of
+    `precision`, each block freed after its forward unless `reshard_after_forward` is
+    false); a net that is already sharded (Lightning configures the model again for test) is
+    left as is."""
     if isinstance(net, FSDPModule):
         return net
     tp_mesh = mesh["tensor_parallel"]
@@ -88,10 +103,12 @@ def shard(net: nn.Module, mesh: DeviceMesh) -> nn.Module:
         parallelize_module(net, tp_mesh, plan)
     dp_mesh = mesh["data_parallel"]
     blocks = block_classes(net)
+    policy = mixed_precision(precision)
     for module in net.modules():
         if blocks and isinstance(module, blocks):
-            fully_shard(module, mesh=dp_mesh)
-    fully_shard(net, mesh=dp_mesh)
+            fully_shard(module, mesh=dp_mesh, mp_policy=policy,
+                        reshard_after_forward=reshard_after_forward)
+    fully_shard(net, mesh=dp_mesh, mp_policy=policy)  # the root: gathered until the backward
     log.info("sharded %s: tensor parallel over %d ranks, FSDP2 over %d",
              type(net).__name__, tp_mesh.size(), dp_mesh.size())
     return net

@@ -17,7 +17,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 PARTS = ("parameters", "gradients", "optimizer")
 # By the last name of the strategy's `_target_` (lmlab's factories or Lightning's classes).
 KINDS = {"fsdp": "fsdp", "FSDPStrategy": "fsdp", "deepspeed": "deepspeed",
-         "DeepSpeedStrategy": "deepspeed", "ModelParallelStrategy": "model_parallel"}
+         "DeepSpeedStrategy": "deepspeed", "ModelParallelStrategy": "model_parallel",
+         "model_parallel": "model_parallel"}
 NAMED = {"fsdp": "fsdp", "deepspeed": "deepspeed"}  # Lightning's names: fsdp, deepspeed_stage_3
 HYBRID = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")  # FSDP modes that replicate across nodes
 

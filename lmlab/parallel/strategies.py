@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import lightning.pytorch.strategies.fsdp as lightning_fsdp
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
@@ -123,6 +123,26 @@ def _gather_in_place():
         yield
     finally:
         lightning_fsdp._get_full_state_dict_context = original
+
+
+def model_parallel(reshard_after_forward: bool = True, **kwargs) -> ModelParallelStrategy:
+    """Lightning's `ModelParallelStrategy` (FSDP2 and tensor parallelism): the task shards
+    the net in `configure_model` (`lmlab.parallel.sharding.shard`).
+
+    Args:
+        reshard_after_forward: FSDP2 frees each unit's gathered parameters after its forward
+            and gathers them again for the backward (less memory); false keeps them from the
+            forward to the backward (less communication). The net as a whole keeps its own
+            gathered until the backward either way.
+        **kwargs: `ModelParallelStrategy` arguments: data_parallel_size,
+            tensor_parallel_size, ...
+    """
+    strategy = ModelParallelStrategy(**kwargs)
+    strategy.reshard_after_forward = reshard_after_forward  # read by the task's sharding
+    return strategy
+
+
+model_parallel.passes_to = (ModelParallelStrategy,)
 
 
 def deepspeed(accelerator: str = "auto", any_optimizer: bool = False,
