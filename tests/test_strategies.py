@@ -89,3 +89,28 @@ def test_a_net_without_blocks_is_refused_activation_checkpointing():
     with pytest.raises(ValueError, match="RNNClassifier declares no block classes"):
         ClassificationTask(RNNClassifier(20, 2), 2, optimizer=torch.optim.SGD,
                            activation_checkpointing=True)
+
+
+def test_adam_is_fused_on_cuda_unless_the_config_chose_its_implementation():
+    from functools import partial
+
+    from lmlab.tasks.base import fused_where_supported
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_where_supported(partial(torch.optim.AdamW, lr=1e-3), cuda) == {"fused": True}
+    assert fused_where_supported(partial(torch.optim.Adam), cuda) == {"fused": True}
+    assert fused_where_supported(partial(torch.optim.AdamW, foreach=False), cuda) == {}
+    assert fused_where_supported(partial(torch.optim.AdamW), cpu) == {}
+    assert fused_where_supported(partial(torch.optim.SGD, lr=0.1), cuda) == {}
+
+
+def test_batches_are_pinned_only_for_a_cuda_device():
+    from types import SimpleNamespace
+
+    from lmlab.data.batching import ShardedDataModule
+
+    data = ShardedDataModule()
+    assert not data.pin_memory()  # no trainer yet
+    for device, pinned in (("cuda", True), ("cpu", False)):
+        data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        assert data.pin_memory() == pinned

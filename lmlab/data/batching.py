@@ -186,6 +186,12 @@ class ShardedDataModule(L.LightningDataModule):
     def per_device_batch_size(self) -> int:
         return max(1, self.batch_size // self.world()[0])
 
+    def pin_memory(self) -> bool:
+        """Whether batches go to a CUDA device: they are then put in page-locked memory, from
+        which Lightning copies them without blocking the host."""
+        strategy = self.trainer.strategy if self.trainer else None
+        return getattr(getattr(strategy, "root_device", None), "type", "cpu") == "cuda"
+
 
 def pad_batch(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pads 1-D token tensors into a (B, T) batch; returns it with the (B,) lengths."""

@@ -270,7 +270,8 @@ class LMDataModule(ShardedDataModule):
         sampler = RandomOffsets(len(blocks), self.train_batches, self.batch_size, self.seed,
                                 world, rank)
         return ResumableLoader(blocks, batch_size=self.per_device_batch_size(), sampler=sampler,
-                               num_workers=self.num_workers, drop_last=True)
+                               num_workers=self.num_workers, drop_last=True,
+                               pin_memory=self.pin_memory())
 
     def _sweep(self, split: str, shard: tuple[int, int] | None = None) -> DataLoader:
         """The split's non-overlapping blocks in order, padded and sharded across ranks.
@@ -284,7 +285,8 @@ class LMDataModule(ShardedDataModule):
         sweep = Sweep(Blocks(self.splits[split], self.block_size), per_device, world, rank,
                       self.val_batches)
         return DataLoader(sweep, batch_size=per_device, num_workers=self.num_workers,
-                          worker_init_fn=leave_signals_to_the_trainer)
+                          worker_init_fn=leave_signals_to_the_trainer,
+                          pin_memory=self.pin_memory())
 
     def val_dataloader(self) -> DataLoader:
         return self._sweep("val")

@@ -301,7 +301,8 @@ class TextRecordsDataModule(ShardedDataModule):
             sampler.set_epoch(self.trainer.current_epoch)
         return ResumableLoader(PaddedExamples(examples), batch_sampler=sampler,
                                collate_fn=self.collate, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0)
+                               persistent_workers=self.num_workers > 0,
+                               pin_memory=self.pin_memory())
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Pads each text into (B, T) with its (B,) lengths; stacks every other value."""

@@ -34,6 +34,20 @@ def real_examples(batch: dict, size: int) -> torch.Tensor:
     return torch.ones(size, dtype=torch.bool) if weight is None else weight > 0
 
 
+FUSABLE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def fused_where_supported(optimizer: Callable, device: torch.device) -> dict:
+    """`{"fused": True}` for torch's Adam or AdamW on a CUDA device when the config chose
+    neither `fused` nor `foreach` (one kernel updates every parameter, instead of torch's
+    default of a few kernels a parameter group); nothing otherwise."""
+    target = getattr(optimizer, "func", optimizer)  # a partial from the config
+    chosen = set(getattr(optimizer, "keywords", {}))
+    if device.type != "cuda" or target not in FUSABLE or chosen & {"fused", "foreach"}:
+        return {}
+    return {"fused": True}
+
+
 class Task(L.LightningModule):
     """A LightningModule around a plain `net`.
 
@@ -191,7 +205,8 @@ class Task(L.LightningModule):
     def configure_optimizers(self):
         # Positional: optimizers name their first argument differently (DeepSpeedCPUAdam's
         # is model_params).
-        optimizer = self.optimizer(self.optimizer_params())
+        optimizer = self.optimizer(self.optimizer_params(),
+                                   **fused_where_supported(self.optimizer, self.device))
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer=optimizer, **self.schedule_length())
