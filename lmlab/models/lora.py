@@ -4,14 +4,15 @@
 targeted `nn.Linear` a trainable pair `lora_a` (r, in), `lora_b` (out, r), so the layer
 computes `W x + b + (alpha / r) B A x`. B starts at zero: the adapted net starts as the
 pretrained one. The adapters are parameters of the layer itself (no wrapper module), so
-module paths, the tensor-parallel plan, FSDP2's block units, compile and the key/value cache
-see the layers they would see without them (the parameters' names change: the weight is
-`x.parametrizations.weight.original`, its adapter `x.parametrizations.weight.0.lora_a`);
+module paths, FSDP2's block units, activation checkpointing, compile and the key/value
+cache see the layers they would see without them (the parameters' names change: the weight
+is `x.parametrizations.weight.original`, its adapter `x.parametrizations.weight.0.lora_a`);
 `merge_adapters` folds them into the weights, `merged_state` does it in a state dict.
+Tensor parallelism splits plain linear layers only: LoRA is refused under it before a run.
 
 lmlab's own rather than `peft`: peft swaps each target for a wrapper module of its own
-class, which renames parameters (breaking the tensor-parallel plan's paths and lmlab's
-checkpoint and export names) and holds its base layer's weight under another path.
+class, which changes module paths (those of lmlab's block units and export names) and holds
+its base layer's weight under another path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lmlab.errors import LmlabError
+
 
 class LowRankDelta(nn.Module):
     """A parametrization of a linear layer's weight: W + scale * B A."""

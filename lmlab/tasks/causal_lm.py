@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.data.completions import IGNORE
 from lmlab.data.description import DataDescription
 from lmlab.models.lora import add_adapters
 from lmlab.models.sampling import generate
-from lmlab.data.completions import IGNORE
 from lmlab.tasks.base import Task, example_weights, real_examples
 
 log = logging.getLogger(__name__)

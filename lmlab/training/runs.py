@@ -93,8 +93,8 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> DictConfig:
 
 def pretrained_config(folder: Path, overrides: list[str] = ()) -> DictConfig:
     """The config of a Hugging Face folder taken as a run: its weights, its tokenizer, the
-    embedded LM corpus (`data.corpus=...` or `data.files=...` among `overrides` changes it);
-    what a command writes goes under the folder."""
+    embedded LM corpus (`data.corpus=...` among `overrides` names another); what a command
+    writes goes under the folder."""
     cfg = compose(["model=hf_causal_lm", "data=stdlib_source",
                    f"model.pretrained={folder.resolve()}"])
     cfg.paths.output_dir = str(folder)
