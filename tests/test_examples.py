@@ -23,6 +23,7 @@ import ast
 import os
 import re
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,6 +392,9 @@ def run_for_real(entry: str, args: list[str]) -> None:
     # File names are the sandbox's (the working folder here); the command runs from ROOT.
     args = [re.sub(r"^((?:input|output)_file|out)=(?!/)", rf"\1={Path.cwd()}/", a)
             for a in args]
+    for arg in args:  # an export refuses a folder that holds files: another example's
+        if arg.startswith("out=") and Path(arg[4:]).is_dir():
+            shutil.rmtree(arg[4:])
     if entry == "lmlab.compare" and "--out" not in args:  # the plot goes to the sandbox
         args = [*args, "--out", f"{Path.cwd()}/compare.png"]
     done = run_cli(*args, module=entry, cwd=ROOT)

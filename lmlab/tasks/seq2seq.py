@@ -110,10 +110,10 @@ class Seq2SeqTask(Task):
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         """The loss of a batch; in evaluation with decoding, the hypotheses too, from the
-        same encoder output (a net whose `forward` takes `encoded=`)."""
+        same encoder output (`shares_encoding`)."""
         targets = batch["target"][:, 1:]  # (B, T - 1): predict each token after <bos>
         decodes = split != "train" and self.beams[split] and self.tokenizer is not None
-        shared = decodes and "encoded" in inspect.signature(self.net.forward).parameters
+        shared = decodes and self.shares_encoding()
         encoded = self.net.encode(batch["source"]) if shared else None
         extra = {"encoded": encoded} if shared else {}
         logits = self.net(batch["source"], batch["target"][:, :-1], **extra)  # (B, T - 1, V)
@@ -128,6 +128,14 @@ class Seq2SeqTask(Task):
         if decodes:
             self.collect(batch, split, weight, encoded)
         return loss
+
+    def shares_encoding(self) -> bool:
+        """Whether a validation step may decode from the encoder output of its loss pass: the
+        net's `forward` takes `encoded=`, and the strategy does not keep parameters sharded
+        (there, `encode` called apart from the net's own forward would find them sharded)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return "encoded" in inspect.signature(self.net.forward).parameters \
+            and not keeps_shards(strategy)
 
     def count_tokens(self, batch: dict) -> torch.Tensor:
         """Predicted target tokens: the target's after `<bos>`, up to `<eos>`, no padding
