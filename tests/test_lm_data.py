@@ -356,6 +356,8 @@ def test_an_interrupted_build_resumes_where_its_record_ends(tmp_path, monkeypatc
         module(tmp_path / "resumed", text, tokenizer=ByteBPETokenizer(vocab_size=300))
     partial = next((tmp_path / "resumed" / "cache").glob("*.partial"))
     assert json.loads((partial / "progress.json").read_text())["pieces"] == 5 * 4
+    with open(partial / "train.bin", "ab") as f:  # a kill after a write, before its record
+        f.write(b"\x07" * 1_000_000)  # longer than what the rest of the build writes
     resumed = StopsAfter(None)
     monkeypatch.setattr(Tokenizer, "encode_batch", resumed.method)
     again = module(tmp_path / "resumed", text, tokenizer=ByteBPETokenizer(vocab_size=300))

@@ -343,3 +343,26 @@ def test_the_lm_corpus_of_a_pretrained_tokenizer_is_running_text(folders, tmp_pa
     plain = transformers.AutoTokenizer.from_pretrained(folders["llama"])(
         "def f(x):\n    return x\n" * 4, add_special_tokens=False)["input_ids"][:12]
     assert ids[:12].tolist() == plain
+
+
+def test_a_limit_shorter_than_a_prompt_leaves_nothing_scored_and_says_so(folders, tmp_path,
+                                                                        caplog):
+    """The edge of `max_length`: a Cyrillic prompt longer than the limit keeps no completion
+    token (counted in a warning); a record within it keeps its completion and end token."""
+    records = [{"prompt": "Что делает функция len? " * 8, "completion": "Считает."},
+               {"prompt": "Что?", "completion": "Ничего."}] * 6
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    data = CompletionsDataModule(PretrainedTokenizer(str(folders["qwen2"])),
+                                 files={"train": str(path)}, max_length=24, batch_size=4,
+                                 val_fraction=0.2, test_fraction=0.2)
+    with caplog.at_level("WARNING"):
+        data.setup()
+    assert "keep no completion token within data.max_length=24" in caplog.text
+    examples = [data.datasets["train"][i] for i in range(len(data.datasets["train"]))]
+    scored = sorted(ex["scored"] for ex in examples)
+    assert scored[0] == 0
+    short = data.tokenizer.encode_batch(["Ничего."], special_tokens=False)[0]
+    assert scored[-1] == len(short) + 1  # the completion and the end token
+    batch = data.collate([ex | {"weight": 1.0} for ex in examples])
+    assert int((batch["targets"] != IGNORE).sum()) == sum(scored)
