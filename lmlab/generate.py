@@ -58,6 +58,7 @@ class GenerateConfig:
     top_k: int | None = 200  # sample among the k most likely tokens (null: all)
     top_p: float | None = None  # nucleus sampling mass (null: off)
     seed: int = 0  # seeds the sampling
+    stop_at_eos: bool = True  # a language model stops at the tokenizer's end token
     use_cache: bool = True  # reuse keys/values between steps
     device: str = "cpu"  # cpu or cuda
     input: str | None = None  # sequence to sequence: the text to translate or summarize
@@ -82,8 +83,11 @@ def stream(net: torch.nn.Module, tokenizer: Tokenizer, args: GenerateConfig) -> 
     text = ""
     sys.stdout.write(args.prompt)
     start = time.perf_counter()
+    stop = tokenizer.eos_id if args.stop_at_eos else None
     for token in generate(net, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                          args.top_p, args.use_cache, generator):
+                          args.top_p, args.use_cache, generator, stop_id=stop):
+        if int(token[0, 0]) == stop:
+            break  # the end token ends the text; it is not printed
         new.append(int(token[0, 0]))
         # Decode the whole sequence and hold back a trailing partial UTF-8 character, which
         # byte-level tokens can split.

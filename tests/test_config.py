@@ -164,6 +164,19 @@ def test_tensor_parallel_problems_are_reported_with_their_fixes(make_cfg):
                               "data=stdlib_source", "model.net.n_kv_head=1"))
 
 
+def test_the_tensor_parallel_switches_are_refused_where_they_cannot_split(make_cfg):
+    split = ["strategy=tp", "trainer.devices=2", "trainer.strategy.sequence_parallel=true",
+             "trainer.strategy.loss_parallel=true"]
+    with pytest.raises(ConfigError) as err:  # the seq2seq plan has no norms or output role
+        check_config(make_cfg(*split, "model=transformer_tiny", "data=multi30k"))
+    assert [p.split("=")[0] for p in err.value.problems] == \
+        ["trainer.strategy.sequence_parallel", "trainer.strategy.loss_parallel"]
+    with pytest.raises(ConfigError, match="data.block_size=63 tokens among 2 ranks"):
+        check_config(make_cfg(*split, "model=gpt_tiny", "data=stdlib_source",
+                              "model.net.block_size=63"))
+    check_config(make_cfg(*split, "model=gpt_tiny", "data=stdlib_source"))
+
+
 def test_tensor_parallel_mesh_is_devices_over_tp(make_cfg):
     cfg = make_cfg("strategy=tp", "trainer.devices=4", "model=gpt_tiny", "data=stdlib_source")
     check_config(cfg)

@@ -9,6 +9,8 @@ import math
 import os
 import socket
 import sys
+from contextlib import nullcontext
+from itertools import product
 
 import pytest
 import torch
@@ -72,19 +74,25 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, one_process, strate
     assert one["test/acc"] == pytest.approx(two["test/acc"], abs=1 / 189)  # one example at most
 
 
-@pytest.mark.parametrize("strategy,devices,sharded", [
-    ("fsdp2", 2, "tensor parallel over 1 ranks, FSDP2 over 2"),
-    ("tp", 2, "tensor parallel over 2 ranks, FSDP2 over 1"),
-    ("tp", 4, "tensor parallel over 2 ranks, FSDP2 over 2"),
-    ("fsdp", 2, None),
-    ("deepspeed_zero3", 2, None),
-], ids=["fsdp2", "tp", "tp2xdp2", "fsdp", "deepspeed_zero3"])
+SPLIT_SEQUENCE = ["trainer.strategy.sequence_parallel=true", "trainer.strategy.loss_parallel=true"]
+
+
+@pytest.mark.parametrize("strategy,devices,sharded,switches", [
+    ("fsdp2", 2, "tensor parallel over 1 ranks, FSDP2 over 2", []),
+    ("tp", 2, "tensor parallel over 2 ranks, FSDP2 over 1", []),
+    ("tp", 4, "tensor parallel over 2 ranks (sequence parallel, loss parallel), FSDP2 over 2",
+     SPLIT_SEQUENCE),
+    ("fsdp", 2, None, []),
+    ("deepspeed_zero3", 2, None, []),
+], ids=["fsdp2", "tp", "tp2xdp2_sequence_loss_parallel", "fsdp", "deepspeed_zero3"])
 def test_sharded_language_model_matches_one_process_and_loads_on_one(
-        tmp_path, one_process, strategy, devices, sharded):
+        tmp_path, one_process, strategy, devices, sharded, switches):
     output = run_isolated(tmp_path, f"strategy={strategy}", f"trainer.devices={devices}",
-                          "trainer.accelerator=cpu", *LM, f"paths.cache_dir={tmp_path / 'c'}")
+                          "trainer.accelerator=cpu", *LM, f"paths.cache_dir={tmp_path / 'c'}",
+                          *switches)
     assert sharded is None or sharded in output
-    assert "sample at step 15" in (tmp_path / "run.log").read_text()  # sampled in the loop
+    sampled = "sample at step 15" in (tmp_path / "run.log").read_text()  # in the loop
+    assert sampled == (not switches)  # a decoding step's one token does not split
     one, many = final_test_metrics(one_process["gpt"]), final_test_metrics(tmp_path)
     assert one["test/loss"] == pytest.approx(many["test/loss"], rel=1e-4)  # from weights.ckpt
     if strategy.startswith("deepspeed"):  # its per-rank folder, consolidated, on one device
@@ -223,10 +231,83 @@ def sharding_worker(rank: int, port: int, reshard: bool, found) -> None:
 
 @pytest.mark.parametrize("reshard", [True, False])
 def test_fsdp2_computes_in_half_and_reshards_as_told(reshard):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     found = mp.Manager().dict()
-    mp.spawn(sharding_worker, args=(port, reshard, found), nprocs=2)
+    mp.spawn(sharding_worker, args=(free_port(), reshard, found), nprocs=2)
     assert found["dtype"] == "torch.bfloat16"
     assert found["sharded after forward"] == reshard
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GPTS = {"gpt2": {"vocab_size": 51, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 16},
+        "llama": {"vocab_size": 51, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 16,
+                  "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2,
+                  "tie_embeddings": False, "bias": False}}
+
+
+def split_gpt_worker(rank: int, port: int, found) -> None:
+    """Rank `rank` of 2: each GPT layout under each pair of switches against an unsplit
+    copy of its weights; then the negative control, the embedding untied from the output
+    layer when both are split."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmlab.parallel import sharding
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    try:
+        for case in product(GPTS, *[(False, True)] * 2):
+            found[case] = differing_gradients(mesh, *case)
+        sharding.tied_parameters = lambda net: []
+        found["ties lost"] = differing_gradients(mesh, "gpt2", False, True)
+    finally:
+        dist.destroy_process_group()
+
+
+def differing_gradients(mesh, layout: str, sequence: bool, vocabulary: bool) -> list[str]:
+    """The parameters whose gradients differ from the unsplit net's; the per-token losses (a
+    padded batch, 51 = an uneven vocabulary) and the cached decoding's logits must agree."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from lmlab.models.gpt import GPT
+    from lmlab.parallel.sharding import split_layers, whole
+
+    torch.manual_seed(0)
+    split, whole_net = GPT(**GPTS[layout]), GPT(**GPTS[layout])
+    whole_net.load_state_dict(split.state_dict())
+    tokens, targets = torch.randint(0, 51, (3, 16)), torch.randint(0, 51, (3, 16))
+    targets[0, :5] = -100  # a prompt or padding
+    expected = F.cross_entropy(whole_net(tokens).transpose(1, 2), targets, ignore_index=-100,
+                               reduction="none")
+    expected.mean().backward()
+    split_layers(split, mesh, sequence, vocabulary)
+    with loss_parallel() if vocabulary else nullcontext():
+        losses = whole(F.cross_entropy(split(tokens).transpose(1, 2), targets,
+                                       ignore_index=-100, reduction="none"))
+        losses.mean().backward()
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the key/value cache: a prompt, then one token at a time
+        steps = [tokens[:, :6]] + ([] if sequence else [tokens[:, 6:7], tokens[:, 7:8]])
+        cache = reference = None
+        for step in steps:
+            logits, cache = split(step, cache=cache, return_cache=True)
+            expected, reference = whole_net(step, cache=reference, return_cache=True)
+            torch.testing.assert_close(whole(logits), expected, atol=1e-5, rtol=1e-5)
+    return [name for name, p in whole_net.named_parameters()
+            if not torch.allclose(whole(split.get_parameter(name).grad), p.grad,
+                                  atol=1e-5, rtol=1e-4)]
+
+
+def test_sequence_and_loss_parallel_give_the_unsplit_losses_and_gradients():
+    """torchtitan's layout on lmlab's plan roles, for a GPT-2 and a Llama layout."""
+    found = mp.Manager().dict()
+    mp.spawn(split_gpt_worker, args=(free_port(), found), nprocs=2)
+    assert len(found) == 9
+    assert found.pop("ties lost") == ["wte.weight"]  # the negative control
+    assert not {case: names for case, names in found.items() if names}

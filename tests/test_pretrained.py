@@ -5,6 +5,7 @@ in transformers; LoRA trains its adapters alone."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -101,10 +102,35 @@ def test_greedy_generate_continues_a_prompt_as_transformers(folders, kind, capsy
     assert ours.tolist() == theirs.tolist()
     assert len(set(theirs.tolist())) > 5  # a continuation, not one token repeated
     generate_from(GenerateConfig(ckpt=str(folder), prompt=prompt, max_new_tokens=n,
-                                 temperature=0.0))
+                                 temperature=0.0, stop_at_eos=False))  # as eos_token_id=None
     text = transformers.AutoTokenizer.from_pretrained(folder).decode(
         theirs, skip_special_tokens=True)
     assert capsys.readouterr().out == prompt + text
+
+
+def test_generate_ends_the_text_where_transformers_stops_at_the_end_token(folders, tmp_path,
+                                                                          capsys):
+    """A copy of the llama folder whose end token is the 8th token of the greedy
+    continuation: `lmlab.generate` prints the text before its first occurrence, where
+    transformers' greedy generate stops; `stop_at_eos=false` goes on to all 30 tokens."""
+    source, prompt, n = folders["llama"], "def main(", 30
+    ids = ids_of(source, prompt)
+    greedy = reference(source).generate(ids, max_new_tokens=n, do_sample=False,
+                                        eos_token_id=None, pad_token_id=0)[0, ids.size(1):]
+    end = int(greedy[7])
+    folder = tmp_path / "folder"
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    hf = transformers.AutoTokenizer.from_pretrained(source)
+    config["eos_token"] = hf.convert_ids_to_tokens(end)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    stopped = reference(source).generate(ids, max_new_tokens=n, do_sample=False,
+                                         eos_token_id=end, pad_token_id=0)[0, ids.size(1):]
+    assert int(stopped[-1]) == end and len(stopped) <= 8
+    for stop_at_eos, expected in ((True, stopped[:-1]), (False, greedy)):
+        generate_from(GenerateConfig(ckpt=str(folder), prompt=prompt, max_new_tokens=n,
+                                     temperature=0.0, stop_at_eos=stop_at_eos))
+        assert capsys.readouterr().out == prompt + hf.decode(expected, skip_special_tokens=True)
 
 
 SWITCHES = {
@@ -283,6 +309,23 @@ def test_completion_targets_score_the_completion_and_the_end_token_alone(folders
     everything = completions_data(folders["llama"], tmp_path, "all")
     batch = everything.collate([everything.datasets["train"][0] | {"weight": 1.0}])
     assert (batch["targets"] != IGNORE).sum() == batch["lengths"][0]  # every next token
+
+
+def test_padding_to_a_multiple_adds_unscored_positions_alone(folders, tmp_path):
+    """data.pad_to_multiple (the tensor-parallel ranks, for sequence parallelism): inputs a
+    multiple of 4 long, the same targets and lengths before the added padding, same loss."""
+    batches = {m: completions_data(folders["gpt2"], tmp_path, "completion", pad_to_multiple=m)
+               for m in (1, 4)}
+    plain, padded = [next(iter(d.train_dataloader())) for d in batches.values()]
+    width = plain["tokens"].size(1)
+    assert padded["tokens"].size(1) % 4 == 0 and padded["tokens"].size(1) - width in (1, 2, 3)
+    assert torch.equal(padded["targets"][:, :width], plain["targets"])
+    assert (padded["targets"][:, width:] == IGNORE).all()
+    assert torch.equal(padded["lengths"], plain["lengths"])
+    task = CausalLMTask(PretrainedGPT(str(folders["gpt2"])), optimizer=torch.optim.SGD).eval()
+    with torch.no_grad():
+        assert task.step(padded, "val") == pytest.approx(float(task.step(plain, "val")),
+                                                          rel=1e-6)
 
 
 @pytest.mark.parametrize("loss_on", LOSS_ON)

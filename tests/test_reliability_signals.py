@@ -296,7 +296,7 @@ def stop_a_rank(tmp_path, strategy: str, how: str, rank: int = 1, timeout: int =
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2"])  # fsdp connects as ddp
 def test_when_a_rank_dies_the_others_exit_4_naming_it(tmp_path, strategy):
     run, status = stop_a_rank(tmp_path, strategy, "die")
     assert status == 4
@@ -315,7 +315,7 @@ def test_when_rank_0_dies_the_other_exits_4(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_hung_rank_fails_its_peers_after_the_collective_timeout(tmp_path):
-    run, status = stop_a_rank(tmp_path, "ddp", "hang", timeout=60)
+    run, status = stop_a_rank(tmp_path, "ddp", "hang", timeout=30)
     assert status == 4
     assert "error: rank 0 lost a peer (it exited, or sent nothing within" in run.text()
 

@@ -230,17 +230,15 @@ def test_each_encoder_direction_reads_its_own_side():
 def tensor_parallel_worker(rank: int, port: int) -> None:
     """Rank `rank` of 2: the plan-split transformer gives the unsplit one's logits and beams."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import parallelize_module
 
-    from lmlab.parallel.sharding import STYLES
+    from lmlab.parallel.sharding import split_layers
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         net = tiny("transformer")
         source, target = batch()
         expected, expected_beams = net(source, target), beam_search(net, source, beam=3)
-        plan = {pattern: STYLES[style]() for pattern, style in net.tensor_parallel_plan.items()}
-        parallelize_module(net, init_device_mesh("cpu", (2,)), plan)
+        split_layers(net, init_device_mesh("cpu", (2,)))
         assert net.decoder_blocks[0].cross_attn.k.weight.to_local().shape == (8, 16)
         torch.testing.assert_close(net(source, target), expected, atol=1e-5, rtol=1e-5)
         beams = beam_search(net, source, beam=3)

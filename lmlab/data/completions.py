@@ -15,6 +15,7 @@ import logging
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lmlab.data.batching import pad_batch
 from lmlab.data.description import DataDescription
@@ -41,6 +42,8 @@ class CompletionsDataModule(TextRecordsDataModule):
         prompt_field, completion_field: the records' fields.
         loss_on: `completion` (the prompt's tokens are not scored) or `all`.
         max_length: longest input in tokens; a longer example loses its end.
+        pad_to_multiple: batches are padded to a length that is a multiple of this (the
+            tensor-parallel ranks, which sequence parallelism splits each sequence among).
         Others: as `TextRecordsDataModule`.
     """
 
@@ -52,14 +55,14 @@ class CompletionsDataModule(TextRecordsDataModule):
                  loss_on: str = "completion", data_dir: str = "data", batch_size: int = 16,
                  val_fraction: float = 0.1, test_fraction: float = 0.1, max_length: int = 512,
                  num_workers: int = 0, seed: int = 0, load_from: str | None = None,
-                 on_bad_record: str = "error"):
+                 on_bad_record: str = "error", pad_to_multiple: int = 1):
         if loss_on not in LOSS_ON:
             raise LmlabError(f"data.loss_on={loss_on!r}: choose completion (score the "
                              "completion's tokens alone) or all")
         super().__init__(tokenizer, corpus, files, format, data_dir, batch_size, val_fraction,
                          test_fraction, max_length, num_workers, seed, load_from, on_bad_record)
         self.prompt_field, self.completion_field = prompt_field, completion_field
-        self.loss_on = loss_on
+        self.loss_on, self.pad_to_multiple = loss_on, max(1, int(pad_to_multiple))
 
     @property
     def texts(self) -> dict[str, list[str]]:
@@ -111,6 +114,8 @@ class CompletionsDataModule(TextRecordsDataModule):
         unscored ones set to `IGNORE`."""
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         tokens, lengths = pad_batch([ex["tokens"] for ex in examples], pad)
+        short = -(tokens.size(1) - 1) % self.pad_to_multiple  # of inputs, one token shorter
+        tokens = F.pad(tokens, (0, short), value=pad)
         positions = torch.arange(tokens.size(1) - 1)
         context = torch.tensor([ex["context"] for ex in examples])
         scored = (positions >= context[:, None] - 1) & (positions < lengths[:, None] - 1)

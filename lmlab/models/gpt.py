@@ -174,14 +174,20 @@ class GPT(nn.Module):
 
     @property
     def tensor_parallel_plan(self) -> dict[str, str]:
-        """Tensor-parallel plan, by module path pattern (Megatron style): the layers that
-        widen are split by output columns (attention by heads), the layers that narrow by
-        input rows, so each sublayer needs one all-reduce."""
+        """Tensor-parallel plan, by module path pattern (`lmlab.parallel.sharding` reads the
+        roles). Megatron style: the layers that widen are split by output columns (attention
+        by heads), the layers that narrow by input rows, so each sublayer needs one
+        all-reduce. For sequence parallelism: the residual stream splits after the embeddings
+        (`drop`), the norms run on the split, attention and the MLP gather it. For the
+        vocabulary-parallel loss: the token embedding and the output layer."""
         widening = ("gate", "up") if self.config.mlp == "swiglu" else ("fc",)
-        return {"blocks.*.attn.q": "colwise", "blocks.*.attn.k": "colwise",
+        return {"wte": "embedding", "drop": "split",
+                "blocks.*.ln_1": "norm", "blocks.*.attn": "gather",
+                "blocks.*.attn.q": "colwise", "blocks.*.attn.k": "colwise",
                 "blocks.*.attn.v": "colwise", "blocks.*.attn.proj": "rowwise",
+                "blocks.*.ln_2": "norm", "blocks.*.mlp": "gather",
                 **{f"blocks.*.mlp.{name}": "colwise" for name in widening},
-                "blocks.*.mlp.proj": "rowwise"}
+                "blocks.*.mlp.proj": "rowwise", "ln_f": "norm", "lm_head": "output"}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

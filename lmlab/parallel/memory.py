@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from lmlab.parallel.sharding import VOCABULARY_ROLES
 from lmlab.parallel.specs import PARTS, describe
 
 
@@ -30,13 +31,16 @@ def optimizer_states(optimizer: DictConfig) -> int:
     return 2
 
 
-def parameter_counts(net: nn.Module, tp: int) -> tuple[int, int]:
-    """(all parameters, parameters in layers the tensor-parallel plan splits when tp > 1)."""
+def parameter_counts(net: nn.Module, tp: int, loss_parallel: bool = False) -> tuple[int, int]:
+    """(all parameters, parameters in layers the tensor-parallel plan splits when tp > 1:
+    its colwise and rowwise layers, and under `loss_parallel` its embedding and output)."""
     plan = (getattr(net, "tensor_parallel_plan", None) or {}) if tp > 1 else {}
-    split = sum(p.numel() for name, module in net.named_modules()
-                if any(fnmatch.fnmatch(name, pattern) for pattern in plan)
-                for p in module.parameters(recurse=False))
-    return sum(p.numel() for p in net.parameters()), split
+    roles = ("colwise", "rowwise") + (VOCABULARY_ROLES if loss_parallel else ())
+    patterns = [pattern for pattern, role in plan.items() if role in roles]
+    split = {id(p): p.numel() for name, module in net.named_modules()
+             if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+             for p in module.parameters(recurse=False)}  # a tied weight once
+    return sum(p.numel() for p in net.parameters()), sum(split.values())
 
 
 def bytes_per_parameter(cfg: DictConfig) -> dict[str, int]:
@@ -56,7 +60,7 @@ def estimate(cfg: DictConfig, task, batch: dict) -> dict[str, float]:
     `cpu_offloaded` (in CPU memory instead), for a per-device `batch`."""
     spec = describe(cfg.trainer)
     tp = spec.tensor_parallel
-    total, split = parameter_counts(task.net, tp)
+    total, split = parameter_counts(task.net, tp, bool(spec.arguments.get("loss_parallel")))
     per_rank = (total - split) + split / tp
     widths = bytes_per_parameter(cfg)
     result = dict.fromkeys((*PARTS, "cpu_offloaded"), 0.0)

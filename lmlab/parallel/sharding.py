@@ -9,6 +9,18 @@ from the net itself, both through `block_classes` below.
 calls `shard` in `configure_model`. First the net's `tensor_parallel_plan` splits its layers
 over the mesh's tensor-parallel dimension, then each block, and finally the whole net,
 become FSDP2 units over the data-parallel dimension.
+
+A plan maps module path patterns to roles. `colwise` and `rowwise` layers are always split
+(Megatron style). The other roles only act under a switch, as torchtitan lays out Llama:
+- sequence parallelism: between the sublayers, the residual stream is split by positions
+  across the tensor-parallel ranks (`split` where it starts); the `norm`s run on the split,
+  each sublayer (`gather`) all-gathers it, and the narrowing `rowwise` layers
+  reduce-scatter instead of all-reducing. Activations outside attention and the MLP take
+  1/tp of the memory.
+- vocabulary parallelism (`loss_parallel`): the token `embedding` and the `output` layer are
+  split by vocabulary, and the output's logits stay split into the cross-entropy
+  (`torch.distributed.tensor.parallel.loss_parallel`, entered by the strategy), so no rank
+  ever holds a whole row of logits.
 """
 
 from __future__ import annotations
@@ -23,11 +35,16 @@ from lightning.pytorch.strategies import (DeepSpeedStrategy, FSDPStrategy, Model
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
+                                               RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
-STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+SEQUENCE = Shard(1)  # the residual stream (B, T, C) split by positions
+ROLES = ("colwise", "rowwise", "embedding", "output", "norm", "split", "gather")
+VOCABULARY_ROLES = ("embedding", "output")  # split only under loss_parallel
 
 
 def keeps_shards(strategy: Strategy | None) -> bool:
@@ -89,18 +106,75 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
         else MixedPrecisionPolicy()
 
 
+def style(role: str, sequence_parallel: bool = False,
+          loss_parallel: bool = False) -> ParallelStyle | None:
+    """The DTensor style of a plan's `role` under the switches (None: left whole)."""
+    if role not in ROLES:
+        raise ValueError(f"tensor_parallel_plan role {role!r}: choose one of {', '.join(ROLES)}")
+    sequence = SEQUENCE if sequence_parallel else Replicate()
+    gather = PrepareModuleInput(input_layouts=(SEQUENCE,), desired_input_layouts=(Replicate(),),
+                                use_local_output=True)
+    if role == "colwise":
+        return ColwiseParallel()
+    if role == "rowwise":
+        return RowwiseParallel(output_layouts=sequence)
+    if role == "embedding":
+        return RowwiseParallel(input_layouts=Replicate()) if loss_parallel else None
+    if role == "output" and loss_parallel:
+        return ColwiseParallel(input_layouts=sequence, output_layouts=Shard(-1),
+                               use_local_output=False)
+    if not sequence_parallel:
+        return None
+    if role in ("output", "gather"):
+        return gather
+    if role == "norm":
+        return SequenceParallel()
+    return PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(SEQUENCE,),
+                              use_local_output=True)  # split
+
+
+def split_layers(net: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = False,
+                 loss_parallel: bool = False) -> None:
+    """Applies the net's `tensor_parallel_plan` over the 1-D `mesh`; weights that the net
+    ties (its embedding and output layer) stay one parameter."""
+    styles = {pattern: style(role, sequence_parallel, loss_parallel)
+              for pattern, role in net.tensor_parallel_plan.items()}
+    ties = tied_parameters(net)
+    parallelize_module(net, mesh, {p: s for p, s in styles.items() if s is not None})
+    for name, source in ties:
+        module, _, attribute = name.rpartition(".")
+        setattr(net.get_submodule(module), attribute, net.get_parameter(source))
+
+
+def tied_parameters(net: nn.Module) -> list[tuple[str, str]]:
+    """(name, name of the same parameter met first) for each parameter held twice."""
+    first: dict[int, str] = {}
+    ties = []
+    for name, parameter in net.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            ties.append((name, first[id(parameter)]))
+        first.setdefault(id(parameter), name)
+    return ties
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as a plain tensor, gathered if it is a DTensor (split logits, the loss of
+    split logits)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def shard(net: nn.Module, mesh: DeviceMesh, precision: str = "32-true",
-          reshard_after_forward: bool = True) -> nn.Module:
-    """Shards `net` over `mesh` (tensor parallel, then FSDP2 with the `mixed_precision` of
-    `precision`, each block freed after its forward unless `reshard_after_forward` is
-    false); a net that is already sharded (Lightning configures the model again for test) is
-    left as is."""
+          reshard_after_forward: bool = True, sequence_parallel: bool = False,
+          loss_parallel: bool = False) -> nn.Module:
+    """Shards `net` over `mesh` (tensor parallel with the switches of `split_layers`, then
+    FSDP2 with the `mixed_precision` of `precision`, each block freed after its forward
+    unless `reshard_after_forward` is false); a net that is already sharded (Lightning
+    configures the model again for test) is left as is."""
     if isinstance(net, FSDPModule):
         return net
     tp_mesh = mesh["tensor_parallel"]
     if tp_mesh.size() > 1:
-        plan = {pattern: STYLES[style]() for pattern, style in net.tensor_parallel_plan.items()}
-        parallelize_module(net, tp_mesh, plan)
+        split_layers(net, tp_mesh, sequence_parallel, loss_parallel)
     dp_mesh = mesh["data_parallel"]
     blocks = block_classes(net)
     policy = mixed_precision(precision)
@@ -109,6 +183,9 @@ def shard(net: nn.Module, mesh: DeviceMesh, precision: str = "32-true",
             fully_shard(module, mesh=dp_mesh, mp_policy=policy,
                         reshard_after_forward=reshard_after_forward)
     fully_shard(net, mesh=dp_mesh, mp_policy=policy)  # the root: gathered until the backward
-    log.info("sharded %s: tensor parallel over %d ranks, FSDP2 over %d",
-             type(net).__name__, tp_mesh.size(), dp_mesh.size())
+    switches = [name.replace("_", " ") for name, on in (("sequence_parallel", sequence_parallel),
+                                                         ("loss_parallel", loss_parallel)) if on]
+    log.info("sharded %s: tensor parallel over %d ranks%s, FSDP2 over %d", type(net).__name__,
+             tp_mesh.size(), f" ({', '.join(switches)})" if switches and tp_mesh.size() > 1
+             else "", dp_mesh.size())
     return net

@@ -207,15 +207,39 @@ def _mesh_problems(spec: StrategySpec, cfg: DictConfig) -> list[str]:
                         f"trainer.strategy.tensor_parallel_size={tp}; "
                         f"use {tp}, {2 * tp}, ... devices")
     net = cfg.model.get("net") or {}
-    if not getattr(_importable(net.get("_target_")), "tensor_parallel_plan", None):
+    plan = getattr(_importable(net.get("_target_")), "tensor_parallel_plan", None)
+    if not plan:
         problems.append(f"strategy=tp needs a model that declares a tensor_parallel_plan, and "
                         f"{net.get('_target_')} has none; use strategy=fsdp2 or ddp for it")
+    problems += _switch_problems(spec, cfg, plan)
     for key in ("n_head", "n_kv_head"):  # attention is split by heads, keys and values too
         heads = net.get(key)
         if isinstance(heads, int) and heads % tp:
             problems.append(f"model.net.{key}={heads} does not split among "
                             f"trainer.strategy.tensor_parallel_size={tp} ranks; "
                             f"use a divisor of {heads}")
+    return problems
+
+
+SWITCH_ROLES = {"sequence_parallel": ("split", "norm", "gather"), "loss_parallel": ("output",)}
+
+
+def _switch_problems(spec: StrategySpec, cfg: DictConfig, plan) -> list[str]:
+    """The tensor-parallel switches need a plan with their roles (a plan that is a property
+    is read only once the net exists), and sequence parallelism blocks of text that split
+    evenly among the ranks."""
+    problems, tp = [], spec.tensor_parallel
+    for switch, roles in SWITCH_ROLES.items():
+        if spec.arguments.get(switch) and isinstance(plan, dict) \
+                and not set(roles) <= set(plan.values()):
+            problems.append(f"trainer.strategy.{switch}=true needs a model whose "
+                            f"tensor_parallel_plan has {'/'.join(roles)} layers, and "
+                            f"{cfg.model.net.get('_target_')} has none; set it false")
+    block = cfg.get("data", {}).get("block_size")
+    if spec.arguments.get("sequence_parallel") and isinstance(block, int) and block % tp:
+        problems.append(f"trainer.strategy.sequence_parallel=true splits each block of "
+                        f"data.block_size={block} tokens among {tp} ranks; use a multiple of "
+                        f"{tp}")
     return problems
 
 

@@ -12,7 +12,7 @@ model declares, its `block_classes`: the FSDP wrap units and activation-checkpoi
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import lightning.pytorch.strategies.fsdp as lightning_fsdp
 import torch
@@ -27,6 +27,7 @@ from torch.distributed.fsdp import (
     StateDictType,
 )
 from torch.distributed.fsdp.wrap import enable_wrap
+from torch.distributed.tensor.parallel import loss_parallel
 
 from lmlab.parallel.sharding import block_classes
 from lmlab.parallel.specs import HYBRID, resolve_accelerator
@@ -125,21 +126,55 @@ def _gather_in_place():
         lightning_fsdp._get_full_state_dict_context = original
 
 
-def model_parallel(reshard_after_forward: bool = True, **kwargs) -> ModelParallelStrategy:
+def model_parallel(reshard_after_forward: bool = True, sequence_parallel: bool = False,
+                   loss_parallel: bool = False, **kwargs) -> ModelParallelStrategy:
     """Lightning's `ModelParallelStrategy` (FSDP2 and tensor parallelism): the task shards
-    the net in `configure_model` (`lmlab.parallel.sharding.shard`).
+    the net in `configure_model` (`lmlab.parallel.sharding.shard`) with these options.
 
     Args:
         reshard_after_forward: FSDP2 frees each unit's gathered parameters after its forward
             and gathers them again for the backward (less memory); false keeps them from the
             forward to the backward (less communication). The net as a whole keeps its own
             gathered until the backward either way.
+        sequence_parallel: between attention and the MLP, split the residual stream by
+            positions across the tensor-parallel ranks (norms and dropout on 1/tp of it).
+        loss_parallel: split the token embedding and the output layer by vocabulary, and
+            compute the cross-entropy on the split logits.
         **kwargs: `ModelParallelStrategy` arguments: data_parallel_size,
             tensor_parallel_size, ...
     """
-    strategy = ModelParallelStrategy(**kwargs)
-    strategy.reshard_after_forward = reshard_after_forward  # read by the task's sharding
-    return strategy
+    return ModelParallel(dict(reshard_after_forward=reshard_after_forward,
+                              sequence_parallel=sequence_parallel,
+                              loss_parallel=loss_parallel), **kwargs)
+
+
+class ModelParallel(ModelParallelStrategy):
+    """`ModelParallelStrategy` that carries the sharding options to the task, and runs each
+    step and its backward in torch's `loss_parallel` context when the logits are split by
+    vocabulary (the context must hold for both)."""
+
+    def __init__(self, sharding: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.sharding = sharding  # read by the task's configure_model
+
+    def split_loss(self):
+        return loss_parallel() if self.sharding["loss_parallel"] else nullcontext()
+
+    def training_step(self, *args, **kwargs):
+        with self.split_loss():
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args, **kwargs):
+        with self.split_loss():
+            return super().validation_step(*args, **kwargs)
+
+    def test_step(self, *args, **kwargs):
+        with self.split_loss():
+            return super().test_step(*args, **kwargs)
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        with self.split_loss():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
 
 model_parallel.passes_to = (ModelParallelStrategy,)

@@ -136,9 +136,8 @@ class Task(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # set by ModelParallelStrategy (strategy=fsdp2)
-            strategy = self.trainer.strategy
             shard(self.net, self.device_mesh, self.trainer.precision,
-                  getattr(strategy, "reshard_after_forward", True))
+                  **getattr(self.trainer.strategy, "sharding", {}))
         if self.compile_mode is not None:  # the net alone: self.log does not compile
             self.net.compile(mode=self.compile_mode)
 

@@ -15,6 +15,7 @@ from lmlab.data.completions import IGNORE
 from lmlab.data.description import DataDescription
 from lmlab.models.lora import add_adapters
 from lmlab.models.sampling import generate
+from lmlab.parallel.sharding import whole
 from lmlab.tasks.base import Task, example_weights, real_examples
 
 log = logging.getLogger(__name__)
@@ -66,16 +67,18 @@ class CausalLMTask(Task):
         return self.net(tokens)
 
     def decode(self, tokens: torch.Tensor, cache=None, return_cache: bool = False):
-        """One decoding step of the net (its key/value cache in and out)."""
-        return self.net(tokens, cache=cache, return_cache=return_cache)
+        """One decoding step of the net (its key/value cache in and out); logits split by
+        vocabulary (`loss_parallel`) are gathered."""
+        logits, cache = self.net(tokens, cache=cache, return_cache=True)
+        return (whole(logits), cache) if return_cache else whole(logits)
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
         """Blocks of text score every token alike; padded sequences (prompt/completion data)
         score the targets that are not `IGNORE`, each token counting alike."""
         targets = batch["targets"]
         logits = self(batch["tokens"])  # (B, T, V)
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE,
-                                 reduction="none")
+        losses = whole(F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE,
+                                       reduction="none"))  # split logits: each rank's whole
         weight = example_weights(batch, len(logits), logits.device)
         if "lengths" not in batch:  # blocks are equally long and fully scored
             return self.log_loss(split, losses.mean(dim=1), weight)
@@ -104,8 +107,13 @@ class CausalLMTask(Task):
         self.log_dict({f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss),
                        f"{split}/bpc": bpc}, prog_bar=split == "val")
         if split == "val" and self.sample_tokens and self.tokenizer is not None \
-                and not self.trainer.sanity_checking:
+                and not self.trainer.sanity_checking and not self.splits_sequences():
             self.log_sample()
+
+    def splits_sequences(self) -> bool:
+        """Whether the strategy splits each sequence among ranks (sequence parallelism),
+        which a decoding step's single token cannot be: then no sample is printed."""
+        return bool(getattr(self.trainer.strategy, "sharding", {}).get("sequence_parallel"))
 
     def split_chars_per_token(self, split: str) -> float:
         return self.chars_per_token.get(split, 1.0)  # no data: bits per token
