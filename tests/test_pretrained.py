@@ -26,6 +26,7 @@ from lmlab.models.gpt import GPT
 from lmlab.models.lora import add_adapters, merge_adapters
 from lmlab.models.sampling import generate
 from lmlab.tasks.causal_lm import CausalLMTask
+from lmlab.training.runs import find_checkpoint
 
 transformers.logging.set_verbosity_error()
 TEXTS = ["def main(argv):\n    return argv[1:]  # <|endoftext|> </s> <s>",
@@ -371,6 +372,9 @@ def test_a_sharded_folder_imports_as_the_whole_one(tmp_path):
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         assert (PretrainedGPT(str(tmp_path))(ids) - model.eval()(ids).logits).abs().max() < 1e-5
+    # the commands name the file that holds the weights' names (not a missing
+    # model.safetensors)
+    assert find_checkpoint(tmp_path, None, str) == tmp_path / "model.safetensors.index.json"
 
 
 def test_the_lm_corpus_of_a_pretrained_tokenizer_is_running_text(folders, tmp_path):

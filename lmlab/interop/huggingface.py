@@ -47,6 +47,12 @@ def is_pretrained_folder(path: str | Path) -> bool:
     return (path / "config.json").is_file() and not (path / "run_info.json").is_file()
 
 
+def weights_file(folder: str | Path) -> Path:
+    """The file that names a folder's weights: the shards' index, else `model.safetensors`."""
+    folder = Path(folder)
+    return folder / INDEX if (folder / INDEX).is_file() else folder / "model.safetensors"
+
+
 def read_config(folder: str | Path) -> dict:
     """The `config.json` of a folder (or that file itself, as a run keeps a copy)."""
     path = Path(folder) if str(folder).endswith(".json") else Path(folder) / "config.json"
@@ -194,10 +200,11 @@ class TensorReader:
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        if (folder / INDEX).is_file():
-            files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-        elif (folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
+        found = weights_file(folder)
+        if found.name == INDEX:
+            files = sorted(set(json.loads(found.read_text())["weight_map"].values()))
+        elif found.is_file():
+            files = [found.name]
         else:
             raise LmlabError(f"{folder} holds neither model.safetensors nor {INDEX}; save the "
                              "model with save_pretrained (safetensors is its default)")

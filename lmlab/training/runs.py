@@ -26,12 +26,10 @@ from lmlab.data.seq2seq import language_of, task_type_of
 from lmlab.data.tokenizers import Tokenizer
 from lmlab.errors import LmlabError
 from lmlab.config.schema import compose
-from lmlab.interop.huggingface import is_pretrained_folder
+from lmlab.interop.huggingface import is_pretrained_folder, weights_file
 from lmlab.models.lora import merge_adapters
 from lmlab.training.build import task_for, weights_come_later
 from lmlab.training.kernels import DEFAULT_NODE, kernels_of
-
-PRETRAINED_WEIGHTS = "model.safetensors"  # a Hugging Face folder's (read by its net)
 
 NAMES = ("best", "last", "weights")  # the checkpoints of a run, in the order the default tries
 # Where the modules that saved run configs name moved, earlier name -> name now
@@ -168,7 +166,7 @@ def find_checkpoint(run_dir: Path, ckpt: str | None,
         LmlabError: `ckpt` does not exist; names the checkpoints there are, with the command.
     """
     if is_pretrained_folder(run_dir):
-        return run_dir / PRETRAINED_WEIGHTS
+        return weights_file(run_dir)
     found = run_checkpoints(run_dir)
     if not ckpt and found:
         name, path = next(iter(found.items()))
@@ -235,7 +233,7 @@ def load_run(ckpt: str, command: str, changes: dict | None = None, device: str =
     checkpoint = find_checkpoint(run_dir, None if path == run_dir else str(path),
                                  lambda _, found: f"{command} ckpt={found or run_dir}")
     description = run_description(run_dir, cfg)
-    if checkpoint.name == PRETRAINED_WEIGHTS:  # a pretrained net reads its folder's weights
+    if is_pretrained_folder(checkpoint.parent):  # a pretrained net reads its folder's weights
         task = task_for(cfg, description)
     else:
         task = load_weights(task_for(weights_come_later(cfg, run_dir), description), checkpoint,
