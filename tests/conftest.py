@@ -13,6 +13,7 @@ import torch
 from omegaconf import open_dict
 
 from lmlab.config.schema import compose
+from preloaded import Preloaded
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LMLAB_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
@@ -54,8 +55,42 @@ def make_cfg(tmp_path):
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300, module: str = "lmlab.run",
             env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs an lmlab entry point in a fresh process and returns the finished process."""
+    """Runs an lmlab entry point in a fresh process and returns the finished process: forked
+    from a preloaded interpreter (`preloaded.py`) when the environment is the session's own,
+    else a new interpreter."""
     full_env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "WANDB_MODE": "offline",
                 "HYDRA_FULL_ERROR": "0", **(env or {})}
+    if env is None:
+        return preloaded(full_env).run(module, list(args), cwd, full_env, timeout)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_entry(*args: str, timeout: float, env: dict | None = None,
+              module: str = "lmlab.run") -> tuple[int | None, str]:
+    """Runs an lmlab entry point as `lmlab.check_parallel.run_subprocess` does (its own
+    session, killed whole at `timeout`), forked from the preloaded interpreter: its exit
+    status (None on timeout) and its output, stdout and stderr together."""
+    full_env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "WANDB_MODE": "offline",
+                "HYDRA_FULL_ERROR": "0", **(env or {})}
+    try:
+        done = preloaded(full_env).run(module, list(args), ROOT, full_env, timeout,
+                                       combined=True)
+    except subprocess.TimeoutExpired as expired:
+        return None, expired.output
+    return done.returncode, done.stdout
+
+
+_PRELOADED: list[Preloaded] = []
+
+
+def preloaded(env: dict) -> Preloaded:
+    """This test worker's preloaded interpreter, started on first use."""
+    if not _PRELOADED:
+        _PRELOADED.append(Preloaded(env))
+    return _PRELOADED[0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for server in _PRELOADED:
+        server.close()

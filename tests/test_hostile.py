@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, ROOT, preloaded
 from faults import Payload
 from lmlab.checkpointing.weights import (SAFE_WEIGHTS, WEIGHTS, check_fits, read_state_dict,
                                          with_tied_names)
@@ -59,32 +57,24 @@ class Finished:
         return errors[0]
 
 
-def entry(module: str, *args: str, tmp: Path, timeout: float = 300,
-          env: dict | None = None) -> Finished:
-    """Runs `python -m module args` in a session of its own, its output to files (pipes can
-    fill and block it), killing its process group at `timeout`."""
-    out, err = tmp / f"{module}.{time.monotonic_ns()}.out", tmp / f"{module}.err"
-    full_env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "WANDB_MODE": "offline",
-                "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-                **(env or {})}
+def entry(module: str, *args: str, timeout: float = 300) -> Finished:
+    """Runs `python -m module args` in a process and session of its own (forked from the
+    preloaded interpreter), killing its process group at `timeout`."""
+    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "WANDB_MODE": "offline",
+           "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     start = time.monotonic()
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
-                                   env=full_env, stdout=stdout, stderr=stderr,
-                                   start_new_session=True)
-        try:
-            status = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            status = None
+    try:
+        done = preloaded(env).run(module, list(args), ROOT, env, timeout)
+        status, stdout, stderr = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as expired:
+        status, stdout, stderr = None, expired.output, expired.stderr
     seconds = time.monotonic() - start
     print(f"{module} {' '.join(args)[:80]}: exit {status} after {seconds:.1f} s")
-    return Finished(status, out.read_text(), err.read_text(), seconds)
+    return Finished(status, stdout, stderr, seconds)
 
 
-def train(folder: Path, *overrides: str, tmp: Path) -> Path:
-    done = entry("lmlab.run", f"hydra.run.dir={folder}", *overrides, tmp=tmp)
+def train(folder: Path, *overrides: str) -> Path:
+    done = entry("lmlab.run", f"hydra.run.dir={folder}", *overrides)
     assert done.status == 0, done.stderr[-3000:]
     return folder
 
@@ -93,10 +83,10 @@ def train(folder: Path, *overrides: str, tmp: Path) -> Path:
 def runs(tmp_path_factory):
     """Two classifier runs of different hidden sizes and a language-model run."""
     tmp = tmp_path_factory.mktemp("hostile")
-    return {"wide": train(tmp / "wide", *TINY, "trainer.max_epochs=2", tmp=tmp),
+    return {"wide": train(tmp / "wide", *TINY, "trainer.max_epochs=2"),
             "narrow": train(tmp / "narrow", *TINY, "trainer.max_epochs=1",
-                            "model.net.hidden_size=32", tmp=tmp),
-            "lm": train(tmp / "lm", *TINY_LM, f"paths.cache_dir={tmp / 'cache'}", tmp=tmp)}
+                            "model.net.hidden_size=32"),
+            "lm": train(tmp / "lm", *TINY_LM, f"paths.cache_dir={tmp / 'cache'}")}
 
 
 def payload_checkpoint(path: Path, marker: Path, source: Path) -> Path:
@@ -113,7 +103,7 @@ def resume(run: Path, checkpoint: Path, tmp: Path, *extra: str) -> Finished:
     saved = [arg for arg in OmegaConf.load(run / ".hydra" / "overrides.yaml")
              if arg.partition("=")[0] not in changed]
     return entry("lmlab.run", *saved, f"hydra.run.dir={tmp / 'resumed'}",
-                 f"ckpt_path={checkpoint}", *extra, tmp=tmp)
+                 f"ckpt_path={checkpoint}", *extra)
 
 
 @pytest.mark.slow
@@ -134,7 +124,7 @@ def test_an_own_checkpoint_resumes_under_weights_only_loading(runs, tmp_path, na
 def test_an_output_folder_under_a_file_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    done = entry("lmlab.run", f"hydra.run.dir={blocker}/run", "debug=fast_dev_run", tmp=tmp_path)
+    done = entry("lmlab.run", f"hydra.run.dir={blocker}/run", "debug=fast_dev_run")
     line = done.error_line()
     assert f"cannot write the run's files to {blocker}/run: {blocker} is a file" in line
     assert "set hydra.run.dir to a folder you can write" in line
@@ -146,7 +136,7 @@ def test_an_output_folder_under_a_file_is_one_line(tmp_path):
 def test_a_read_only_output_folder_is_one_line(tmp_path):
     folder = tmp_path / "locked"
     folder.mkdir(mode=0o555)
-    done = entry("lmlab.run", f"hydra.run.dir={folder}/run", "debug=fast_dev_run", tmp=tmp_path)
+    done = entry("lmlab.run", f"hydra.run.dir={folder}/run", "debug=fast_dev_run")
     assert "Permission denied; set hydra.run.dir" in done.error_line()
 
 
@@ -167,8 +157,7 @@ def test_a_disk_full_while_checkpointing_keeps_the_earlier_checkpoints(tmp_path)
     run = tmp_path / "run"
     # Epoch 0 writes best and last; in epoch 1 the file size limit fails the real write.
     done = entry("lmlab.run", f"hydra.run.dir={run}", *TINY, "trainer.max_epochs=3",
-                 "~trainer.plugins", "+trainer.plugins={_target_: faults.DiskFullAfter, saves: 2}",
-                 tmp=tmp_path)
+                 "~trainer.plugins", "+trainer.plugins={_target_: faults.DiskFullAfter, saves: 2}")
     line = done.error_line()
     assert "the disk is full or a size limit was reached" in line
     assert f"kept in {run / 'checkpoints'}: best-epoch00.ckpt, last.ckpt" in line
@@ -188,7 +177,7 @@ def test_a_checkpoint_of_another_hidden_size_lists_shapes_and_config_keys(runs, 
     if how == "resume":
         done = resume(runs["wide"], checkpoint, tmp_path)
     else:
-        done = entry("lmlab.evaluate", str(runs["wide"]), f"ckpt={checkpoint}", tmp=tmp_path)
+        done = entry("lmlab.evaluate", str(runs["wide"]), f"ckpt={checkpoint}")
     line = done.error_line()
     assert f"{checkpoint} does not fit this model: net.forward_rnn." in line
     assert "(128, 32) in the checkpoint, (512, 128) here" in line
@@ -205,7 +194,7 @@ def test_generate_with_a_checkpoint_of_another_size_lists_the_shapes(runs, tmp_p
     state[first] = torch.zeros(3, 3)  # one tensor of another shape
     torch.save({"state_dict": state}, lm / "checkpoints" / "other.ckpt")
     done = entry("lmlab.generate", f"ckpt={lm / 'checkpoints' / 'other.ckpt'}",
-                 "max_new_tokens=4", tmp=tmp_path)
+                 "max_new_tokens=4")
     line = done.error_line()
     assert f"other.ckpt does not fit this model: {first} (3, 3) in the " \
         "checkpoint, " in line and "and " not in line.split("; ")[0]
@@ -225,9 +214,9 @@ def test_a_corrupt_checkpoint_is_named_with_the_run_s_other_checkpoints(runs, tm
     if how == "resume":
         done = resume(runs["wide"], bad, tmp_path)
     elif how == "evaluate":
-        done = entry("lmlab.evaluate", str(run), f"ckpt={bad}", tmp=tmp_path)
+        done = entry("lmlab.evaluate", str(run), f"ckpt={bad}")
     else:
-        done = entry("lmlab.generate", f"ckpt={bad}", "max_new_tokens=4", tmp=tmp_path)
+        done = entry("lmlab.generate", f"ckpt={bad}", "max_new_tokens=4")
     line = done.error_line()
     assert f"{bad} is corrupt or truncated" in line
     assert "use another checkpoint of the run: " in line
@@ -273,7 +262,7 @@ def test_a_vectors_line_of_another_width_names_file_line_and_both_widths(tmp_pat
     vectors = tmp_path / "glove.txt"
     vectors.write_text("the 0.1 0.2 0.3 0.4\nof 0.1 0.2 0.3\nand 0.1 0.2 0.3 0.4\n")
     done = entry("lmlab.run", f"hydra.run.dir={tmp_path / 'run'}", "debug=fast_dev_run",
-                 f"model.pretrained_vectors={vectors}", "model.net.embed_dim=4", tmp=tmp_path)
+                 f"model.pretrained_vectors={vectors}", "model.net.embed_dim=4")
     line = done.error_line()
     assert f"{vectors}:2: expected 4 values after the word, found 3; fix: set " \
         "model.net.embed_dim to the width of these vectors" in line
@@ -311,12 +300,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(r
         done = resume(runs["wide"], path, tmp_path)
     elif how == "resume-last":  # Lightning's own name: Lightning finds and loads the file
         overrides = OmegaConf.load(run / ".hydra" / "overrides.yaml")
-        done = entry("lmlab.run", *overrides, f"hydra.run.dir={run}", "ckpt_path=last",
-                     tmp=tmp_path)
+        done = entry("lmlab.run", *overrides, f"hydra.run.dir={run}", "ckpt_path=last")
     elif how == "evaluate":
-        done = entry("lmlab.evaluate", str(run), f"ckpt={path}", tmp=tmp_path)
+        done = entry("lmlab.evaluate", str(run), f"ckpt={path}")
     else:
-        done = entry("lmlab.generate", f"ckpt={path}", "max_new_tokens=4", tmp=tmp_path)
+        done = entry("lmlab.generate", f"ckpt={path}", "max_new_tokens=4")
     line = done.error_line()
     assert "was refused: it holds Python objects (io.open) whose loading could run code" in line
     assert not marker.exists()
@@ -331,7 +319,7 @@ def test_a_run_config_naming_foreign_code_is_refused_before_it_runs(runs, tmp_pa
     cfg = OmegaConf.load(saved)
     cfg.data.tokenizer = {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
     OmegaConf.save(cfg, saved)
-    done = entry("lmlab.evaluate", str(run), tmp=tmp_path)
+    done = entry("lmlab.evaluate", str(run))
     assert f"{saved}: data.tokenizer._target_=builtins.open is not a class of lmlab" in \
         done.error_line()
     assert not marker.exists()
@@ -371,14 +359,14 @@ def test_every_run_writes_weights_safetensors_that_evaluate_and_generate_load(ru
         assert OmegaConf.create(meta["config"]).model == \
             OmegaConf.load(run / ".hydra" / "config.yaml").model
         assert json.loads(meta["tokenizer"]) == json.loads((run / "tokenizer.json").read_text())
-    evaluated = {name: entry("lmlab.evaluate", str(runs["wide"]), f"ckpt={runs['wide'] / name}",
-                             tmp=tmp_path) for name in (WEIGHTS, SAFE_WEIGHTS)}
+    evaluated = {name: entry("lmlab.evaluate", str(runs["wide"]), f"ckpt={runs['wide'] / name}")
+                 for name in (WEIGHTS, SAFE_WEIGHTS)}
     assert all(done.status == 0 for done in evaluated.values())
     tables = [done.stdout.split("test metrics")[-1].split("run files:")[0]
               for done in evaluated.values()]
     assert "test/acc" in tables[0] and tables[0] == tables[1]  # the same metrics
     generated = [entry("lmlab.generate", f"ckpt={runs['lm'] / name}", "prompt=def ",
-                       "max_new_tokens=16", "seed=3", tmp=tmp_path)
+                       "max_new_tokens=16", "seed=3")
                  for name in (WEIGHTS, SAFE_WEIGHTS)]
     assert all(done.status == 0 for done in generated)
     assert generated[0].stdout == generated[1].stdout  # the same sample from the same weights

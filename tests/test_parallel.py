@@ -8,7 +8,6 @@ import csv
 import math
 import os
 import socket
-import sys
 from contextlib import nullcontext
 from itertools import product
 
@@ -17,9 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import DATA_DIR, ROOT, run_cli
-from lmlab.check_parallel import (check, compare, differing_hypotheses, plain_sgd,
-                                  run_subprocess)
+from conftest import ROOT, run_cli, run_entry
+from lmlab.check_parallel import (check, compare, differing_hypotheses, plain_sgd)
 from lmlab.errors import LmlabError
 
 # Plain SGD at a constant rate: unlike Adam's, its update scales with the gradient, so a
@@ -35,10 +33,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def run_isolated(run_dir, *overrides, timeout=300):
-    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1",
+    env = {"OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
-    args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={run_dir}", *overrides]
-    status, output = run_subprocess(args, timeout, cwd=ROOT, env=env)
+    status, output = run_entry(f"hydra.run.dir={run_dir}", *overrides, timeout=timeout,
+                               env=env)
     assert status is not None, f"run timed out after {timeout} s:\n{output[-3000:]}"
     assert status == 0, output[-3000:]
     return output

@@ -5,7 +5,6 @@ Every run is a subprocess with a hard timeout."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA_DIR, ROOT, run_cli
+from conftest import ROOT, run_cli, run_entry
 from hf_folders import make_folder, transformers
 from lmlab.check_parallel import check, run_subprocess
 from lmlab.training.runs import load_run
@@ -30,10 +29,8 @@ def llama(tmp_path_factory):
 
 
 def run(run_dir, *overrides, timeout=300):
-    env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "offline"}
-    args = [sys.executable, "-m", "lmlab.run", f"hydra.run.dir={run_dir}", *overrides]
-    status, output = run_subprocess(args, timeout, cwd=ROOT, env=env)
+    status, output = run_entry(f"hydra.run.dir={run_dir}", *overrides, timeout=timeout,
+                               env={"OMP_NUM_THREADS": "1"})
     assert status == 0, output[-3000:]
     return output
 
