@@ -1,7 +1,7 @@
 """`python -m MODULE ARGS` without paying for the imports each time.
 
-A command of lmlab spends about 5 of its first 6 seconds importing torch, Lightning and
-torchmetrics (which imports scipy and transformers). The tests start a few hundred commands,
+A command of lmlab spends its first 4.5 s importing torch, Lightning and torchmetrics (which
+imports scipy and transformers): most of a short run. The tests start a few hundred commands,
 so each test worker keeps one server process that has done those imports, and runs each
 command in a child forked from it: a fresh process as far as the command can tell (its own
 working folder, environment, `sys.argv`, `__main__`, output files and process group), with
@@ -68,6 +68,7 @@ def run_child(request: dict) -> None:
     # `python -m` puts the working folder first, then PYTHONPATH's folders
     extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:1] = [request["cwd"], *extra]
+    sys.modules.pop(request["module"], None)  # run afresh as __main__, as `-m` runs it
     try:
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     except SystemExit:

@@ -21,6 +21,7 @@ from torch import nn
 
 from lmlab.models.attention import Attention, rope_frequencies, rope_tables
 from lmlab.models.flops import attention, linear
+from lmlab.models.output_layer import OutputLayer
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, H, T, D)
 
@@ -160,7 +161,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = norm_layer(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = OutputLayer(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if config.positions == "rope":

@@ -23,6 +23,7 @@ from torch import nn
 
 from lmlab.models.encoder_decoder import EncoderDecoder
 from lmlab.models.flops import linear, recurrent
+from lmlab.models.output_layer import OutputLayer
 from lmlab.models.rnn import reverse_index
 
 ATTENTIONS = ("luong", "bahdanau")
@@ -122,7 +123,7 @@ class RNNSeq2Seq(EncoderDecoder):
         self.bridge = nn.Linear(2 * hidden_size, num_layers * hidden_size)
         self.decoder = RNNDecoder(embed_dim, hidden_size, num_layers, dropout, attention)
         self.drop = nn.Dropout(dropout)
-        self.lm_head = nn.Linear(embed_dim, tgt_vocab_size, bias=False)
+        self.lm_head = OutputLayer(embed_dim, tgt_vocab_size, bias=False)
         self.lm_head.weight = self.tgt_embed.weight
         for p in self.parameters():  # Luong et al.'s uniform initialisation
             nn.init.uniform_(p, -0.1, 0.1)

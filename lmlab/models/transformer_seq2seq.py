@@ -28,6 +28,7 @@ from torch import nn
 from lmlab.models.attention import Attention, select_rows
 from lmlab.models.encoder_decoder import EncoderDecoder
 from lmlab.models.flops import attention, linear
+from lmlab.models.output_layer import OutputLayer
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 POSITIONS = ("sinusoidal", "learned")
@@ -146,7 +147,7 @@ class Seq2SeqTransformer(EncoderDecoder):
         self.encoder_norm = nn.LayerNorm(d_model, bias=bias)
         self.decoder_blocks = nn.ModuleList(DecoderBlock(*sizes) for _ in range(n_decoder_layers))
         self.decoder_norm = nn.LayerNorm(d_model, bias=bias)
-        self.lm_head = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        self.lm_head = OutputLayer(d_model, tgt_vocab_size, bias=False)
         self.lm_head.weight = self.tgt_embed.weight  # tied target input/output embeddings
         self.copier = Copier(d_model) if copy else None
         # the copier reads the memory row by row: a copying net gives each beam its own
