@@ -61,7 +61,7 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300, module: str = "lmlab.run"
     full_env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "WANDB_MODE": "offline",
                 "HYDRA_FULL_ERROR": "0", **(env or {})}
     if env is None:
-        return preloaded(full_env).run(module, list(args), cwd, full_env, timeout)
+        return preloaded().run(module, list(args), cwd, full_env, timeout)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -74,8 +74,7 @@ def run_entry(*args: str, timeout: float, env: dict | None = None,
     full_env = {**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR), "WANDB_MODE": "offline",
                 "HYDRA_FULL_ERROR": "0", **(env or {})}
     try:
-        done = preloaded(full_env).run(module, list(args), ROOT, full_env, timeout,
-                                       combined=True)
+        done = preloaded().run(module, list(args), ROOT, full_env, timeout, combined=True)
     except subprocess.TimeoutExpired as expired:
         return None, expired.output
     return done.returncode, done.stdout
@@ -84,10 +83,12 @@ def run_entry(*args: str, timeout: float, env: dict | None = None,
 _PRELOADED: list[Preloaded] = []
 
 
-def preloaded(env: dict) -> Preloaded:
-    """This test worker's preloaded interpreter, started on first use."""
+def preloaded() -> Preloaded:
+    """This test worker's preloaded interpreter, started on first use with the session's
+    environment."""
     if not _PRELOADED:
-        _PRELOADED.append(Preloaded(env))
+        _PRELOADED.append(Preloaded({**os.environ, "LMLAB_DATA_DIR": str(DATA_DIR),
+                                     "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}))
     return _PRELOADED[0]
 
 

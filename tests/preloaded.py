@@ -7,9 +7,10 @@ command in a child forked from it: a fresh process as far as the command can tel
 working folder, environment, `sys.argv`, `__main__`, output files and process group), with
 the imports already in memory.
 
-Only commands whose environment is the test session's own come here (`conftest.run_cli`):
-modules read some variables once, at import (Lightning its rank), so another environment
-needs a fresh interpreter.
+The server starts with the test session's environment. A command may add variables that
+nothing reads at import, and two that the child applies again: `OMP_NUM_THREADS` (torch's
+threads) and `PYTHONPATH` (`sys.path`). Modules read some variables once, at import
+(Lightning its rank), so a command that sets those needs a fresh interpreter.
 
 Protocol, one JSON line each way: a request `{"module", "args", "cwd", "env", "stdout",
 "stderr"}` gets `{"pid": N}` once the child runs and `{"status": S}` when it has ended (S as
@@ -109,7 +110,10 @@ class Preloaded:
             deadline = time.monotonic() + timeout
             message = self.receive(deadline)
             if message is None:  # past its time: the whole group goes, as a hung run would
-                os.killpg(pid, signal.SIGKILL)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended just now, and its status is on its way
+                    pass
                 self.receive(None)
                 raise subprocess.TimeoutExpired(command, timeout, out.read_text(),
                                                 err.read_text())

@@ -171,9 +171,15 @@ def test_the_tensor_parallel_switches_are_refused_where_they_cannot_split(make_c
         check_config(make_cfg(*split, "model=transformer_tiny", "data=multi30k"))
     assert [p.split("=")[0] for p in err.value.problems] == \
         ["trainer.strategy.sequence_parallel", "trainer.strategy.loss_parallel"]
-    with pytest.raises(ConfigError, match="data.block_size=63 tokens among 2 ranks"):
+    with pytest.raises(ConfigError, match="data.block_size=63 does not split"):
         check_config(make_cfg(*split, "model=gpt_tiny", "data=stdlib_source",
                               "model.net.block_size=63"))
+    with pytest.raises(ConfigError, match="model.net.dropout=0.2: each rank would drop"):
+        check_config(make_cfg(*split, "model=gpt_baby", "data=stdlib_source"))
+    with pytest.raises(ConfigError) as err:  # nothing to split among
+        check_config(make_cfg(*split, "model=gpt_tiny", "data=stdlib_source",
+                              "trainer.strategy.tensor_parallel_size=1"))
+    assert len(err.value.problems) == 2 and "tensor_parallel_size=1" in err.value.problems[0]
     check_config(make_cfg(*split, "model=gpt_tiny", "data=stdlib_source"))
 
 

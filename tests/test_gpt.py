@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from lmlab.models.attention import KeyValueBuffer
 from lmlab.models.gpt import GPT
-from lmlab.models.output_layer import OutputLayer
+from lmlab.models.output_layer import OutputLayer, decoding
 from lmlab.models.rnn_lm import RNNLanguageModel
 from lmlab.models.sampling import filter_logits, generate
 from lmlab.tasks.causal_lm import parameter_groups
@@ -170,27 +170,29 @@ def test_the_cache_is_written_in_place_and_holds_what_concatenation_gives():
 
 
 def test_the_output_layer_decodes_as_nn_linear_and_follows_its_weight():
-    """A decoding step multiplies by a transposed copy of the weight (OutputLayer); against
-    `F.linear` of the weight as it is now, through in-place changes of it, with and without
-    a bias. Negative control: a copy kept by the weight's address alone goes stale."""
+    """Within a decoding, a step multiplies by a transposed copy of the weight; against
+    `F.linear` of the weight as it is, through in-place changes between decodings, with and
+    without a bias. Negative control: the first decoding's copy, kept, goes stale."""
     torch.manual_seed(0)
     for bias in (False, True):
         layer = OutputLayer(16, 50, bias=bias).eval()
         step, block = torch.randn(3, 1, 16), torch.randn(3, 4, 16)
+        kept = []
         with torch.no_grad():
-            for change in (lambda w: None, lambda w: w.mul_(-2.0),
-                           lambda w: layer.load_state_dict({**layer.state_dict(),
-                                                            "weight": torch.randn(50, 16)})):
-                change(layer.weight)
-                for x in (step, block):
-                    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
-                                               rtol=1e-5, atol=1e-5)
-            stale = layer.transposed().clone()
-            layer.weight.add_(1.0)
-            assert not torch.allclose(step @ stale, F.linear(step, layer.weight), atol=1e-3)
-            torch.testing.assert_close(layer(step), F.linear(step, layer.weight, layer.bias),
-                                       rtol=1e-5, atol=1e-5)
-        layer.train()
-        assert layer._transposed is None  # dropped while training
-        (layer(step) ** 2).sum().backward()  # nn.Linear's forward: gradients as ever
-        assert layer.weight.grad is not None
+            for change in (lambda m: None, lambda m: m.weight.mul_(-2.0),
+                           lambda m: m.weight.data.add_(1.0),
+                           lambda m: m.load_state_dict({**m.state_dict(),
+                                                        "weight": torch.randn(50, 16)})):
+                change(layer)
+                with decoding(layer):
+                    for x in (step, block):
+                        torch.testing.assert_close(layer(x),
+                                                   F.linear(x, layer.weight, layer.bias),
+                                                   rtol=1e-5, atol=1e-5)
+                    kept.append(layer.transposed)
+            assert layer.transposed is None and not layer.decoding_now  # dropped after
+            assert kept[0] is not None
+            assert not torch.allclose(step @ kept[0], F.linear(step, layer.weight), atol=1e-3)
+        with decoding(layer):  # gradients on: nn.Linear's forward, gradients as ever
+            (layer(step) ** 2).sum().backward()
+        assert layer.weight.grad is not None and layer.transposed is None

@@ -64,7 +64,7 @@ def entry(module: str, *args: str, timeout: float = 300) -> Finished:
            "HYDRA_FULL_ERROR": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     start = time.monotonic()
     try:
-        done = preloaded(env).run(module, list(args), ROOT, env, timeout)
+        done = preloaded().run(module, list(args), ROOT, env, timeout)
         status, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as expired:
         status, stdout, stderr = None, expired.output, expired.stderr

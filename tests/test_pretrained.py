@@ -327,6 +327,9 @@ def test_padding_to_a_multiple_adds_unscored_positions_alone(folders, tmp_path):
     with torch.no_grad():
         assert task.step(padded, "val") == pytest.approx(float(task.step(plain, "val")),
                                                           rel=1e-6)
+    capped = completions_data(folders["gpt2"], tmp_path, "completion", pad_to_multiple=4,
+                              max_length=width + 1)  # never padded beyond the model's context
+    assert next(iter(capped.train_dataloader()))["tokens"].size(1) == width + 1
 
 
 @pytest.mark.parametrize("loss_on", LOSS_ON)

@@ -43,7 +43,8 @@ class CompletionsDataModule(TextRecordsDataModule):
         loss_on: `completion` (the prompt's tokens are not scored) or `all`.
         max_length: longest input in tokens; a longer example loses its end.
         pad_to_multiple: batches are padded to a length that is a multiple of this (the
-            tensor-parallel ranks, which sequence parallelism splits each sequence among).
+            tensor-parallel ranks, which sequence parallelism splits each sequence among),
+            never beyond `max_length`.
         Others: as `TextRecordsDataModule`.
     """
 
@@ -114,8 +115,9 @@ class CompletionsDataModule(TextRecordsDataModule):
         unscored ones set to `IGNORE`."""
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         tokens, lengths = pad_batch([ex["tokens"] for ex in examples], pad)
-        short = -(tokens.size(1) - 1) % self.pad_to_multiple  # of inputs, one token shorter
-        tokens = F.pad(tokens, (0, short), value=pad)
+        inputs = tokens.size(1) - 1  # one token shorter: the last is only a target
+        wanted = min(inputs + -inputs % self.pad_to_multiple, max(inputs, self.max_length))
+        tokens = F.pad(tokens, (0, wanted - inputs), value=pad)
         positions = torch.arange(tokens.size(1) - 1)
         context = torch.tensor([ex["context"] for ex in examples])
         scored = (positions >= context[:, None] - 1) & (positions < lengths[:, None] - 1)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmlab.models.output_layer import decodes
+
 
 @dataclass
 class Hypothesis:
@@ -100,6 +102,7 @@ def _step(net, tokens: torch.Tensor, history: torch.Tensor, encoded: dict, cache
 
 
 @torch.no_grad()
+@decodes
 def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float = 10,
            min_length: int = 1, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
            use_cache: bool = True, steps: int | None = None, encoded: dict | None = None
@@ -153,6 +156,7 @@ def greedy(net, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: float =
 
 
 @torch.no_grad()
+@decodes
 def beam_search(net, source: torch.Tensor, beam: int = 5, length_penalty: float = 1.0,
                 max_len_a: float = 1.2, max_len_b: float = 10, min_length: int = 1,
                 n_finished: int | None = None, no_repeat_ngram_size: int = 0,

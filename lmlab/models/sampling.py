@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
+from lmlab.models.output_layer import decoding
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
                   ) -> torch.Tensor:
@@ -64,17 +66,18 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     block_size = block_size or getattr(model, "block_size", None)
     block = block_size or max_new_tokens + prompt.size(1)
     tokens, cache = prompt, None
-    for _ in range(max_new_tokens):
-        if use_cache and cache is not None:
-            logits, cache = model(tokens[:, -1:], cache=cache, return_cache=True)
-        elif use_cache:
-            logits, cache = model(tokens[:, -block:], return_cache=True)
-        else:
-            logits = model(tokens[:, -block:])
-        new = next_token(logits[:, -1], temperature, top_k, top_p, generator)
-        tokens = torch.cat([tokens, new], dim=1)
-        if use_cache and tokens.size(1) > block:
-            cache = None  # the window slides: positions shift, so the cache is rebuilt
-        yield new
-        if stop_id is not None and int(new[0, 0]) == stop_id:
-            return
+    with decoding(model):
+        for _ in range(max_new_tokens):
+            if use_cache and cache is not None:
+                logits, cache = model(tokens[:, -1:], cache=cache, return_cache=True)
+            elif use_cache:
+                logits, cache = model(tokens[:, -block:], return_cache=True)
+            else:
+                logits = model(tokens[:, -block:])
+            new = next_token(logits[:, -1], temperature, top_k, top_p, generator)
+            tokens = torch.cat([tokens, new], dim=1)
+            if use_cache and tokens.size(1) > block:
+                cache = None  # the window slides: positions shift, so the cache is rebuilt
+            yield new
+            if stop_id is not None and int(new[0, 0]) == stop_id:
+                return

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 SEQUENCE = Shard(1)  # the residual stream (B, T, C) split by positions
 ROLES = ("colwise", "rowwise", "embedding", "output", "norm", "split", "gather")
 VOCABULARY_ROLES = ("embedding", "output")  # split only under loss_parallel
+# the roles that each switch of strategy=tp needs in a plan
+SWITCH_ROLES = {"sequence_parallel": ("split", "norm", "gather"), "loss_parallel": ("output",)}
 
 
 def keeps_shards(strategy: Strategy | None) -> bool:
@@ -137,6 +139,11 @@ def split_layers(net: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = Fal
                  loss_parallel: bool = False) -> None:
     """Applies the net's `tensor_parallel_plan` over the 1-D `mesh`; weights that the net
     ties (its embedding and output layer) stay one parameter."""
+    roles = set(net.tensor_parallel_plan.values())
+    for (switch, needs), on in zip(SWITCH_ROLES.items(), (sequence_parallel, loss_parallel)):
+        if on and not set(needs) <= roles:
+            raise ValueError(f"{switch} needs a tensor_parallel_plan with {'/'.join(needs)} "
+                             f"roles, and {type(net).__name__}'s has none")
     styles = {pattern: style(role, sequence_parallel, loss_parallel)
               for pattern, role in net.tensor_parallel_plan.items()}
     ties = tied_parameters(net)

@@ -14,6 +14,8 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lmlab.parallel.sharding import SWITCH_ROLES
+
 PARTS = ("parameters", "gradients", "optimizer")
 # By the last name of the strategy's `_target_` (lmlab's factories or Lightning's classes).
 KINDS = {"fsdp": "fsdp", "FSDPStrategy": "fsdp", "deepspeed": "deepspeed",
@@ -201,7 +203,9 @@ def _mesh_problems(spec: StrategySpec, cfg: DictConfig) -> list[str]:
                 "set trainer.devices=N"]
     tp, problems = spec.tensor_parallel, []
     if tp == 1:
-        return []
+        return [f"trainer.strategy.{switch}=true splits layers among tensor-parallel ranks, "
+                "and trainer.strategy.tensor_parallel_size=1; set it to 2 or more, or the "
+                "switch false" for switch in SWITCH_ROLES if spec.arguments.get(switch)]
     if int(devices) % tp:
         problems.append(f"trainer.devices={devices} is not a multiple of "
                         f"trainer.strategy.tensor_parallel_size={tp}; "
@@ -221,13 +225,11 @@ def _mesh_problems(spec: StrategySpec, cfg: DictConfig) -> list[str]:
     return problems
 
 
-SWITCH_ROLES = {"sequence_parallel": ("split", "norm", "gather"), "loss_parallel": ("output",)}
-
-
 def _switch_problems(spec: StrategySpec, cfg: DictConfig, plan) -> list[str]:
     """The tensor-parallel switches need a plan with their roles (a plan that is a property
-    is read only once the net exists), and sequence parallelism blocks of text that split
-    evenly among the ranks."""
+    is read once the net exists, by `sharding.split_layers`). Sequence parallelism needs
+    sequences that split evenly among the ranks, and no dropout: each rank would draw the
+    same mask for its own positions."""
     problems, tp = [], spec.tensor_parallel
     for switch, roles in SWITCH_ROLES.items():
         if spec.arguments.get(switch) and isinstance(plan, dict) \
@@ -235,11 +237,21 @@ def _switch_problems(spec: StrategySpec, cfg: DictConfig, plan) -> list[str]:
             problems.append(f"trainer.strategy.{switch}=true needs a model whose "
                             f"tensor_parallel_plan has {'/'.join(roles)} layers, and "
                             f"{cfg.model.net.get('_target_')} has none; set it false")
-    block = cfg.get("data", {}).get("block_size")
-    if spec.arguments.get("sequence_parallel") and isinstance(block, int) and block % tp:
-        problems.append(f"trainer.strategy.sequence_parallel=true splits each block of "
-                        f"data.block_size={block} tokens among {tp} ranks; use a multiple of "
-                        f"{tp}")
+    if not spec.arguments.get("sequence_parallel"):
+        return problems
+    data, net = cfg.get("data") or {}, cfg.model.get("net") or {}
+    for key, length in (("data.block_size", data.get("block_size")),
+                        ("data.max_length", data.get("max_length")),
+                        ("model.net.block_size", net.get("block_size"))):
+        if isinstance(length, int) and length % tp:
+            problems.append(f"trainer.strategy.sequence_parallel=true splits each sequence "
+                            f"among {tp} ranks, and {key}={length} does not split; use a "
+                            f"multiple of {tp}")
+    dropout = net.get("dropout")
+    if isinstance(dropout, (int, float)) and dropout > 0:
+        problems.append(f"trainer.strategy.sequence_parallel=true with model.net.dropout="
+                        f"{dropout}: each rank would drop the same places of its own "
+                        "positions; set model.net.dropout=0 or the switch false")
     return problems
 
 

@@ -12,7 +12,7 @@ model declares, its `block_classes`: the FSDP wrap units and activation-checkpoi
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import lightning.pytorch.strategies.fsdp as lightning_fsdp
 import torch
@@ -156,9 +156,21 @@ class ModelParallel(ModelParallelStrategy):
     def __init__(self, sharding: dict, **kwargs):
         super().__init__(**kwargs)
         self.sharding = sharding  # read by the task's configure_model
+        self.in_split_loss = False
 
+    @contextmanager
     def split_loss(self):
-        return loss_parallel() if self.sharding["loss_parallel"] else nullcontext()
+        """torch's `loss_parallel` under that switch, entered once: a backward inside a step
+        (manual optimization) is already within it, and torch's context does not nest."""
+        if not self.sharding["loss_parallel"] or self.in_split_loss:
+            yield
+            return
+        self.in_split_loss = True
+        try:
+            with loss_parallel():
+                yield
+        finally:
+            self.in_split_loss = False
 
     def training_step(self, *args, **kwargs):
         with self.split_loss():
