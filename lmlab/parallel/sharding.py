@@ -15,8 +15,8 @@ A plan maps module path patterns to roles. `colwise` and `rowwise` layers are al
 - sequence parallelism: between the sublayers, the residual stream is split by positions
   across the tensor-parallel ranks (`split` where it starts); the `norm`s run on the split,
   each sublayer (`gather`) all-gathers it, and the narrowing `rowwise` layers
-  reduce-scatter instead of all-reducing. Activations outside attention and the MLP take
-  1/tp of the memory.
+  reduce-scatter instead of all-reducing. What the norms keep for their backward is split
+  1/tp (docs/benchmarks.md measures what that saves, and what the gathers add).
 - vocabulary parallelism (`loss_parallel`): the token `embedding` and the `output` layer are
   split by vocabulary, and the output's logits stay split into the cross-entropy
   (`torch.distributed.tensor.parallel.loss_parallel`, entered by the strategy), so no rank

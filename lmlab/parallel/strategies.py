@@ -137,7 +137,8 @@ def model_parallel(reshard_after_forward: bool = True, sequence_parallel: bool =
             forward to the backward (less communication). The net as a whole keeps its own
             gathered until the backward either way.
         sequence_parallel: between attention and the MLP, split the residual stream by
-            positions across the tensor-parallel ranks (norms and dropout on 1/tp of it).
+            positions across the tensor-parallel ranks (the norms run on 1/tp of it; the
+            net's dropout must be 0).
         loss_parallel: split the token embedding and the output layer by vocabulary, and
             compute the cross-entropy on the split logits.
         **kwargs: `ModelParallelStrategy` arguments: data_parallel_size,
