@@ -86,9 +86,10 @@ def stream(net: torch.nn.Module, tokenizer: Tokenizer, args: GenerateConfig) -> 
     stop = tokenizer.eos_id if args.stop_at_eos else None
     for token in generate(net, prompt, args.max_new_tokens, args.temperature, args.top_k,
                           args.top_p, args.use_cache, generator, stop_id=stop):
-        if int(token[0, 0]) == stop:
+        token_id = int(token[0, 0])
+        if token_id == stop:
             break  # the end token ends the text; it is not printed
-        new.append(int(token[0, 0]))
+        new.append(token_id)
         # Decode the whole sequence and hold back a trailing partial UTF-8 character, which
         # byte-level tokens can split.
         decoded = tokenizer.decode(new).rstrip("\ufffd")
